@@ -1,0 +1,93 @@
+"""The FastAPI application factory: intake API, health checks, and error handling."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from pydantic import TypeAdapter
+from starlette.responses import JSONResponse
+
+from service import __doc__ as service_doc
+from service.bootstrap import Services, bootstrap
+from service.problems import RequestIdMiddleware, install_error_handlers
+from service.records.api import build_router
+from service.records.models import RECORD_TYPES
+
+VERSION = "0.1.0"
+
+
+def create_app(services: Services | None = None) -> FastAPI:
+    """The ASGI app, built on `services` (from the environment's settings when not given)."""
+    services = services or bootstrap()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        services.close()
+
+    app = FastAPI(
+        title="Infusion Bridge",
+        version=VERSION,
+        summary=service_doc,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.add_middleware(RequestIdMiddleware)
+    install_error_handlers(app)
+    app.include_router(build_router())
+
+    @app.get("/healthz", tags=["health"], summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="The database is reachable and migrated")
+    async def readyz() -> JSONResponse:
+        def check() -> tuple[bool, dict[str, Any]]:
+            try:
+                services.database.ping()
+                applied, newest = services.database.migration_state()
+            except Exception as error:  # a readiness probe reports any failure, never raises
+                return False, {"database": "unreachable", "error": type(error).__name__}
+            current = applied == newest
+            return current, {
+                "database": "ok",
+                "migrations": "current" if current else "pending",
+                "applied": sorted(applied),
+                "expected": sorted(newest),
+            }
+
+        ready, detail = await run_in_threadpool(check)
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", **detail},
+            status_code=200 if ready else 503,
+        )
+
+    _publish_record_schemas(app)
+    return app
+
+
+def _publish_record_schemas(app: FastAPI) -> None:
+    """Put the record models in the OpenAPI components the PUT routes refer to.
+
+    The PUT routes read the body themselves (kind and external_id may come from the URL), so
+    FastAPI does not see the models; their schemas are added here.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in RECORD_TYPES.values():
+            definition = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}")
+            components.update(definition.pop("$defs", {}))
+            components[model.__name__] = definition
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

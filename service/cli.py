@@ -1,0 +1,166 @@
+"""The `infusion-bridge` command: serve the API, migrate, load demo data, import records."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+import uvicorn
+
+from service.bootstrap import Services, bootstrap
+from service.records.demo import generate_clinic, to_ndjson
+from service.records.repository import RecordRepository
+from service.records.service import ImportSummary, LineResult, LineStatus, import_ndjson
+
+app = typer.Typer(
+    name="infusion-bridge",
+    help="FHIR R4 interoperability service for ketamine infusion clinics.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _services() -> Services:
+    return bootstrap()
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+) -> None:
+    """Serve the intake API (and health checks) over HTTP."""
+    services = _services()
+    applied, newest = services.database.migration_state()
+    if applied != newest:
+        typer.secho(
+            "The database schema is not current: run `infusion-bridge migrate` first.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
+    with services.database.unit_of_work(write=False) as uow:
+        count = RecordRepository(uow.connection).count()
+    services.close()
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    typer.echo(
+        f"\nInfusion Bridge is serving {count} records on {base}\n"
+        f"  API docs       {base}/docs\n"
+        f"  a patient      curl {base}/api/v1/patients?limit=5\n"
+        f"  readiness      curl {base}/readyz\n"
+    )
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=services.settings.log_level.lower(),
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations to DATABASE_URL (safe to repeat)."""
+    services = _services()
+    services.database.migrate()
+    applied, _ = services.database.migration_state()
+    typer.echo(f"database at revision {', '.join(sorted(applied))} ({services.database.backend})")
+    services.close()
+
+
+def _report(batches: Iterable[list[LineResult]], summary: ImportSummary) -> None:
+    for batch in batches:
+        for result in batch:
+            summary.add(result)
+            if result.status is LineStatus.rejected:
+                typer.echo(orjson.dumps(result.as_json()).decode(), err=True)
+
+
+@app.command()
+def demo(
+    seed: Annotated[int, typer.Option(help="Same seed, same clinic.")] = 7,
+    patients: Annotated[int, typer.Option(min=1, max=5000, help="Patients to generate.")] = 40,
+    as_of: Annotated[
+        str | None, typer.Option(help="The clinic's 'today' (YYYY-MM-DD); default today.")
+    ] = None,
+    export: Annotated[
+        Path | None, typer.Option(help="Write the records as intake NDJSON here, not to the DB.")
+    ] = None,
+    if_empty: Annotated[
+        bool, typer.Option("--if-empty", help="Load only into a database with no records.")
+    ] = False,
+) -> None:
+    """Generate a realistic synthetic clinic and load it (or export it as NDJSON)."""
+    today = date.fromisoformat(as_of) if as_of else date.today()
+    records = generate_clinic(seed=seed, patients=patients, as_of=today)
+    if export is not None:
+        with export.open("wb") as out:
+            for line in to_ndjson(records):
+                out.write(line)
+        typer.echo(f"wrote {len(records)} records to {export}")
+        return
+    services = _services()
+    if if_empty:
+        with services.database.unit_of_work(write=False) as uow:
+            if RecordRepository(uow.connection).count() > 0:
+                typer.echo("the database already has records: demo data not loaded")
+                services.close()
+                return
+    summary = ImportSummary()
+    _report(
+        import_ndjson(
+            database=services.database,
+            lines=list(to_ndjson(records)),
+            actor="demo",
+            batch_size=services.settings.import_batch_size,
+        ),
+        summary,
+    )
+    services.close()
+    counts = summary.as_json()
+    typer.echo(
+        f"demo clinic (seed {seed}, as of {today}): {counts['accepted']} records loaded, "
+        f"{counts['created']} new, {counts['updated']} updated, {counts['rejected']} rejected"
+    )
+    if summary.rejected:
+        raise typer.Exit(1)
+
+
+@app.command("import")
+def import_file(
+    file: Annotated[Path, typer.Argument(help="Intake NDJSON, one record a line; - for stdin.")],
+) -> None:
+    """Import intake NDJSON into the database; rejected lines are printed with their errors."""
+    if str(file) == "-":
+        lines = sys.stdin.buffer.read().splitlines()
+    elif not file.is_file():
+        typer.secho(f"no such file: {file}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    else:
+        lines = file.read_bytes().splitlines()
+    services = _services()
+    summary = ImportSummary()
+    _report(
+        import_ndjson(
+            database=services.database,
+            lines=lines,
+            actor="cli-import",
+            batch_size=services.settings.import_batch_size,
+        ),
+        summary,
+    )
+    services.close()
+    typer.echo(orjson.dumps(summary.as_json()).decode())
+    if summary.rejected:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""The clinic's infusion records: models, the intake API and record persistence."""

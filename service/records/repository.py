@@ -1,0 +1,196 @@
+"""Record persistence: the current version of each record and its history of changes.
+
+Repositories run their statements on the connection of the caller's unit of work and never commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, RowMapping, and_, func, insert, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from service.store.tables import record_changes, records
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A record's current version as stored: canonical JSON text and its bookkeeping."""
+
+    kind: str
+    external_id: str
+    patient_id: str | None
+    course_id: str | None
+    version: int
+    content_hash: str
+    body: str
+    created_at: datetime
+    updated_at: datetime
+    updated_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordChange:
+    """One version in a record's history: who changed it, when, and the JSON Patch applied."""
+
+    sequence: int
+    kind: str
+    external_id: str
+    version: int
+    operation: str
+    changed_at: datetime
+    changed_by: str
+    request_id: str | None
+    patch: str | None
+    body: str
+
+
+_RECORD_COLUMNS = (
+    records.c.kind,
+    records.c.external_id,
+    records.c.patient_id,
+    records.c.course_id,
+    records.c.version,
+    records.c.content_hash,
+    records.c.body,
+    records.c.created_at,
+    records.c.updated_at,
+    records.c.updated_by,
+)
+
+
+def _stored(row: RowMapping) -> StoredRecord:
+    return StoredRecord(**row)
+
+
+class RecordRepository:
+    """Reads and writes rows of `records` and `record_changes` on one connection."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def get(self, kind: str, external_id: str, *, for_update: bool = False) -> StoredRecord | None:
+        query = select(*_RECORD_COLUMNS).where(
+            records.c.kind == kind, records.c.external_id == external_id
+        )
+        if for_update:
+            query = query.with_for_update()
+        row = self._connection.execute(query).first()
+        return None if row is None else _stored(row._mapping)
+
+    def get_many(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], StoredRecord]:
+        """Many records by (kind, external_id) in one round trip."""
+        if not keys:
+            return {}
+        query = select(*_RECORD_COLUMNS).where(
+            tuple_(records.c.kind, records.c.external_id).in_(sorted(keys))
+        )
+        found = (_stored(row._mapping) for row in self._connection.execute(query))
+        return {(record.kind, record.external_id): record for record in found}
+
+    def insert(self, record: StoredRecord) -> bool:
+        """Insert a first version; False when another writer inserted the same key first."""
+        values = {
+            "kind": record.kind,
+            "external_id": record.external_id,
+            "patient_id": record.patient_id,
+            "course_id": record.course_id,
+            "version": record.version,
+            "content_hash": record.content_hash,
+            "body": record.body,
+            "created_at": record.created_at,
+            "updated_at": record.updated_at,
+            "updated_by": record.updated_by,
+        }
+        dialect = self._connection.dialect.name
+        statement = (
+            postgresql.insert(records) if dialect == "postgresql" else sqlite.insert(records)
+        ).values(**values)
+        result = self._connection.execute(
+            statement.on_conflict_do_nothing(index_elements=["kind", "external_id"]).returning(
+                records.c.id
+            )
+        )
+        return result.first() is not None
+
+    def replace(self, record: StoredRecord) -> None:
+        """Write a new current version over the one the caller read with `for_update`."""
+        self._connection.execute(
+            update(records)
+            .where(records.c.kind == record.kind, records.c.external_id == record.external_id)
+            .values(
+                patient_id=record.patient_id,
+                course_id=record.course_id,
+                version=record.version,
+                content_hash=record.content_hash,
+                body=record.body,
+                updated_at=record.updated_at,
+                updated_by=record.updated_by,
+            )
+        )
+
+    def add_change(self, change: RecordChange) -> None:
+        self._connection.execute(
+            insert(record_changes).values(
+                kind=change.kind,
+                external_id=change.external_id,
+                version=change.version,
+                operation=change.operation,
+                changed_at=change.changed_at,
+                changed_by=change.changed_by,
+                request_id=change.request_id,
+                patch=change.patch,
+                body=change.body,
+            )
+        )
+
+    def page(
+        self,
+        kind: str,
+        *,
+        patient_id: str | None = None,
+        course_id: str | None = None,
+        after: str | None = None,
+        limit: int = 50,
+    ) -> list[StoredRecord]:
+        """One page of records of a kind, by external id, after a keyset cursor."""
+        conditions = [records.c.kind == kind]
+        if patient_id is not None:
+            conditions.append(records.c.patient_id == patient_id)
+        if course_id is not None:
+            conditions.append(records.c.course_id == course_id)
+        if after is not None:
+            conditions.append(records.c.external_id > after)
+        query = (
+            select(*_RECORD_COLUMNS)
+            .where(and_(*conditions))
+            .order_by(records.c.external_id)
+            .limit(limit)
+        )
+        return [_stored(row._mapping) for row in self._connection.execute(query)]
+
+    def history(self, kind: str, external_id: str) -> list[RecordChange]:
+        query = (
+            select(
+                record_changes.c.id.label("sequence"),
+                record_changes.c.kind,
+                record_changes.c.external_id,
+                record_changes.c.version,
+                record_changes.c.operation,
+                record_changes.c.changed_at,
+                record_changes.c.changed_by,
+                record_changes.c.request_id,
+                record_changes.c.patch,
+                record_changes.c.body,
+            )
+            .where(record_changes.c.kind == kind, record_changes.c.external_id == external_id)
+            .order_by(record_changes.c.version)
+        )
+        return [RecordChange(**row._mapping) for row in self._connection.execute(query)]
+
+    def count(self, kind: str | None = None) -> int:
+        query = select(func.count()).select_from(records)
+        if kind is not None:
+            query = query.where(records.c.kind == kind)
+        return int(self._connection.execute(query).scalar_one())

@@ -1,0 +1,94 @@
+"""The SQL schema, as SQLAlchemy Core tables. Alembic migrations create it; nothing else does.
+
+`records` holds the current version of each intake record as canonical JSON text (served back as
+stored); `record_changes` keeps every version with who changed it, when, and a JSON Patch from the
+previous version, numbered by a global sequence so later stages can map and deliver every change.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An aware UTC timestamp on every backend (SQLite stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+records = Table(
+    "records",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("external_id", String(64), nullable=False),
+    Column("patient_id", String(64), nullable=True, comment="The patient's external id."),
+    Column("course_id", String(64), nullable=True, comment="The course's external id."),
+    Column("version", Integer, nullable=False),
+    Column("content_hash", String(64), nullable=False, comment="SHA-256 of the canonical body."),
+    Column("body", Text, nullable=False, comment="Canonical record JSON, served as stored."),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("updated_by", String(200), nullable=False),
+    UniqueConstraint("kind", "external_id"),
+    Index(None, "kind", "patient_id", "external_id"),
+    Index(None, "kind", "course_id", "external_id"),
+)
+
+record_changes = Table(
+    "record_changes",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True, comment="Global change sequence."),
+    Column("kind", String(16), nullable=False),
+    Column("external_id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("operation", String(8), nullable=False, comment="create or update"),
+    Column("changed_at", UtcDateTime, nullable=False),
+    Column("changed_by", String(200), nullable=False),
+    Column("request_id", String(64), nullable=True),
+    Column("patch", Text, nullable=True, comment="RFC 6902 JSON Patch from the previous version."),
+    Column("body", Text, nullable=False, comment="The record as of this version."),
+    UniqueConstraint("kind", "external_id", "version"),
+)
