@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Iterator
 from email.utils import format_datetime
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 
 from service.bootstrap import Services
 from service.errors import InvalidRecord, Problem
-from service.records.models import PLURALS, RECORD_TYPES, RecordModel
+from service.records.models import EXTERNAL_ID_PATTERN, PLURALS, RECORD_TYPES, RecordModel
 from service.records.repository import RecordRepository, StoredRecord
 from service.records.service import (
     ImportSummary,
@@ -34,6 +35,7 @@ from service.records.service import (
 from service.store.db import Database
 
 NDJSON = "application/x-ndjson"
+_EXTERNAL_ID = re.compile(EXTERNAL_ID_PATTERN)
 MAX_PAGE = 1000
 
 
@@ -46,7 +48,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 ExternalIdPath = Annotated[
     str,
     Path(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        pattern=_EXTERNAL_ID.pattern,
         description="The clinic system's own id of the record.",
     ),
 ]
@@ -92,11 +94,14 @@ def _decode_cursor(cursor: str | None) -> str | None:
     if cursor is None:
         return None
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        after = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
+        after = ""
+    if not _EXTERNAL_ID.match(after) or _encode_cursor(after) != cursor:
         raise InvalidRecord(
             [Problem(("query", "cursor"), "cursor_invalid", "not a cursor this API issued")]
-        ) from None
+        )
+    return after
 
 
 def _schema_ref(model: type[RecordModel]) -> dict[str, Any]:

@@ -27,9 +27,11 @@ from pydantic import (
     model_validator,
 )
 
+EXTERNAL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
 ExternalId = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+    StringConstraints(pattern=EXTERNAL_ID_PATTERN),
     Field(
         description="The clinic system's own id: 1-64 letters, digits, '.', '_' or '-'.",
         examples=["P-1001"],
