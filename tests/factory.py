@@ -164,3 +164,18 @@ def clinic() -> Clinic:
             "total": 5,
         },
     )
+
+
+PLURALS = {
+    "patient": "patients",
+    "clinician": "clinicians",
+    "diagnosis": "diagnoses",
+    "course": "courses",
+    "session": "sessions",
+    "assessment": "assessments",
+}
+
+
+def path_of(record: Record) -> str:
+    """The intake API path of a record."""
+    return f"/api/v1/{PLURALS[record['kind']]}/{record['external_id']}"

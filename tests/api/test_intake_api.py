@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -9,19 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.factory import Record, clinic
-
-PLURAL = {
-    "patient": "patients",
-    "clinician": "clinicians",
-    "diagnosis": "diagnoses",
-    "course": "courses",
-    "session": "sessions",
-    "assessment": "assessments",
-}
-
-
-def url(record: Record) -> str:
-    return f"/api/v1/{PLURAL[record['kind']]}/{record['external_id']}"
+from tests.factory import path_of as url
 
 
 def put_all(client: TestClient, records: list[Record]) -> None:
@@ -175,7 +164,7 @@ def test_lists_filter_by_patient_and_page_with_a_cursor(client: TestClient) -> N
     )
 
 
-def ndjson(records: list[Record | bytes]) -> bytes:
+def ndjson(records: Sequence[Record | bytes]) -> bytes:
     return b"\n".join(r if isinstance(r, bytes) else orjson.dumps(r) for r in records) + b"\n"
 
 
