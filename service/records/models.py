@@ -237,8 +237,6 @@ class Patient(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.birth_date > date.today():
-            raise FieldError("birth_date", "date_in_future", "birth_date is in the future")
         if self.birth_date < date(1900, 1, 1):
             raise FieldError("birth_date", "date_too_early", "birth_date is before 1900")
         systems = [identifier.system for identifier in self.ehr_identifiers]
@@ -285,17 +283,17 @@ class Diagnosis(_Strict):
     external_id: ExternalId
     patient: ExternalId
     condition: Condition
-    icd10: str | None = Field(default=None, examples=["F33.2"])
+    icd10: Annotated[str, StringConstraints(to_upper=True)] | None = Field(
+        default=None, examples=["F33.2"]
+    )
     treatment_resistant: bool = False
     recorded_on: date
     status: DiagnosisStatus = DiagnosisStatus.active
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.recorded_on > date.today():
-            raise FieldError("recorded_on", "date_in_future", "recorded_on is in the future")
         if self.icd10 is not None:
-            code = self.icd10.upper()
+            code = self.icd10
             if not ICD10_PATTERN.match(code):
                 raise FieldError("icd10", "icd10_format", f"{code} is not an ICD-10-CM code")
             families = ICD10_FAMILIES[self.condition]
@@ -463,10 +461,6 @@ class Assessment(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.administered_at.date() > date.today() + timedelta(days=1):
-            raise FieldError(
-                "administered_at", "date_in_future", "administered_at is in the future"
-            )
         _check_scores(self.instrument, self.items, self.total)
         return self
 

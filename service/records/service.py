@@ -4,7 +4,8 @@ A write is keyed by (kind, external_id). Re-sending a record whose canonical con
 writes nothing; a changed record becomes a new version with a `record_changes` row (who, when,
 request id, JSON Patch from the previous version), in the caller's unit of work.
 
-Checks that need other records live here: references resolve, a course's diagnosis belongs to the
+Checks that need other records or the clock live here: dates are not in the future, references
+resolve, a course's diagnosis belongs to the
 same patient, a prescriber may prescribe, a session falls within its course, and a record never
 moves to another patient.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -193,6 +194,34 @@ def check_references(record: RecordModel, lookup: Lookup) -> list[Problem]:
     return problems
 
 
+FUTURE_TOLERANCE = timedelta(days=1)
+"""How far ahead of the server's clock a record's own date may be: time zones and clock skew."""
+
+
+def check_dates(record: RecordModel, now: datetime) -> list[Problem]:
+    """Things that cannot have happened yet: births, diagnoses, standalone scores in the future.
+
+    Kept out of the models, which stay pure; the clock is the caller's.
+    """
+    latest = now + FUTURE_TOLERANCE
+    dated: list[tuple[str, date | datetime]] = []
+    match record:
+        case Patient():
+            dated.append(("birth_date", record.birth_date))
+        case Diagnosis():
+            dated.append(("recorded_on", record.recorded_on))
+        case Assessment():
+            dated.append(("administered_at", record.administered_at))
+        case _:
+            pass
+    problems = []
+    for name, value in dated:
+        too_late = value > latest if isinstance(value, datetime) else value > latest.date()
+        if too_late:
+            problems.append(Problem((name,), "date_in_future", f"{name} is in the future"))
+    return problems
+
+
 def _owners(record: RecordModel, lookup: Lookup) -> tuple[str | None, str | None]:
     """(patient external id, course external id) a record is filed under."""
     match record:
@@ -226,13 +255,13 @@ def write_record(
 
     Raises InvalidRecord (broken reference or rule) or VersionConflict (`if_match` is stale).
     """
-    problems = check_references(record, lookup)
+    timestamp = now or datetime.now(UTC)
+    problems = check_dates(record, timestamp) + check_references(record, lookup)
     if problems:
         raise InvalidRecord(problems)
     body = canonical_json(record)
     content_hash = hashlib.sha256(body.encode()).hexdigest()
     patient_id, course_id = _owners(record, lookup)
-    timestamp = now or datetime.now(UTC)
     key = (record.kind, record.external_id)
 
     while True:
