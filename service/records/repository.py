@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, RowMapping, and_, func, insert, select, tuple_, update
+from sqlalchemy import Connection, RowMapping, and_, bindparam, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.store.tables import record_changes, records
@@ -64,6 +64,69 @@ def _stored(row: RowMapping) -> StoredRecord:
     return StoredRecord(**row)
 
 
+def _values(record: StoredRecord) -> dict[str, object]:
+    return {
+        "kind": record.kind,
+        "external_id": record.external_id,
+        "patient_id": record.patient_id,
+        "course_id": record.course_id,
+        "version": record.version,
+        "content_hash": record.content_hash,
+        "body": record.body,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "updated_by": record.updated_by,
+    }
+
+
+def _replacement(record: StoredRecord) -> dict[str, object]:
+    values = _values(record)
+    parameters = {column: values[column] for column in _REPLACED_COLUMNS}
+    return parameters | {"b_kind": record.kind, "b_external_id": record.external_id}
+
+
+def _change_values(change: RecordChange) -> dict[str, object]:
+    return {
+        "kind": change.kind,
+        "external_id": change.external_id,
+        "version": change.version,
+        "operation": change.operation,
+        "changed_at": change.changed_at,
+        "changed_by": change.changed_by,
+        "request_id": change.request_id,
+        "patch": change.patch,
+        "body": change.body,
+    }
+
+
+# Statements on the write path are built once with bound parameters, so SQLAlchemy compiles
+# each a single time instead of re-deriving a cache key from literal values on every call.
+_GET = select(*_RECORD_COLUMNS).where(
+    records.c.kind == bindparam("kind"), records.c.external_id == bindparam("external_id")
+)
+_GET_FOR_UPDATE = _GET.with_for_update()
+_INSERT_NEW = {
+    name: dialect_insert(records)
+    .on_conflict_do_nothing(index_elements=["kind", "external_id"])
+    .returning(records.c.id)
+    for name, dialect_insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
+# An UPDATE without .values() sets the columns named in the parameters it is executed with.
+_REPLACE = update(records).where(
+    records.c.kind == bindparam("b_kind"), records.c.external_id == bindparam("b_external_id")
+)
+_REPLACED_COLUMNS = (
+    "patient_id",
+    "course_id",
+    "version",
+    "content_hash",
+    "body",
+    "updated_at",
+    "updated_by",
+)
+_ADD_CHANGE = insert(record_changes)
+
+
 class RecordRepository:
     """Reads and writes rows of `records` and `record_changes` on one connection."""
 
@@ -71,79 +134,56 @@ class RecordRepository:
         self._connection = connection
 
     def get(self, kind: str, external_id: str, *, for_update: bool = False) -> StoredRecord | None:
-        query = select(*_RECORD_COLUMNS).where(
-            records.c.kind == kind, records.c.external_id == external_id
-        )
-        if for_update:
-            query = query.with_for_update()
-        row = self._connection.execute(query).first()
+        query = _GET_FOR_UPDATE if for_update else _GET
+        row = self._connection.execute(query, {"kind": kind, "external_id": external_id}).first()
         return None if row is None else _stored(row._mapping)
 
-    def get_many(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], StoredRecord]:
-        """Many records by (kind, external_id) in one round trip."""
+    def get_many(
+        self, keys: set[tuple[str, str]], *, for_update: bool = False
+    ) -> dict[tuple[str, str], StoredRecord]:
+        """Many records by (kind, external_id) in one round trip.
+
+        With `for_update` the rows are locked in key order, so two batches that share records
+        queue behind each other instead of deadlocking.
+        """
         if not keys:
             return {}
         query = select(*_RECORD_COLUMNS).where(
             tuple_(records.c.kind, records.c.external_id).in_(sorted(keys))
         )
+        if for_update:
+            query = query.order_by(records.c.kind, records.c.external_id).with_for_update()
         found = (_stored(row._mapping) for row in self._connection.execute(query))
         return {(record.kind, record.external_id): record for record in found}
 
     def insert(self, record: StoredRecord) -> bool:
         """Insert a first version; False when another writer inserted the same key first."""
-        values = {
-            "kind": record.kind,
-            "external_id": record.external_id,
-            "patient_id": record.patient_id,
-            "course_id": record.course_id,
-            "version": record.version,
-            "content_hash": record.content_hash,
-            "body": record.body,
-            "created_at": record.created_at,
-            "updated_at": record.updated_at,
-            "updated_by": record.updated_by,
-        }
-        dialect = self._connection.dialect.name
-        statement = (
-            postgresql.insert(records) if dialect == "postgresql" else sqlite.insert(records)
-        ).values(**values)
-        result = self._connection.execute(
-            statement.on_conflict_do_nothing(index_elements=["kind", "external_id"]).returning(
-                records.c.id
-            )
-        )
+        statement = _INSERT_NEW[self._connection.dialect.name]
+        result = self._connection.execute(statement, _values(record))
         return result.first() is not None
 
     def replace(self, record: StoredRecord) -> None:
         """Write a new current version over the one the caller read with `for_update`."""
-        self._connection.execute(
-            update(records)
-            .where(records.c.kind == record.kind, records.c.external_id == record.external_id)
-            .values(
-                patient_id=record.patient_id,
-                course_id=record.course_id,
-                version=record.version,
-                content_hash=record.content_hash,
-                body=record.body,
-                updated_at=record.updated_at,
-                updated_by=record.updated_by,
-            )
-        )
+        self._connection.execute(_REPLACE, _replacement(record))
 
     def add_change(self, change: RecordChange) -> None:
-        self._connection.execute(
-            insert(record_changes).values(
-                kind=change.kind,
-                external_id=change.external_id,
-                version=change.version,
-                operation=change.operation,
-                changed_at=change.changed_at,
-                changed_by=change.changed_by,
-                request_id=change.request_id,
-                patch=change.patch,
-                body=change.body,
-            )
-        )
+        self._connection.execute(_ADD_CHANGE, _change_values(change))
+
+    def insert_many(self, batch: list[StoredRecord]) -> int:
+        """Insert first versions; returns how many were new (fewer: another writer won a race)."""
+        if not batch:
+            return 0
+        statement = _INSERT_NEW[self._connection.dialect.name]
+        result = self._connection.execute(statement, [_values(record) for record in batch])
+        return len(result.all())
+
+    def replace_many(self, batch: list[StoredRecord]) -> None:
+        if batch:
+            self._connection.execute(_REPLACE, [_replacement(record) for record in batch])
+
+    def add_changes(self, changes: list[RecordChange]) -> None:
+        if changes:
+            self._connection.execute(_ADD_CHANGE, [_change_values(c) for c in changes])
 
     def page(
         self,

@@ -204,3 +204,45 @@ def test_concurrent_first_writes_of_one_record_create_it_once(database: Database
         history = RecordRepository(uow.connection).history("patient", patient["external_id"])
     assert [c.version for c in history] == list(range(1, len(history) + 1))
     assert len(history) == 1 + outcomes.count(Outcome.updated)
+
+
+def test_a_record_twice_in_one_import_becomes_two_versions(database: Database) -> None:
+    patient = clinic().patient
+    results = run_import(database, [patient, patient | {"mrn": "CLN-second"}, patient])
+    assert [(r.status, r.version) for r in results] == [
+        (LineStatus.created, 1),
+        (LineStatus.updated, 2),
+        (LineStatus.updated, 3),
+    ]
+    assert stored(database, "patient", patient["external_id"]) == parse_record(patient).model_dump(
+        mode="json", exclude_none=True
+    )
+
+
+def test_concurrent_imports_of_the_same_records_create_each_once(database: Database) -> None:
+    records = [record for _ in range(20) for record in clinic().records()]
+    reports: list[list[LineResult]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def load() -> None:
+        barrier.wait()
+        try:
+            reports.append(run_import(database, records, batch_size=50))
+        except BaseException as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for line in range(len(records)):
+        statuses = sorted(report[line].status for report in reports)
+        assert statuses == [LineStatus.created, LineStatus.unchanged, LineStatus.unchanged]
+    with database.unit_of_work(write=False) as uow:
+        repository = RecordRepository(uow.connection)
+        for record in records[:7]:
+            history = repository.history(record["kind"], record["external_id"])
+            assert [change.version for change in history] == [1]
