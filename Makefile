@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+EXAMPLES := .cache/hl7.fhir.r4.examples-4.0.1
+
 .PHONY: run test lint typecheck bench migrate demo clean
 
 # Recreate the environment when the dependency list changes.
@@ -25,8 +27,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict service mappings
 
-test: lint typecheck
-	$(BIN)/python -m pytest
+# The official R4 definitions and examples (npm package), for the conformance tests.
+$(EXAMPLES)/package/package.json:
+	mkdir -p $(EXAMPLES)
+	cd .cache && npm pack --silent hl7.fhir.r4.examples@4.0.1 >/dev/null
+	tar xzf .cache/hl7.fhir.r4.examples-4.0.1.tgz -C $(EXAMPLES)
+	rm .cache/hl7.fhir.r4.examples-4.0.1.tgz
+
+test: lint typecheck $(EXAMPLES)/package/package.json
+	FHIR_R4_EXAMPLES=$(EXAMPLES)/package $(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

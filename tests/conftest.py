@@ -92,3 +92,15 @@ def database(database_url: str) -> Iterator[Database]:
 def new_id(prefix: str) -> str:
     """A random external id, so tests never collide."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def r4_examples() -> Path:
+    """The official R4 package hl7.fhir.r4.examples@4.0.1 (`make test` fetches it with npm)."""
+    folder = Path(os.environ.get("FHIR_R4_EXAMPLES", ".cache/hl7.fhir.r4.examples-4.0.1/package"))
+    if not (folder / "package.json").is_file():
+        reason = f"the official R4 examples are not at {folder}: run `make test` (it uses npm)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return folder

@@ -1,4 +1,4 @@
-"""Terminology as data: the service's CodeSystems and the ConceptMaps from its codes to standard ones.
+"""Terminology as data: the service's own CodeSystems, and ConceptMaps to standard codes.
 
 The JSON files beside this module are FHIR R4 CodeSystem and ConceptMap resources. A site changes
 a mapping without touching code by passing override ConceptMaps (`TERMINOLOGY_OVERRIDES` names a

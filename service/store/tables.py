@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -92,3 +93,55 @@ record_changes = Table(
     Column("body", Text, nullable=False, comment="The record as of this version."),
     UniqueConstraint("kind", "external_id", "version"),
 )
+
+# --- FHIR resources materialized from records -------------------------------------------------
+
+resources = Table(
+    "resources",
+    metadata,
+    Column("resource_type", String(64), primary_key=True),
+    Column("id", String(64), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", UtcDateTime, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column(
+        "content_hash", String(64), nullable=False, comment="SHA-256 without versionId/lastUpdated."
+    ),
+    Column("body", Text, nullable=False, comment="The resource JSON as served, meta included."),
+)
+"""The current version of every resource; a read serves `body` as stored."""
+
+resource_versions = Table(
+    "resource_versions",
+    metadata,
+    Column("resource_type", String(64), primary_key=True),
+    Column("id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("last_updated", UtcDateTime, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("body", Text, nullable=True, comment="Null for a deletion."),
+)
+"""Every version of every resource, for vread and history."""
+
+record_resources = Table(
+    "record_resources",
+    metadata,
+    Column("record_kind", String(16), primary_key=True),
+    Column("record_id", String(64), primary_key=True),
+    Column("resource_type", String(64), primary_key=True),
+    Column("resource_id", String(64), primary_key=True),
+)
+"""Which resources each record maps to, so a resource the record no longer yields is deleted."""
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True, comment="Delivery order."),
+    Column("resource_type", String(64), nullable=False),
+    Column("resource_id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("patient_id", String(64), nullable=True, comment="Patient resource id, for ordering."),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+"""One row per resource version written, in the same transaction, for delivery to EHRs."""

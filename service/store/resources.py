@@ -1,0 +1,272 @@
+"""The resource store: every version of every FHIR resource as stored JSON, and the outbox.
+
+A write gives a resource whose content changed a new version (meta.versionId and
+meta.lastUpdated set here), keeps the version in `resource_versions`, and queues an outbox row, all
+on the caller's connection (its unit of work commits). A resource whose content is unchanged is
+not written at all. Reads serve the stored bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, bindparam, delete, insert, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from service.store.tables import outbox, record_resources, resource_versions, resources
+
+Resource = dict[str, Any]
+Key = tuple[str, str]
+"""(resource type, id)"""
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenResource:
+    """A resource version the store wrote."""
+
+    resource_type: str
+    id: str
+    version: int
+    deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    resource_type: str
+    id: str
+    version: int
+    last_updated: datetime
+    deleted: bool
+    body: str
+
+
+def content_hash(resource: Resource) -> str:
+    """The hash of a resource's content: what the mapping produced, before version metadata."""
+    return hashlib.sha256(orjson.dumps(resource)).hexdigest()
+
+
+def with_version(resource: Resource, version: int, last_updated: datetime) -> Resource:
+    """The resource as stored and served: meta.versionId and meta.lastUpdated first in meta."""
+    meta = {"versionId": str(version), "lastUpdated": last_updated.isoformat()}
+    return {
+        "resourceType": resource["resourceType"],
+        "id": resource["id"],
+        "meta": meta | resource.get("meta", {}),
+        **{k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")},
+    }
+
+
+def patient_of(resource: Resource) -> str | None:
+    """The id of the Patient a resource belongs to, for ordering deliveries per patient."""
+    if resource["resourceType"] == "Patient":
+        return str(resource["id"])
+    for element in ("subject", "patient"):
+        target = resource.get(element)
+        if isinstance(target, dict):
+            ref = str(target.get("reference", ""))
+            if ref.startswith("Patient/"):
+                return ref.removeprefix("Patient/")
+    return None
+
+
+_CURRENT = select(
+    resources.c.resource_type,
+    resources.c.id,
+    resources.c.version,
+    resources.c.content_hash,
+    resources.c.deleted,
+)
+_UPDATE_CURRENT = update(resources).where(
+    resources.c.resource_type == bindparam("b_type"), resources.c.id == bindparam("b_id")
+)
+_INSERT_VERSION = insert(resource_versions)
+_INSERT_OUTBOX = insert(outbox)
+_INSERT_CURRENT = insert(resources)
+
+
+class ResourceRepository:
+    """Reads and writes FHIR resources on one connection; never commits."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def _current(self, keys: Iterable[Key]) -> dict[Key, tuple[int, str, bool]]:
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        query = _CURRENT.where(tuple_(resources.c.resource_type, resources.c.id).in_(wanted))
+        return {
+            (row.resource_type, row.id): (row.version, row.content_hash, row.deleted)
+            for row in self._connection.execute(query)
+        }
+
+    def write(
+        self,
+        batch: Sequence[Resource],
+        *,
+        now: datetime,
+        validate: Callable[[Resource], None] | None = None,
+    ) -> list[WrittenResource]:
+        """Store the resources whose content changed as new versions; returns what was written.
+
+        `validate` sees each resource about to get a new version (and may raise); unchanged
+        resources are neither validated nor written again.
+        """
+        current = self._current((r["resourceType"], r["id"]) for r in batch)
+        written: list[WrittenResource] = []
+        new_rows, changed_rows, versions, queued = [], [], [], []
+        seen: set[Key] = set()
+        for resource in batch:
+            key = (resource["resourceType"], resource["id"])
+            if key in seen:
+                raise ValueError(f"{key[0]}/{key[1]} appears twice in one write")
+            seen.add(key)
+            digest = content_hash(resource)
+            before = current.get(key)
+            if before is not None and before[1] == digest and not before[2]:
+                continue
+            if validate is not None:
+                validate(resource)
+            version = 1 if before is None else before[0] + 1
+            body = orjson.dumps(with_version(resource, version, now)).decode()
+            row = {"version": version, "last_updated": now, "deleted": False}
+            row |= {"content_hash": digest, "body": body}
+            if before is None:
+                new_rows.append({"resource_type": key[0], "id": key[1], **row})
+            else:
+                changed_rows.append({"b_type": key[0], "b_id": key[1], **row})
+            versions.append({"resource_type": key[0], "id": key[1], **row})
+            queued.append(_queued(key, version, False, patient_of(resource), now))
+            written.append(WrittenResource(key[0], key[1], version, False))
+        self._apply(new_rows, changed_rows, versions, queued)
+        return written
+
+    def delete(self, keys: Iterable[Key], *, now: datetime) -> list[WrittenResource]:
+        """Mark resources deleted (a new, empty version); history stays."""
+        current = self._current(keys)
+        changed_rows, versions, queued, written = [], [], [], []
+        for key, (version, digest, deleted) in sorted(current.items()):
+            if deleted:
+                continue
+            row = {"version": version + 1, "last_updated": now, "deleted": True}
+            changed_rows.append({"b_type": key[0], "b_id": key[1], "content_hash": digest} | row)
+            versions.append({"resource_type": key[0], "id": key[1], "body": None} | row)
+            queued.append(_queued(key, version + 1, True, None, now))
+            written.append(WrittenResource(key[0], key[1], version + 1, True))
+        self._apply([], changed_rows, versions, queued)
+        return written
+
+    def _apply(
+        self,
+        new_rows: list[dict[str, Any]],
+        changed_rows: list[dict[str, Any]],
+        versions: list[dict[str, Any]],
+        queued: list[dict[str, Any]],
+    ) -> None:
+        if new_rows:
+            self._connection.execute(_INSERT_CURRENT, new_rows)
+        if changed_rows:
+            self._connection.execute(_UPDATE_CURRENT, changed_rows)
+        if versions:
+            rows = [{**v, "body": v.get("body")} for v in versions]
+            for row in rows:
+                row.pop("content_hash", None)
+            self._connection.execute(_INSERT_VERSION, rows)
+        if queued:
+            self._connection.execute(_INSERT_OUTBOX, queued)
+
+    def read(self, resource_type: str, resource_id: str) -> StoredResource | None:
+        row = self._connection.execute(
+            select(
+                resources.c.resource_type,
+                resources.c.id,
+                resources.c.version,
+                resources.c.last_updated,
+                resources.c.deleted,
+                resources.c.body,
+            ).where(resources.c.resource_type == resource_type, resources.c.id == resource_id)
+        ).first()
+        return None if row is None else StoredResource(*row)
+
+    def history(self, resource_type: str, resource_id: str) -> list[tuple[int, bool, str | None]]:
+        """(version, deleted, body) of every version, oldest first."""
+        rows = self._connection.execute(
+            select(
+                resource_versions.c.version, resource_versions.c.deleted, resource_versions.c.body
+            )
+            .where(
+                resource_versions.c.resource_type == resource_type,
+                resource_versions.c.id == resource_id,
+            )
+            .order_by(resource_versions.c.version)
+        )
+        return [(row.version, row.deleted, row.body) for row in rows]
+
+    # --- which resources a record maps to ---
+
+    def links(self, record_kind: str, record_ids: Iterable[str]) -> dict[str, set[Key]]:
+        ids = sorted(set(record_ids))
+        out: dict[str, set[Key]] = {record_id: set() for record_id in ids}
+        if not ids:
+            return out
+        rows = self._connection.execute(
+            select(
+                record_resources.c.record_id,
+                record_resources.c.resource_type,
+                record_resources.c.resource_id,
+            ).where(
+                record_resources.c.record_kind == record_kind,
+                record_resources.c.record_id.in_(ids),
+            )
+        )
+        for row in rows:
+            out[row.record_id].add((row.resource_type, row.resource_id))
+        return out
+
+    def link(self, record_kind: str, record_id: str, added: set[Key], removed: set[Key]) -> None:
+        if removed:
+            self._connection.execute(
+                delete(record_resources).where(
+                    record_resources.c.record_kind == record_kind,
+                    record_resources.c.record_id == record_id,
+                    tuple_(record_resources.c.resource_type, record_resources.c.resource_id).in_(
+                        sorted(removed)
+                    ),
+                )
+            )
+        if added:
+            self._connection.execute(
+                _insert_ignore(self._connection),
+                [
+                    {
+                        "record_kind": record_kind,
+                        "record_id": record_id,
+                        "resource_type": resource_type,
+                        "resource_id": resource_id,
+                    }
+                    for resource_type, resource_id in sorted(added)
+                ],
+            )
+
+
+def _insert_ignore(connection: Connection) -> Any:
+    dialect_insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    return dialect_insert(record_resources).on_conflict_do_nothing()
+
+
+def _queued(
+    key: Key, version: int, deleted: bool, patient_id: str | None, now: datetime
+) -> dict[str, Any]:
+    return {
+        "resource_type": key[0],
+        "resource_id": key[1],
+        "version": version,
+        "deleted": deleted,
+        "patient_id": patient_id,
+        "created_at": now,
+    }
