@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from bench import intake
+from bench import intake, mapping
 
 
 def main() -> None:
     intake.main()
+    mapping.main()
 
 
 if __name__ == "__main__":

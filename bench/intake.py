@@ -18,6 +18,8 @@ from pathlib import Path
 import orjson
 from sqlalchemy import create_engine, insert, text
 
+from service.bootstrap import materializer
+from service.config import Settings
 from service.records.demo import generate_clinic, to_ndjson
 from service.records.service import ImportSummary, import_ndjson
 from service.store.db import Database
@@ -36,7 +38,14 @@ def _lines() -> list[bytes]:
 def _import(database: Database, lines: list[bytes]) -> float:
     summary = ImportSummary()
     started = time.perf_counter()
-    for batch in import_ndjson(database=database, lines=lines, actor="bench", batch_size=BATCH):
+    batches = import_ndjson(
+        database=database,
+        materializer=materializer(Settings()),
+        lines=lines,
+        actor="bench",
+        batch_size=BATCH,
+    )
+    for batch in batches:
         for result in batch:
             summary.add(result)
     elapsed = time.perf_counter() - started

@@ -6,10 +6,18 @@ same parts with their own settings or database instead of patching internals.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from mappings.context import MappingContext
+from mappings.terminology import load_terminology
 from service.config import Settings
+from service.fhir.validation import structural_errors
+from service.records.materialize import Materializer
 from service.store.db import Database
 
 
@@ -19,6 +27,7 @@ class Services:
 
     settings: Settings
     database: Database
+    materializer: Materializer
 
     def close(self) -> None:
         self.database.dispose()
@@ -31,4 +40,33 @@ def bootstrap(settings: Settings | None = None, *, database: Database | None = N
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     database = database or Database(settings.database_url, pool_size=settings.database_pool_size)
-    return Services(settings=settings, database=database)
+    return Services(settings=settings, database=database, materializer=materializer(settings))
+
+
+def mapping_context(settings: Settings) -> MappingContext:
+    """The site's mapping context: identifier systems, organization, terminology overrides."""
+    overrides = _read_overrides(settings.terminology_overrides)
+    return MappingContext(
+        identifier_system=settings.site_identifier_system,
+        mrn_system=settings.mrn_system,
+        organization_name=settings.organization_name,
+        terminology=load_terminology(overrides),
+    )
+
+
+def resource_validator() -> Callable[[dict[str, Any]], list[str]]:
+    """What every resource version must pass before it is stored."""
+    return structural_errors
+
+
+def materializer(settings: Settings) -> Materializer:
+    return Materializer(context=mapping_context(settings), validate=resource_validator())
+
+
+def _read_overrides(path: Path | None) -> list[dict[str, Any]]:
+    if path is None:
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and data.get("resourceType") == "Bundle":
+        return [entry["resource"] for entry in data.get("entry", [])]
+    return data if isinstance(data, list) else [data]

@@ -12,10 +12,21 @@ import orjson
 import typer
 import uvicorn
 
-from service.bootstrap import Services, bootstrap
+from mappings.bundle import map_records, transaction_bundle
+from mappings.records import MissingContext
+from service.bootstrap import Services, bootstrap, mapping_context
+from service.config import Settings
+from service.errors import InvalidRecord
 from service.records.demo import generate_clinic, to_ndjson
+from service.records.models import RecordModel
 from service.records.repository import RecordRepository
-from service.records.service import ImportSummary, LineResult, LineStatus, import_ndjson
+from service.records.service import (
+    ImportSummary,
+    LineResult,
+    LineStatus,
+    import_ndjson,
+    parse_record,
+)
 
 app = typer.Typer(
     name="infusion-bridge",
@@ -117,6 +128,7 @@ def demo(
     _report(
         import_ndjson(
             database=services.database,
+            materializer=services.materializer,
             lines=list(to_ndjson(records)),
             actor="demo",
             batch_size=services.settings.import_batch_size,
@@ -138,18 +150,13 @@ def import_file(
     file: Annotated[Path, typer.Argument(help="Intake NDJSON, one record a line; - for stdin.")],
 ) -> None:
     """Import intake NDJSON into the database; rejected lines are printed with their errors."""
-    if str(file) == "-":
-        lines = sys.stdin.buffer.read().splitlines()
-    elif not file.is_file():
-        typer.secho(f"no such file: {file}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
-    else:
-        lines = file.read_bytes().splitlines()
+    lines = _read_lines(file)
     services = _services()
     summary = ImportSummary()
     _report(
         import_ndjson(
             database=services.database,
+            materializer=services.materializer,
             lines=lines,
             actor="cli-import",
             batch_size=services.settings.import_batch_size,
@@ -160,6 +167,58 @@ def import_file(
     typer.echo(orjson.dumps(summary.as_json()).decode())
     if summary.rejected:
         raise typer.Exit(1)
+
+
+def _read_lines(file: Path) -> list[bytes]:
+    if str(file) == "-":
+        return sys.stdin.buffer.read().splitlines()
+    if not file.is_file():
+        typer.secho(f"no such file: {file}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    return file.read_bytes().splitlines()
+
+
+@app.command("map")
+def map_file(
+    file: Annotated[Path, typer.Argument(help="Intake NDJSON, one record a line; - for stdin.")],
+    ndjson: Annotated[
+        bool, typer.Option("--ndjson", help="One resource per line instead of a Bundle.")
+    ] = False,
+    base: Annotated[
+        str | None, typer.Option(help="FHIR base URL for the Bundle entries' fullUrl.")
+    ] = None,
+) -> None:
+    """Map intake records to FHIR R4 (a transaction Bundle on stdout); no database involved."""
+    records: list[RecordModel] = []
+    rejected = 0
+    for number, raw in enumerate(_read_lines(file), start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(parse_record(orjson.loads(raw)))
+        except orjson.JSONDecodeError as error:
+            rejected += 1
+            typer.echo(f"line {number}: not valid JSON: {error}", err=True)
+        except InvalidRecord as invalid:
+            rejected += 1
+            typer.echo(f"line {number}: {invalid}", err=True)
+    if rejected:
+        typer.secho(f"{rejected} invalid records: nothing mapped", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    context = mapping_context(Settings())
+    try:
+        resources = list(map_records(records, context=context))
+    except MissingContext as missing:
+        typer.secho(str(missing), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    out = sys.stdout.buffer
+    if ndjson:
+        for resource in resources:
+            out.write(orjson.dumps(resource) + b"\n")
+    else:
+        bundle = transaction_bundle(resources, base=base)
+        out.write(orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n")
+    out.flush()
 
 
 def main() -> None:

@@ -28,6 +28,21 @@ class Settings(BaseSettings):
     destinations_file: Path | None = Field(
         default=None, description="YAML file of EHR destinations, read by serve and worker."
     )
+    site_identifier_system: str = Field(
+        default="http://infusion-bridge.org/fhir/sid",
+        pattern=r"^(https?://|urn:)\S+$",
+        description="Base URI of the site's business identifier systems ({base}/{record kind}).",
+    )
+    mrn_system: str = Field(
+        default="http://infusion-bridge.org/fhir/sid/mrn",
+        pattern=r"^(https?://|urn:)\S+$",
+        description="Identifier system of the clinic's medical record numbers.",
+    )
+    organization_name: str = Field(default="Infusion Bridge Clinic", min_length=1)
+    terminology_overrides: Path | None = Field(
+        default=None,
+        description="JSON file of ConceptMaps (one, a list, or a Bundle) overriding code mappings.",
+    )
     import_batch_size: int = Field(
         default=500, ge=1, le=10_000, description="Intake import lines committed per transaction."
     )

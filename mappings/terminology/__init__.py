@@ -48,7 +48,8 @@ class Terminology:
         """Standard codings `code` maps to (none when the map has no target for it)."""
         if concept_map not in self.maps:
             raise UnknownCode(f"no ConceptMap {concept_map}")
-        return self.maps[concept_map].get(code, ())
+        # Copies: a coding put into one resource must not be shared with the next.
+        return tuple(dict(coding) for coding in self.maps[concept_map].get(code, ()))
 
     def unmap(self, concept_map: str, system: str, code: str) -> str | None:
         """The source code a standard coding maps from, for reading resources back."""

@@ -144,6 +144,7 @@ def _add_kind_routes(router: APIRouter, kind: str) -> None:
                 return put_record(
                     uow=uow,
                     record=record,
+                    materializer=services.materializer,
                     actor="api",
                     request_id=request_id,
                     if_match=_version_wanted(if_match),
@@ -271,6 +272,7 @@ async def import_records(request: Request, services: ServicesDep) -> Response:
     def batches() -> Iterator[list[LineResult]]:
         return import_ndjson(
             database=database,
+            materializer=services.materializer,
             lines=lines,
             actor="api-import",
             request_id=request_id,

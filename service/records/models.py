@@ -524,6 +524,7 @@ class InfusionSession(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Self:
         # Each failure names its own field, so the 422 points at the right place.
+        self._check_unique()
         if self.status in NOT_STARTED:
             self._check_not_started()
         else:
@@ -531,6 +532,26 @@ class InfusionSession(_Strict):
         self._check_dose()
         self._check_timeline()
         return self
+
+    def _check_unique(self) -> None:
+        """One vitals set per moment, one score per scale and timing, one event per kind and onset.
+
+        Each of these becomes a FHIR resource identified by exactly that, so a duplicate would
+        silently overwrite its twin.
+        """
+        keyed: list[tuple[str, list[object]]] = [
+            ("vitals", [v.taken_at for v in self.vitals]),
+            ("assessments", [(a.instrument, a.timing) for a in self.assessments]),
+            ("adverse_events", [(e.kind, e.onset_at) for e in self.adverse_events]),
+        ]
+        for name, keys in keyed:
+            seen: set[object] = set()
+            for index, key in enumerate(keys):
+                if key in seen:
+                    raise FieldError(
+                        f"{name}.{index}", "duplicate", f"{name}[{index}] repeats an earlier entry"
+                    )
+                seen.add(key)
 
     def _check_not_started(self) -> None:
         given = {

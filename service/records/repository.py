@@ -11,6 +11,7 @@ from datetime import datetime
 from sqlalchemy import Connection, RowMapping, and_, bindparam, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from service.records.models import RecordModel
 from service.store.tables import record_changes, records
 
 
@@ -28,6 +29,14 @@ class StoredRecord:
     created_at: datetime
     updated_at: datetime
     updated_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordVersion:
+    """A record as just written, and the stored version it became."""
+
+    record: RecordModel
+    stored: StoredRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +141,10 @@ class RecordRepository:
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
+
+    @property
+    def connection(self) -> Connection:
+        return self._connection
 
     def get(self, kind: str, external_id: str, *, for_update: bool = False) -> StoredRecord | None:
         query = _GET_FOR_UPDATE if for_update else _GET

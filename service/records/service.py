@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonpatch
 import orjson
@@ -36,8 +36,16 @@ from service.records.models import (
     RecordModel,
     TreatmentCourse,
 )
-from service.records.repository import RecordChange, RecordRepository, StoredRecord
+from service.records.repository import (
+    RecordChange,
+    RecordRepository,
+    RecordVersion,
+    StoredRecord,
+)
 from service.store.db import Database, UnitOfWork
+
+if TYPE_CHECKING:  # the materializer maps records; importing it here would load every mapping
+    from service.records.materialize import Materializer
 
 KIND_ORDER = {kind: rank for rank, kind in enumerate(RECORD_TYPES)}
 
@@ -366,11 +374,12 @@ def put_record(
     *,
     uow: UnitOfWork,
     record: RecordModel,
+    materializer: Materializer,
     actor: str,
     request_id: str | None = None,
     if_match: str | None = None,
 ) -> WriteResult:
-    """Upsert one record in its own transaction, committed before this returns."""
+    """Upsert one record and its FHIR resources in one transaction, committed before returning."""
     repository = RecordRepository(uow.connection)
     result = write_record(
         repository=repository,
@@ -380,6 +389,10 @@ def put_record(
         request_id=request_id,
         if_match=if_match,
     )
+    if result.outcome is not Outcome.unchanged:
+        materializer.apply(
+            uow.connection, [RecordVersion(record, result.stored)], now=result.stored.updated_at
+        )
     uow.commit()
     return result
 
@@ -473,6 +486,7 @@ def _parse_line(number: int, raw: bytes) -> RecordModel | LineResult:
 def import_ndjson(
     *,
     database: Database,
+    materializer: Materializer,
     lines: Iterable[bytes],
     actor: str,
     request_id: str | None = None,
@@ -507,7 +521,7 @@ def import_ndjson(
     for start in range(0, len(parsed), batch_size):
         batch = parsed[start : start + batch_size]
         with database.unit_of_work(write=True) as uow:
-            results = _import_batch(uow, batch, rejected_keys, actor, request_id)
+            results = _import_batch(uow, materializer, batch, rejected_keys, actor, request_id)
             uow.commit()
         yield results
 
@@ -518,17 +532,24 @@ class _InsertRace(Exception):
 
 def _import_batch(
     uow: UnitOfWork,
+    materializer: Materializer,
     batch: list[tuple[int, RecordModel]],
     rejected_keys: dict[tuple[str, str], int],
     actor: str,
     request_id: str | None,
 ) -> list[LineResult]:
-    """Write one batch with a handful of statements; per line with savepoints after a race."""
+    """Write one batch with a handful of statements; line by line after a race or a failure.
+
+    The line-by-line path gives each line its own savepoint, so a line that fails late (another
+    writer's insert, a resource that will not validate) is rejected alone.
+    """
     try:
         with uow.connection.begin_nested():
-            return _write_batch(uow, batch, dict(rejected_keys), actor, request_id, rejected_keys)
-    except _InsertRace:
-        return _write_lines(uow, batch, rejected_keys, actor, request_id)
+            return _write_batch(
+                uow, materializer, batch, dict(rejected_keys), actor, request_id, rejected_keys
+            )
+    except (_InsertRace, InvalidRecord):
+        return _write_lines(uow, materializer, batch, rejected_keys, actor, request_id)
 
 
 def _batch_lookup(
@@ -551,6 +572,7 @@ def _batch_lookup(
 
 def _write_batch(
     uow: UnitOfWork,
+    materializer: Materializer,
     batch: list[tuple[int, RecordModel]],
     rejected_before: dict[tuple[str, str], int],
     actor: str,
@@ -568,6 +590,7 @@ def _write_batch(
     created: list[StoredRecord] = []
     updated: list[StoredRecord] = []
     changes: list[RecordChange] = []
+    versions: list[RecordVersion] = []
     results: list[LineResult] = []
     newly_rejected: dict[tuple[str, str], int] = {}
     for number, record in batch:
@@ -593,6 +616,8 @@ def _write_batch(
             created.append(plan.stored)
         elif plan.outcome is Outcome.updated:
             updated.append(plan.stored)
+        if plan.outcome is not Outcome.unchanged:
+            versions.append(RecordVersion(record, plan.stored))
         if plan.change is not None:
             changes.append(plan.change)
         current[key] = plan.stored
@@ -604,12 +629,14 @@ def _write_batch(
         raise _InsertRace
     repository.replace_many(updated)
     repository.add_changes(changes)
+    materializer.apply(uow.connection, versions, now=now)
     rejected_keys.update(newly_rejected)
     return results
 
 
 def _write_lines(
     uow: UnitOfWork,
+    materializer: Materializer,
     batch: list[tuple[int, RecordModel]],
     rejected_keys: dict[tuple[str, str], int],
     actor: str,
@@ -630,6 +657,12 @@ def _write_lines(
                     actor=actor,
                     request_id=request_id,
                 )
+                if written.outcome is not Outcome.unchanged:
+                    materializer.apply(
+                        uow.connection,
+                        [RecordVersion(record, written.stored)],
+                        now=written.stored.updated_at,
+                    )
         except InvalidRecord as invalid:
             problems = [
                 _explain_rejected_reference(p, record, rejected_keys) for p in invalid.problems

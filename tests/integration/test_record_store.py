@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import orjson
 import pytest
 
+from service.bootstrap import materializer
+from service.config import Settings
 from service.errors import InvalidRecord, VersionConflict
 from service.records.repository import RecordRepository
 from service.records.service import (
@@ -21,10 +23,14 @@ from service.records.service import (
 from service.store.db import Database
 from tests.factory import Record, clinic
 
+MATERIALIZER = materializer(Settings())
+
 
 def put(database: Database, record: Record, **options: str) -> Outcome:
     with database.unit_of_work() as uow:
-        return put_record(uow=uow, record=parse_record(record), actor="test", **options).outcome
+        return put_record(
+            uow=uow, record=parse_record(record), materializer=MATERIALIZER, actor="test", **options
+        ).outcome
 
 
 def stored(database: Database, kind: str, external_id: str) -> Record | None:
@@ -40,7 +46,11 @@ def run_import(
     results = [
         result
         for batch in import_ndjson(
-            database=database, lines=lines, actor="test", batch_size=batch_size
+            database=database,
+            materializer=MATERIALIZER,
+            lines=lines,
+            actor="test",
+            batch_size=batch_size,
         )
         for result in batch
     ]

@@ -163,6 +163,20 @@ REJECTED: list[tuple[str, Mutation, str, str]] = [
         "not_given",
     ),
     ("session", _many(_set("status", "in_progress")), "ended_at", "not_ended"),
+    (
+        "session",
+        _set("vitals.1.taken_at", "2026-10-05T13:02:00+00:00"),
+        "vitals[1]",
+        "duplicate",
+    ),
+    (
+        "session",
+        lambda record: record["adverse_events"].append(
+            record["adverse_events"][0] | {"severity": "moderate"}
+        ),
+        "adverse_events[1]",
+        "duplicate",
+    ),
     ("assessment", _set("items", [1] * 7), "items", "item_count"),
     (
         "assessment",

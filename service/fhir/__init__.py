@@ -1,0 +1,1 @@
+"""The FHIR side of the service: validation now, the REST facade later."""
