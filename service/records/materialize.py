@@ -74,17 +74,19 @@ class Materializer:
         written = resources.write(batch, now=now, validate=self._checked)
         by_resource = {(w.resource_type, w.id): w for w in written}
 
-        removed: list[WrittenResource] = []
         links_by_kind: dict[str, dict[str, set[Key]]] = {}
         for kind in {key[0] for key in mapped}:
             ids = [key[1] for key in mapped if key[0] == kind]
             links_by_kind[kind] = resources.links(kind, ids)
+        added: list[tuple[str, str, str, str]] = []
+        gone: list[tuple[str, str, str, str]] = []
         for key, items in mapped.items():
             now_keys = {(r["resourceType"], r["id"]) for r in items}
             before = links_by_kind[key[0]][key[1]]
-            gone = before - now_keys
-            removed += resources.delete(gone, now=now)
-            resources.link(key[0], key[1], added=now_keys - before, removed=gone)
+            added += [(*key, *resource) for resource in now_keys - before]
+            gone += [(*key, *resource) for resource in before - now_keys]
+        removed = resources.delete({(g[2], g[3]) for g in gone}, now=now)
+        resources.relink(added=added, removed=gone)
         for item in removed:
             by_resource[(item.resource_type, item.id)] = item
 

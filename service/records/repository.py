@@ -159,15 +159,19 @@ class RecordRepository:
         With `for_update` the rows are locked in key order, so two batches that share records
         queue behind each other instead of deadlocking.
         """
-        if not keys:
-            return {}
-        query = select(*_RECORD_COLUMNS).where(
-            tuple_(records.c.kind, records.c.external_id).in_(sorted(keys))
-        )
-        if for_update:
-            query = query.order_by(records.c.kind, records.c.external_id).with_for_update()
-        found = (_stored(row._mapping) for row in self._connection.execute(query))
-        return {(record.kind, record.external_id): record for record in found}
+        wanted = sorted(keys)
+        out: dict[tuple[str, str], StoredRecord] = {}
+        # In chunks, in key order: PostgreSQL rejects a tuple IN list of many thousands.
+        for start in range(0, len(wanted), 500):
+            query = select(*_RECORD_COLUMNS).where(
+                tuple_(records.c.kind, records.c.external_id).in_(wanted[start : start + 500])
+            )
+            if for_update:
+                query = query.order_by(records.c.kind, records.c.external_id).with_for_update()
+            for row in self._connection.execute(query):
+                record = _stored(row._mapping)
+                out[(record.kind, record.external_id)] = record
+        return out
 
     def insert(self, record: StoredRecord) -> bool:
         """Insert a first version; False when another writer inserted the same key first."""

@@ -74,6 +74,7 @@ def patient_of(resource: Resource) -> str | None:
     return None
 
 
+_CHUNK = 500
 _CURRENT = select(
     resources.c.resource_type,
     resources.c.id,
@@ -97,13 +98,14 @@ class ResourceRepository:
 
     def _current(self, keys: Iterable[Key]) -> dict[Key, tuple[int, str, bool]]:
         wanted = sorted(set(keys))
-        if not wanted:
-            return {}
-        query = _CURRENT.where(tuple_(resources.c.resource_type, resources.c.id).in_(wanted))
-        return {
-            (row.resource_type, row.id): (row.version, row.content_hash, row.deleted)
-            for row in self._connection.execute(query)
-        }
+        out: dict[Key, tuple[int, str, bool]] = {}
+        # In chunks: PostgreSQL refuses a tuple IN list of many thousands as too deep to parse.
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            query = _CURRENT.where(tuple_(resources.c.resource_type, resources.c.id).in_(chunk))
+            for row in self._connection.execute(query):
+                out[(row.resource_type, row.id)] = (row.version, row.content_hash, row.deleted)
+        return out
 
     def write(
         self,
@@ -212,45 +214,46 @@ class ResourceRepository:
     def links(self, record_kind: str, record_ids: Iterable[str]) -> dict[str, set[Key]]:
         ids = sorted(set(record_ids))
         out: dict[str, set[Key]] = {record_id: set() for record_id in ids}
-        if not ids:
-            return out
-        rows = self._connection.execute(
-            select(
-                record_resources.c.record_id,
-                record_resources.c.resource_type,
-                record_resources.c.resource_id,
-            ).where(
-                record_resources.c.record_kind == record_kind,
-                record_resources.c.record_id.in_(ids),
+        for start in range(0, len(ids), _CHUNK):
+            rows = self._connection.execute(
+                select(
+                    record_resources.c.record_id,
+                    record_resources.c.resource_type,
+                    record_resources.c.resource_id,
+                ).where(
+                    record_resources.c.record_kind == record_kind,
+                    record_resources.c.record_id.in_(ids[start : start + _CHUNK]),
+                )
             )
-        )
-        for row in rows:
-            out[row.record_id].add((row.resource_type, row.resource_id))
+            for row in rows:
+                out[row.record_id].add((row.resource_type, row.resource_id))
         return out
 
-    def link(self, record_kind: str, record_id: str, added: set[Key], removed: set[Key]) -> None:
+    def relink(
+        self,
+        *,
+        added: Sequence[tuple[str, str, str, str]],
+        removed: Sequence[tuple[str, str, str, str]],
+    ) -> None:
+        """Record which resources records map to: (record kind, record id, type, resource id)."""
+        columns = ("record_kind", "record_id", "resource_type", "resource_id")
         if removed:
             self._connection.execute(
                 delete(record_resources).where(
-                    record_resources.c.record_kind == record_kind,
-                    record_resources.c.record_id == record_id,
-                    tuple_(record_resources.c.resource_type, record_resources.c.resource_id).in_(
-                        sorted(removed)
-                    ),
-                )
+                    record_resources.c.record_kind == bindparam("b_kind"),
+                    record_resources.c.record_id == bindparam("b_record"),
+                    record_resources.c.resource_type == bindparam("b_type"),
+                    record_resources.c.resource_id == bindparam("b_id"),
+                ),
+                [
+                    dict(zip(("b_kind", "b_record", "b_type", "b_id"), row, strict=True))
+                    for row in removed
+                ],
             )
         if added:
             self._connection.execute(
                 _insert_ignore(self._connection),
-                [
-                    {
-                        "record_kind": record_kind,
-                        "record_id": record_id,
-                        "resource_type": resource_type,
-                        "resource_id": resource_id,
-                    }
-                    for resource_type, resource_id in sorted(added)
-                ],
+                [dict(zip(columns, row, strict=True)) for row in sorted(added)],
             )
 
 
