@@ -33,6 +33,7 @@ RUN pip wheel --wheel-dir /wheels .
 FROM ${PYTHON_IMAGE} AS runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
+    PROFILES_DIR=/app/profiles \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -38,7 +38,7 @@ def _rate(count: int, work: Callable[[], object], repeat: int = 3) -> float:
 def main() -> None:
     records = generate_clinic(seed=7, patients=PATIENTS, as_of=date(2026, 11, 23))
     context = mapping_context(Settings())
-    validate = resource_validator()
+    validate = resource_validator().errors
     resources: list[Resource] = list(map_records(records, context=context))
     count = len(resources)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 from mappings.context import MappingContext
 from mappings.terminology import load_terminology
 from service.config import Settings
-from service.fhir.validation import structural_errors
+from service.fhir.profile_validation import ProfileValidator, default_validator
+from service.fhir.validation import ResourceValidator
 from service.records.materialize import Materializer
 from service.store.db import Database
 
@@ -54,13 +54,16 @@ def mapping_context(settings: Settings) -> MappingContext:
     )
 
 
-def resource_validator() -> Callable[[dict[str, Any]], list[str]]:
-    """What every resource version must pass before it is stored."""
-    return structural_errors
+def resource_validator(settings: Settings | None = None) -> ResourceValidator:
+    """Structure and profiles: what every resource version must pass before it is stored."""
+    folder = (settings or Settings()).profiles_dir
+    return ResourceValidator(ProfileValidator(folder) if folder else default_validator())
 
 
 def materializer(settings: Settings) -> Materializer:
-    return Materializer(context=mapping_context(settings), validate=resource_validator())
+    return Materializer(
+        context=mapping_context(settings), validate=resource_validator(settings).errors
+    )
 
 
 def _read_overrides(path: Path | None) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -14,7 +14,7 @@ import uvicorn
 
 from mappings.bundle import map_records, transaction_bundle
 from mappings.records import MissingContext
-from service.bootstrap import Services, bootstrap, mapping_context
+from service.bootstrap import Services, bootstrap, mapping_context, resource_validator
 from service.config import Settings
 from service.errors import InvalidRecord
 from service.records.demo import generate_clinic, to_ndjson
@@ -219,6 +219,80 @@ def map_file(
         bundle = transaction_bundle(resources, base=base)
         out.write(orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n")
     out.flush()
+
+
+def _resources_in(data: object) -> list[tuple[str, dict[str, Any]]]:
+    """(location prefix, resource) for a resource, a Bundle's entries, or a list of resources."""
+    if isinstance(data, list):
+        return [(f"[{i}]", r) for i, r in enumerate(data) if isinstance(r, dict)]
+    if isinstance(data, dict) and data.get("resourceType") == "Bundle":
+        found = [
+            (f"Bundle.entry[{i}].resource", e.get("resource"))
+            for i, e in enumerate(data.get("entry", []))
+        ]
+        return [(where, r) for where, r in found if isinstance(r, dict)]
+    return [("", data)] if isinstance(data, dict) else []
+
+
+@app.command()
+def validate(
+    file: Annotated[
+        Path, typer.Argument(help="A FHIR resource, a Bundle, or NDJSON resources; - for stdin.")
+    ],
+    profile: Annotated[
+        str | None, typer.Option(help="Validate against this profile URL, not the claimed ones.")
+    ] = None,
+) -> None:
+    """Validate FHIR R4 resources (structure, profiles, invariants); print an OperationOutcome."""
+    lines = _read_lines(file)
+    raw = b"\n".join(lines)
+    try:
+        documents: list[tuple[str, object]] = [("", orjson.loads(raw))]
+    except orjson.JSONDecodeError:
+        documents = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                documents.append((f"line {number}", orjson.loads(line)))
+            except orjson.JSONDecodeError as error:
+                typer.secho(
+                    f"line {number}: not valid JSON: {error}", fg=typer.colors.RED, err=True
+                )
+                raise typer.Exit(2) from None
+    validator = resource_validator(Settings())
+    issues: list[dict[str, Any]] = []
+    count = 0
+    for prefix, document in documents:
+        resources = _resources_in(document)
+        if not resources:
+            issues.append(
+                {
+                    "severity": "error",
+                    "code": "structure",
+                    "diagnostics": f"{prefix}not a FHIR resource",
+                }
+            )
+        for where, resource in resources:
+            count += 1
+            for issue in validator.issues(resource, profile):
+                label = ", ".join(part for part in (prefix, where) if part)
+                if label:
+                    issue = issue | {"diagnostics": f"{label}: {issue['diagnostics']}"}
+                issues.append(issue)
+    errors = [i for i in issues if i["severity"] in ("error", "fatal")]
+    if not issues:
+        issues = [
+            {
+                "severity": "information",
+                "code": "informational",
+                "diagnostics": f"{count} resources checked: no issues",
+            }
+        ]
+    outcome = {"resourceType": "OperationOutcome", "issue": issues}
+    sys.stdout.buffer.write(orjson.dumps(outcome, option=orjson.OPT_INDENT_2) + b"\n")
+    if errors:
+        raise typer.Exit(1)
 
 
 def main() -> None:

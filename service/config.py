@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         default=None,
         description="JSON file of ConceptMaps (one, a list, or a Bundle) overriding code mappings.",
     )
+    profiles_dir: Path | None = Field(
+        default=None,
+        description="The FHIR package of the service's profiles; default: profiles/ of the source "
+        "tree, or ./profiles where the service is installed.",
+    )
     import_batch_size: int = Field(
         default=500, ge=1, le=10_000, description="Intake import lines committed per transaction."
     )
