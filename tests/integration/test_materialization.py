@@ -163,3 +163,44 @@ def test_a_resource_that_would_not_validate_rejects_the_record(database: Databas
         )
         is None
     )
+
+
+def test_an_import_line_whose_resources_would_not_validate_is_rejected_alone(
+    database: Database,
+) -> None:
+    def refuse_careplans(resource: dict[str, Any]) -> list[str]:
+        return ["CarePlan.status: refused"] if resource["resourceType"] == "CarePlan" else []
+
+    strict = type(MATERIALIZER)(context=MATERIALIZER.context, validate=refuse_careplans)
+    records = clinic()
+    lines = [orjson.dumps(record) for record in records.records()]
+    results = {
+        result.line: result
+        for batch in import_ndjson(
+            database=database, materializer=strict, lines=lines, actor="test"
+        )
+        for result in batch
+    }
+    statuses = {n: r.status for n, r in results.items()}
+    assert statuses == {
+        1: LineStatus.created,
+        2: LineStatus.created,
+        3: LineStatus.created,
+        4: LineStatus.created,
+        5: LineStatus.rejected,
+        6: LineStatus.rejected,
+        7: LineStatus.created,
+    }
+    assert results[5].problems[0].type == "fhir_invalid"
+    assert "line 5 was rejected" in results[6].problems[0].message
+    assert read(database, "Patient", "patient", records.patient["external_id"]) is not None
+    assert (
+        read(
+            database,
+            "MedicationRequest",
+            "course",
+            records.course["external_id"],
+            "MedicationRequest",
+        )
+        is None
+    )

@@ -19,8 +19,9 @@ from service.records.models import (
 )
 from service.records.service import parse_record
 from tests.factory import clinic
+from tests.fhir_check import assert_conformant
 from tests.golden import assert_golden
-from tests.unit.test_course_mappings import assert_conformant, demo_records
+from tests.unit.test_course_mappings import demo_records
 
 CONTEXT = MappingContext()
 SCORE_BAND = "http://infusion-bridge.org/fhir/CodeSystem/score-band"
