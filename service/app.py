@@ -1,4 +1,4 @@
-"""The FastAPI application factory: intake API, health checks, and error handling."""
+"""The FastAPI application factory: intake API, FHIR facade, health checks, error handling."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from starlette.responses import JSONResponse
 
 from service import __doc__ as service_doc
 from service.bootstrap import Services, bootstrap
+from service.fhir.api import ConformanceResources
+from service.fhir.api import build_router as build_fhir_router
+from service.fhir.profile_validation import default_profiles_dir
 from service.problems import RequestIdMiddleware, install_error_handlers
 from service.records.api import build_router
 from service.records.models import RECORD_TYPES
@@ -39,6 +42,10 @@ def create_app(services: Services | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(build_router())
+    app.state.conformance = ConformanceResources(
+        services.settings.profiles_dir or default_profiles_dir()
+    )
+    app.include_router(build_fhir_router())
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""HTTP error responses for the intake API: RFC 9457 problem documents with field paths.
+"""HTTP error responses: RFC 9457 problem documents on the intake API, OperationOutcomes on /fhir.
 
 Every error the intake API returns has the same shape:
 
@@ -28,6 +28,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import InvalidRecord, Loc, Problem, ServiceError, dotted
+from service.fhir.errors import FhirError, outcome_response
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,32 @@ def _validation_problems(error: RequestValidationError) -> list[Problem]:
     return problems
 
 
+def _is_fhir(request: Request) -> bool:
+    return request.url.path == "/fhir" or request.url.path.startswith("/fhir/")
+
+
+_ISSUE_CODES = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    410: "deleted",
+    412: "conflict",
+    415: "not-supported",
+    422: "processing",
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    async def fhir_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, FhirError)
+        return outcome_response(
+            error.status, error.code, error.diagnostics, expression=error.expression
+        )
+
     async def service_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, ServiceError)
         problems = list(error.problems) if isinstance(error, InvalidRecord) else None
@@ -82,12 +108,23 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, RequestValidationError)
         problems = _validation_problems(error)
         detail = "; ".join(f"{dotted(p.loc) or '(request)'}: {p.message}" for p in problems)
+        if _is_fhir(request):
+            return outcome_response(400, "invalid", detail)
         return problem_response(
             request, status=422, title="Invalid request", detail=detail, problems=problems
         )
 
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
+        if _is_fhir(request):
+            status = error.status_code
+            text = "no such FHIR endpoint" if status == 404 else str(error.detail)
+            return outcome_response(
+                status,
+                _ISSUE_CODES.get(status, "exception"),
+                text,
+                headers=dict(error.headers or {}),
+            )
         return problem_response(
             request,
             status=error.status_code,
@@ -97,6 +134,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def unexpected(request: Request, error: Exception) -> Response:
         log.exception("unhandled error request_id=%s", request_id_of(request))
+        if _is_fhir(request):
+            return outcome_response(
+                500,
+                "exception",
+                f"The error was logged with request id {request_id_of(request)}.",
+            )
         return problem_response(
             request,
             status=500,
@@ -104,6 +147,7 @@ def install_error_handlers(app: FastAPI) -> None:
             detail=f"The error was logged with request id {request_id_of(request)}.",
         )
 
+    app.add_exception_handler(FhirError, fhir_error)
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, bindparam, delete, insert, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, delete, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.store.tables import outbox, record_resources, resource_versions, resources
@@ -43,6 +43,28 @@ class StoredResource:
     last_updated: datetime
     deleted: bool
     body: str
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRow:
+    """One stored version of a resource; `body` is None for a deletion."""
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: datetime
+    deleted: bool
+    body: str | None
+
+
+_VERSION_COLUMNS = (
+    resource_versions.c.resource_type,
+    resource_versions.c.id,
+    resource_versions.c.version,
+    resource_versions.c.last_updated,
+    resource_versions.c.deleted,
+    resource_versions.c.body,
+)
 
 
 def content_hash(resource: Resource) -> str:
@@ -208,6 +230,55 @@ class ResourceRepository:
             .order_by(resource_versions.c.version)
         )
         return [(row.version, row.deleted, row.body) for row in rows]
+
+    def version(self, resource_type: str, resource_id: str, version: int) -> VersionRow | None:
+        row = self._connection.execute(
+            select(*_VERSION_COLUMNS).where(
+                resource_versions.c.resource_type == resource_type,
+                resource_versions.c.id == resource_id,
+                resource_versions.c.version == version,
+            )
+        ).first()
+        return None if row is None else VersionRow(*row)
+
+    def type_history(
+        self,
+        resource_type: str,
+        *,
+        resource_id: str | None = None,
+        since: datetime | None = None,
+        before: tuple[datetime, str, int] | None = None,
+        limit: int = 50,
+    ) -> list[VersionRow]:
+        """Versions newest first, after a keyset cursor (last updated, id, version)."""
+        query = select(*_VERSION_COLUMNS).where(resource_versions.c.resource_type == resource_type)
+        if resource_id is not None:
+            query = query.where(resource_versions.c.id == resource_id)
+        if since is not None:
+            query = query.where(resource_versions.c.last_updated >= since)
+        if before is not None:
+            when, last_id, last_version = before
+            query = query.where(
+                or_(
+                    resource_versions.c.last_updated < when,
+                    and_(
+                        resource_versions.c.last_updated == when,
+                        or_(
+                            resource_versions.c.id < last_id,
+                            and_(
+                                resource_versions.c.id == last_id,
+                                resource_versions.c.version < last_version,
+                            ),
+                        ),
+                    ),
+                )
+            )
+        query = query.order_by(
+            resource_versions.c.last_updated.desc(),
+            resource_versions.c.id.desc(),
+            resource_versions.c.version.desc(),
+        ).limit(limit)
+        return [VersionRow(*row) for row in self._connection.execute(query)]
 
     # --- which resources a record maps to ---
 

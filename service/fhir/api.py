@@ -1,0 +1,318 @@
+"""The FHIR R4 facade at /fhir, read side: metadata, read, vread and history.
+
+Reads serve the stored bytes of each resource version as they are; nothing is re-mapped or
+re-parsed on the way out. History Bundles are assembled around those bytes. The conformance
+resources the service publishes (profiles/) are readable at their own URLs. The
+CapabilityStatement is generated from what this module really implements.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from mappings.fhir import FHIR_VERSION
+from service.bootstrap import Services
+from service.fhir.errors import FHIR_JSON, FhirError, NotAcceptable, ResourceGone, ResourceNotFound
+from service.store.resources import ResourceRepository, StoredResource, VersionRow
+
+STORED_TYPES = (
+    "AdverseEvent",
+    "CarePlan",
+    "Condition",
+    "Encounter",
+    "Goal",
+    "MedicationAdministration",
+    "MedicationRequest",
+    "Observation",
+    "Organization",
+    "Patient",
+    "Practitioner",
+    "Provenance",
+    "QuestionnaireResponse",
+)
+"""Resource types the store holds (materialized from the clinic's records)."""
+
+CONFORMANCE_TYPES = ("CodeSystem", "ConceptMap", "Questionnaire", "StructureDefinition", "ValueSet")
+"""Resource types of the package in profiles/, read-only."""
+
+STORED_INTERACTIONS = ("read", "vread", "history-instance", "history-type")
+MAX_COUNT = 1000
+
+
+class ConformanceResources:
+    """The package in profiles/: served by id, and listed in the CapabilityStatement."""
+
+    def __init__(self, folder: Path) -> None:
+        self.by_key: dict[tuple[str, str], bytes] = {}
+        self.profiles_by_type: dict[str, list[str]] = {}
+        for path in sorted(folder.glob("*.json")):
+            if path.name == "package.json":
+                continue
+            raw = path.read_bytes()
+            resource = orjson.loads(raw)
+            self.by_key[(resource["resourceType"], resource["id"])] = raw
+            if resource["resourceType"] == "StructureDefinition" and resource.get("kind") == (
+                "resource"
+            ):
+                self.profiles_by_type.setdefault(resource["type"], []).append(resource["url"])
+
+
+def capability_statement(base: str, conformance: ConformanceResources) -> dict[str, Any]:
+    """What the facade implements, generated from the same lists that route requests."""
+    resources: list[dict[str, Any]] = []
+    for resource_type in sorted((*STORED_TYPES, *CONFORMANCE_TYPES)):
+        stored = resource_type in STORED_TYPES
+        entry: dict[str, Any] = {"type": resource_type}
+        profiles = conformance.profiles_by_type.get(resource_type)
+        if profiles:
+            entry["supportedProfile"] = sorted(profiles)
+        interactions = STORED_INTERACTIONS if stored else ("read",)
+        entry["interaction"] = [{"code": code} for code in interactions]
+        entry["versioning"] = "versioned" if stored else "no-version"
+        entry["readHistory"] = stored
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": datetime.now(UTC).date().isoformat(),
+        "publisher": "Infusion Bridge",
+        "kind": "instance",
+        "software": {"name": "Infusion Bridge"},
+        "implementation": {"description": "Infusion Bridge FHIR facade", "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "rest": [{"mode": "server", "resource": resources}],
+    }
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _conformance(request: Request) -> ConformanceResources:
+    conformance: ConformanceResources = request.app.state.conformance
+    return conformance
+
+
+ServicesDep = Annotated[Services, Depends(_services)]
+ConformanceDep = Annotated[ConformanceResources, Depends(_conformance)]
+
+
+def negotiate(request: Request) -> None:
+    """JSON only: `_format` or Accept asking for XML (or anything but JSON) is a 406."""
+    wanted = request.query_params.get("_format") or request.headers.get("accept") or ""
+    if not wanted or "json" in wanted or "*/*" in wanted or "application/*" in wanted:
+        return
+    raise NotAcceptable(f"this server answers in application/fhir+json, not {wanted}")
+
+
+Negotiated = Depends(negotiate)
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + "/fhir"
+
+
+def _check_type(resource_type: str) -> None:
+    if resource_type not in STORED_TYPES and resource_type not in CONFORMANCE_TYPES:
+        raise ResourceNotFound(f"resource type {resource_type} is not supported here")
+
+
+def _resource_response(stored: StoredResource) -> Response:
+    return Response(
+        stored.body,
+        media_type=FHIR_JSON,
+        headers={
+            "ETag": f'W/"{stored.version}"',
+            "Last-Modified": format_datetime(stored.last_updated, usegmt=True),
+            "Content-Location": f"{stored.resource_type}/{stored.id}/_history/{stored.version}",
+        },
+    )
+
+
+def _history_bundle(request: Request, rows: Sequence[VersionRow], next_url: str | None) -> bytes:
+    """A history Bundle around the stored bytes, newest version first."""
+    base = _base(request)
+    parts = []
+    for row in rows:
+        url = f"{row.resource_type}/{row.id}"
+        method = "DELETE" if row.deleted else ("POST" if row.version == 1 else "PUT")
+        status = (
+            "204 No Content" if row.deleted else ("201 Created" if row.version == 1 else "200 OK")
+        )
+        head = orjson.dumps({"fullUrl": f"{base}/{url}"})[:-1]
+        tail = orjson.dumps(
+            {
+                "request": {"method": method, "url": url},
+                "response": {
+                    "status": status,
+                    "etag": f'W/"{row.version}"',
+                    "lastModified": row.last_updated.isoformat(),
+                },
+            }
+        )[1:]
+        resource = b"" if row.body is None else b',"resource":' + row.body.encode()
+        parts.append(head + resource + b"," + tail)
+    links = [{"relation": "self", "url": str(request.url)}]
+    if next_url is not None:
+        links.append({"relation": "next", "url": next_url})
+    head = orjson.dumps({"resourceType": "Bundle", "type": "history", "link": links})[:-1]
+    return head + b',"entry":[' + b",".join(parts) + b"]}"
+
+
+def _cursor(row: VersionRow) -> str:
+    raw = orjson.dumps([row.last_updated.isoformat(), row.id, row.version])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(token: str | None) -> tuple[datetime, str, int] | None:
+    if token is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        when, resource_id, version = orjson.loads(raw)
+        return datetime.fromisoformat(when), str(resource_id), int(version)
+    except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
+        raise FhirError(400, "invalid", "_page is not a page token this server issued") from None
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Negotiated])
+
+    @router.get("/metadata", summary="The CapabilityStatement", response_class=Response)
+    async def metadata(request: Request, conformance: ConformanceDep) -> Response:
+        body = capability_statement(_base(request), conformance)
+        return Response(orjson.dumps(body), media_type=FHIR_JSON)
+
+    @router.get("/{resource_type}/_history", summary="Type history", response_class=Response)
+    async def type_history(
+        request: Request,
+        resource_type: str,
+        services: ServicesDep,
+        count: Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)] = 50,
+        since: Annotated[datetime | None, Query(alias="_since")] = None,
+        page: Annotated[str | None, Query(alias="_page")] = None,
+    ) -> Response:
+        _check_type(resource_type)
+        if resource_type not in STORED_TYPES:
+            raise FhirError(405, "not-supported", f"{resource_type} has no history here")
+        after = _decode_cursor(page)
+
+        def read() -> list[VersionRow]:
+            with services.database.unit_of_work(write=False) as uow:
+                return ResourceRepository(uow.connection).type_history(
+                    resource_type, since=since, before=after, limit=count + 1
+                )
+
+        rows = await run_in_threadpool(read)
+        next_url = None
+        if len(rows) > count:
+            rows = rows[:count]
+            next_url = str(request.url.include_query_params(_page=_cursor(rows[-1])))
+        return Response(_history_bundle(request, rows, next_url), media_type=FHIR_JSON)
+
+    @router.get("/{resource_type}/{resource_id}", summary="Read", response_class=Response)
+    async def read(
+        resource_type: str,
+        resource_id: str,
+        services: ServicesDep,
+        conformance: ConformanceDep,
+    ) -> Response:
+        _check_type(resource_type)
+        if resource_type in CONFORMANCE_TYPES:
+            raw = conformance.by_key.get((resource_type, resource_id))
+            if raw is None:
+                raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+            return Response(raw, media_type=FHIR_JSON)
+
+        def load() -> StoredResource | None:
+            with services.database.unit_of_work(write=False) as uow:
+                return ResourceRepository(uow.connection).read(resource_type, resource_id)
+
+        stored = await run_in_threadpool(load)
+        if stored is None:
+            raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+        if stored.deleted:
+            raise ResourceGone(resource_type, resource_id, stored.version)
+        return _resource_response(stored)
+
+    @router.get(
+        "/{resource_type}/{resource_id}/_history/{version_id}",
+        summary="Version read",
+        response_class=Response,
+    )
+    async def vread(
+        resource_type: str, resource_id: str, version_id: str, services: ServicesDep
+    ) -> Response:
+        _check_type(resource_type)
+        if resource_type not in STORED_TYPES or not version_id.isdigit():
+            raise ResourceNotFound(f"{resource_type}/{resource_id}/_history/{version_id}")
+
+        def load() -> VersionRow | None:
+            with services.database.unit_of_work(write=False) as uow:
+                return ResourceRepository(uow.connection).version(
+                    resource_type, resource_id, int(version_id)
+                )
+
+        row = await run_in_threadpool(load)
+        if row is None:
+            raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id}")
+        if row.body is None:
+            raise ResourceGone(resource_type, resource_id, row.version)
+        return _resource_response(
+            StoredResource(
+                row.resource_type, row.id, row.version, row.last_updated, False, row.body
+            )
+        )
+
+    @router.get(
+        "/{resource_type}/{resource_id}/_history",
+        summary="Instance history",
+        response_class=Response,
+    )
+    async def instance_history(
+        request: Request,
+        resource_type: str,
+        resource_id: str,
+        services: ServicesDep,
+        count: Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)] = 50,
+        since: Annotated[datetime | None, Query(alias="_since")] = None,
+        page: Annotated[str | None, Query(alias="_page")] = None,
+    ) -> Response:
+        _check_type(resource_type)
+        if resource_type not in STORED_TYPES:
+            raise FhirError(405, "not-supported", f"{resource_type} has no history here")
+        after = _decode_cursor(page)
+
+        def read() -> list[VersionRow]:
+            with services.database.unit_of_work(write=False) as uow:
+                return ResourceRepository(uow.connection).type_history(
+                    resource_type,
+                    resource_id=resource_id,
+                    since=since,
+                    before=after,
+                    limit=count + 1,
+                )
+
+        rows = await run_in_threadpool(read)
+        if not rows and after is None:
+            raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+        next_url = None
+        if len(rows) > count:
+            rows = rows[:count]
+            next_url = str(request.url.include_query_params(_page=_cursor(rows[-1])))
+        return Response(_history_bundle(request, rows, next_url), media_type=FHIR_JSON)
+
+    return router

@@ -1,0 +1,70 @@
+"""Errors of the FHIR facade, each answered as an OperationOutcome with its HTTP status.
+
+    FhirError                 any error on /fhir, with status, issue type and location
+     ├── ResourceNotFound     404 not-found: no such resource, version or type
+     ├── ResourceGone         410 deleted: the resource was deleted (its history stays)
+     └── NotAcceptable        406 not-supported: a format the facade does not produce
+
+Errors raised elsewhere (request validation, unknown routes, unexpected failures) reaching a /fhir
+URL are turned into OperationOutcomes by `service.problems`, so no /fhir response is ever a
+problem document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+
+
+class FhirError(Exception):
+    """An error on the FHIR facade, answered as an OperationOutcome."""
+
+    def __init__(
+        self, status: int, code: str, diagnostics: str, expression: str | None = None
+    ) -> None:
+        super().__init__(diagnostics)
+        self.status = status
+        self.code = code
+        self.diagnostics = diagnostics
+        self.expression = expression
+
+
+class ResourceNotFound(FhirError):
+    def __init__(self, diagnostics: str) -> None:
+        super().__init__(404, "not-found", diagnostics)
+
+
+class ResourceGone(FhirError):
+    def __init__(self, resource_type: str, resource_id: str, version: int) -> None:
+        super().__init__(410, "deleted", f"{resource_type}/{resource_id} was deleted")
+        self.version = version
+
+
+class NotAcceptable(FhirError):
+    def __init__(self, diagnostics: str) -> None:
+        super().__init__(406, "not-supported", diagnostics)
+
+
+def operation_outcome(
+    code: str, diagnostics: str, *, severity: str = "error", expression: str | None = None
+) -> dict[str, Any]:
+    issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": diagnostics}
+    if expression is not None:
+        issue["expression"] = [expression]
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def outcome_response(
+    status: int,
+    code: str,
+    diagnostics: str,
+    *,
+    expression: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = operation_outcome(code, diagnostics, expression=expression)
+    return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)

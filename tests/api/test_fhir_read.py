@@ -1,0 +1,143 @@
+"""The FHIR facade's read side through the ASGI app: metadata, read, vread, history, errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi.testclient import TestClient
+
+from mappings.context import resource_id
+from tests.factory import clinic, path_of
+from tests.fhir_check import r4_errors
+
+FHIR = "application/fhir+json"
+
+
+def load(client: TestClient) -> dict[str, Any]:
+    records = clinic()
+    for record in records.records():
+        assert client.put(path_of(record), json=record).status_code == 201
+    return {
+        "patient": records.patient,
+        "session": records.session,
+        "patient_id": resource_id("patient", records.patient["external_id"]),
+        "encounter_id": resource_id("session", records.session["external_id"], "Encounter"),
+    }
+
+
+def assert_outcome(response: Any, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(FHIR)
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert body["issue"][0]["code"] == code
+    assert r4_errors(body) == []
+
+
+def test_metadata_is_a_valid_capability_statement(client: TestClient) -> None:
+    response = client.get("/fhir/metadata")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith(FHIR)
+    statement = response.json()
+    assert statement["fhirVersion"] == "4.0.1"
+    assert r4_errors(statement) == []
+    by_type = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    assert [i["code"] for i in by_type["Patient"]["interaction"]] == [
+        "read",
+        "vread",
+        "history-instance",
+        "history-type",
+    ]
+    assert by_type["Patient"]["supportedProfile"] == [
+        "http://infusion-bridge.org/fhir/StructureDefinition/ib-patient"
+    ]
+    assert [i["code"] for i in by_type["StructureDefinition"]["interaction"]] == ["read"]
+
+
+def test_read_serves_the_stored_resource_with_its_version(client: TestClient) -> None:
+    loaded = load(client)
+    response = client.get(f"/fhir/Patient/{loaded['patient_id']}")
+    assert response.status_code == 200
+    assert response.headers["etag"] == 'W/"1"'
+    assert response.headers["content-type"].startswith(FHIR)
+    assert response.headers["last-modified"]
+    patient = response.json()
+    assert patient["meta"]["versionId"] == "1"
+    assert patient["identifier"][0]["value"] == loaded["patient"]["external_id"]
+    assert r4_errors(patient) == []
+
+
+def test_vread_and_history_follow_record_changes(client: TestClient) -> None:
+    loaded = load(client)
+    patient = loaded["patient"]
+    assert client.put(path_of(patient), json=patient | {"sex": "other"}).status_code == 200
+    base = f"/fhir/Patient/{loaded['patient_id']}"
+    assert client.get(base).json()["gender"] == "other"
+    assert client.get(f"{base}/_history/1").json()["gender"] == "female"
+    assert client.get(f"{base}/_history/2").headers["etag"] == 'W/"2"'
+    assert_outcome(client.get(f"{base}/_history/3"), 404, "not-found")
+    history = client.get(f"{base}/_history").json()
+    assert history["type"] == "history"
+    assert r4_errors(history) == []
+    assert [e["response"]["etag"] for e in history["entry"]] == ['W/"2"', 'W/"1"']
+    assert [e["request"]["method"] for e in history["entry"]] == ["PUT", "POST"]
+
+
+def test_a_deleted_resource_is_gone_and_its_history_stays(client: TestClient) -> None:
+    loaded = load(client)
+    session = loaded["session"]
+    bp_id = resource_id(
+        "session", session["external_id"], "vitals", "2026-10-05T09:44:00-04:00", "bp"
+    )
+    assert client.get(f"/fhir/Observation/{bp_id}").status_code == 200
+    assert (
+        client.put(path_of(session), json=session | {"vitals": session["vitals"][:1]}).status_code
+        == 200
+    )
+    assert_outcome(client.get(f"/fhir/Observation/{bp_id}"), 410, "deleted")
+    assert client.get(f"/fhir/Observation/{bp_id}/_history/1").status_code == 200
+    assert_outcome(client.get(f"/fhir/Observation/{bp_id}/_history/2"), 410, "deleted")
+    methods = [
+        e["request"]["method"]
+        for e in client.get(f"/fhir/Observation/{bp_id}/_history").json()["entry"]
+    ]
+    assert methods == ["DELETE", "POST"]
+
+
+def test_type_history_pages_without_repeats(client: TestClient) -> None:
+    for _ in range(3):
+        load(client)
+    seen: list[str] = []
+    url: str | None = "/fhir/Encounter/_history?_count=2"
+    while url is not None:
+        bundle = client.get(url).json()
+        assert len(bundle["entry"]) <= 2
+        seen += [e["fullUrl"] + e["response"]["etag"] for e in bundle["entry"]]
+        url = next((link["url"] for link in bundle["link"] if link["relation"] == "next"), None)
+    assert len(seen) == len(set(seen)) >= 3
+
+
+def test_published_profiles_are_readable(client: TestClient) -> None:
+    response = client.get("/fhir/StructureDefinition/ib-infusion-medicationadministration")
+    assert response.status_code == 200
+    assert response.json()["url"].endswith("/ib-infusion-medicationadministration")
+    assert client.get("/fhir/CodeSystem/score-band").json()["resourceType"] == "CodeSystem"
+
+
+def test_errors_are_operation_outcomes(client: TestClient) -> None:
+    assert_outcome(client.get("/fhir/Patient/does-not-exist"), 404, "not-found")
+    assert_outcome(client.get("/fhir/Invoice/1"), 404, "not-found")
+    assert_outcome(
+        client.get("/fhir/metadata", headers={"Accept": "application/fhir+xml"}),
+        406,
+        "not-supported",
+    )
+    assert_outcome(client.get("/fhir/metadata?_format=xml"), 406, "not-supported")
+    assert_outcome(client.get("/fhir/Patient/_history?_count=0"), 400, "invalid")
+    assert_outcome(client.get("/fhir/Patient/_history?_page=garbage"), 400, "invalid")
+    assert_outcome(client.delete("/fhir/Patient/x"), 405, "not-supported")
+    assert_outcome(client.get("/fhir/a/b/c/d/e"), 404, "not-found")
+    assert client.get("/fhir/metadata", headers={"Accept": "application/json"}).status_code == 200
+    body = orjson.loads(client.get("/fhir/Patient/x").content)
+    assert body["issue"][0]["severity"] == "error"
