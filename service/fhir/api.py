@@ -188,6 +188,42 @@ def _decode_cursor(token: str | None) -> tuple[datetime, str, int] | None:
         raise FhirError(400, "invalid", "_page is not a page token this server issued") from None
 
 
+Count = Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)]
+Since = Annotated[datetime | None, Query(alias="_since")]
+Page = Annotated[str | None, Query(alias="_page")]
+
+
+async def _history(
+    request: Request,
+    services: Services,
+    resource_type: str,
+    resource_id: str | None,
+    count: int,
+    since: datetime | None,
+    page: str | None,
+) -> Response:
+    """Type history (`resource_id` None) or instance history, newest first, a page at a time."""
+    _check_type(resource_type)
+    if resource_type not in STORED_TYPES:
+        raise FhirError(405, "not-supported", f"{resource_type} has no history here")
+    after = _decode_cursor(page)
+
+    def read() -> list[VersionRow]:
+        with services.database.unit_of_work(write=False) as uow:
+            return ResourceRepository(uow.connection).type_history(
+                resource_type, resource_id=resource_id, since=since, before=after, limit=count + 1
+            )
+
+    rows = await run_in_threadpool(read)
+    if resource_id is not None and not rows and after is None and since is None:
+        raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+    next_url = None
+    if len(rows) > count:
+        rows = rows[:count]
+        next_url = str(request.url.include_query_params(_page=_cursor(rows[-1])))
+    return Response(_history_bundle(request, rows, next_url), media_type=FHIR_JSON)
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Negotiated])
 
@@ -201,27 +237,11 @@ def build_router() -> APIRouter:
         request: Request,
         resource_type: str,
         services: ServicesDep,
-        count: Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)] = 50,
-        since: Annotated[datetime | None, Query(alias="_since")] = None,
-        page: Annotated[str | None, Query(alias="_page")] = None,
+        count: Count = 50,
+        since: Since = None,
+        page: Page = None,
     ) -> Response:
-        _check_type(resource_type)
-        if resource_type not in STORED_TYPES:
-            raise FhirError(405, "not-supported", f"{resource_type} has no history here")
-        after = _decode_cursor(page)
-
-        def read() -> list[VersionRow]:
-            with services.database.unit_of_work(write=False) as uow:
-                return ResourceRepository(uow.connection).type_history(
-                    resource_type, since=since, before=after, limit=count + 1
-                )
-
-        rows = await run_in_threadpool(read)
-        next_url = None
-        if len(rows) > count:
-            rows = rows[:count]
-            next_url = str(request.url.include_query_params(_page=_cursor(rows[-1])))
-        return Response(_history_bundle(request, rows, next_url), media_type=FHIR_JSON)
+        return await _history(request, services, resource_type, None, count, since, page)
 
     @router.get("/{resource_type}/{resource_id}", summary="Read", response_class=Response)
     async def read(
@@ -287,32 +307,10 @@ def build_router() -> APIRouter:
         resource_type: str,
         resource_id: str,
         services: ServicesDep,
-        count: Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)] = 50,
-        since: Annotated[datetime | None, Query(alias="_since")] = None,
-        page: Annotated[str | None, Query(alias="_page")] = None,
+        count: Count = 50,
+        since: Since = None,
+        page: Page = None,
     ) -> Response:
-        _check_type(resource_type)
-        if resource_type not in STORED_TYPES:
-            raise FhirError(405, "not-supported", f"{resource_type} has no history here")
-        after = _decode_cursor(page)
-
-        def read() -> list[VersionRow]:
-            with services.database.unit_of_work(write=False) as uow:
-                return ResourceRepository(uow.connection).type_history(
-                    resource_type,
-                    resource_id=resource_id,
-                    since=since,
-                    before=after,
-                    limit=count + 1,
-                )
-
-        rows = await run_in_threadpool(read)
-        if not rows and after is None:
-            raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
-        next_url = None
-        if len(rows) > count:
-            rows = rows[:count]
-            next_url = str(request.url.include_query_params(_page=_cursor(rows[-1])))
-        return Response(_history_bundle(request, rows, next_url), media_type=FHIR_JSON)
+        return await _history(request, services, resource_type, resource_id, count, since, page)
 
     return router
