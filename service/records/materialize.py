@@ -90,7 +90,7 @@ class Materializer:
         for item in removed:
             by_resource[(item.resource_type, item.id)] = item
 
-        provenances = self._provenances(plan, mapped, by_resource, changes, now)
+        provenances = self._provenances(plan, mapped, gone, by_resource, changes, now)
         return written + removed + resources.write(provenances, now=now, validate=self._checked)
 
     def _checked(self, resource: Resource) -> None:
@@ -107,19 +107,23 @@ class Materializer:
         self,
         plan: _Plan,
         mapped: dict[RecordKey, list[Resource]],
+        gone: Sequence[tuple[str, str, str, str]],
         written: dict[Key, WrittenResource],
         changes: Sequence[RecordVersion],
         now: datetime,
     ) -> list[Resource]:
+        """A Provenance per record change, naming every version it wrote, deletions included."""
+        touched = [
+            (plan.cause[key], (resource["resourceType"], resource["id"]))
+            for key, items in mapped.items()
+            for resource in items
+        ]
+        touched += [(plan.cause[(kind, rid)], (rtype, res)) for kind, rid, rtype, res in gone]
         targets: dict[RecordKey, list[tuple[str, str, int]]] = {}
-        for key, items in mapped.items():
-            cause = plan.cause[key]
-            for resource in items:
-                item = written.get((resource["resourceType"], resource["id"]))
-                if item is not None:
-                    targets.setdefault(cause, []).append(
-                        (item.resource_type, item.id, item.version)
-                    )
+        for cause, resource_key in touched:
+            item = written.get(resource_key)
+            if item is not None:
+                targets.setdefault(cause, []).append((item.resource_type, item.id, item.version))
         out = []
         for change in changes:
             key = (change.stored.kind, change.stored.external_id)

@@ -117,6 +117,10 @@ def test_a_changed_record_versions_only_what_changed_and_deletes_what_it_no_long
     with database.unit_of_work(write=False) as uow:
         history = ResourceRepository(uow.connection).history("Observation", resource_id(*bp_role))
     assert [(version, deleted) for version, deleted, _ in history] == [(1, False), (2, True)]
+    provenance = read(database, "Provenance", "provenance", "session", session["external_id"], "2")
+    assert provenance is not None
+    targets = {t["reference"] for t in provenance["target"]}
+    assert f"Observation/{resource_id(*bp_role)}/_history/2" in targets
     assert during["systolic"] == 141
 
 
