@@ -64,6 +64,8 @@ def serve(
         f"\nInfusion Bridge is serving {count} records on {base}\n"
         f"  API docs       {base}/docs\n"
         f"  a patient      curl {base}/api/v1/patients?limit=5\n"
+        f"  FHIR           curl {base}/fhir/metadata\n"
+        f"  FHIR history   curl '{base}/fhir/Encounter/_history?_count=2'\n"
         f"  readiness      curl {base}/readyz\n"
     )
     uvicorn.run(
