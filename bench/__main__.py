@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from bench import intake, mapping
+from bench import fhir_read, intake, mapping
 
 
 def main() -> None:
     intake.main()
     mapping.main()
+    fhir_read.main()
 
 
 if __name__ == "__main__":
