@@ -96,21 +96,23 @@ def capability_statement(base: str, conformance: ConformanceResources) -> dict[s
     }
 
 
-def _services(request: Request) -> Services:
+async def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
-def _conformance(request: Request) -> ConformanceResources:
+async def _conformance(request: Request) -> ConformanceResources:
     conformance: ConformanceResources = request.app.state.conformance
     return conformance
 
 
+# Dependencies are `async def`: FastAPI runs a plain `def` dependency in the threadpool, a
+# thread hop per dependency per request on the read path.
 ServicesDep = Annotated[Services, Depends(_services)]
 ConformanceDep = Annotated[ConformanceResources, Depends(_conformance)]
 
 
-def negotiate(request: Request) -> None:
+async def negotiate(request: Request) -> None:
     """JSON only: `_format` or Accept asking for XML (or anything but JSON) is a 406."""
     wanted = request.query_params.get("_format") or request.headers.get("accept") or ""
     if not wanted or "json" in wanted or "*/*" in wanted or "application/*" in wanted:

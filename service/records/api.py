@@ -39,7 +39,7 @@ _EXTERNAL_ID = re.compile(EXTERNAL_ID_PATTERN)
 MAX_PAGE = 1000
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 

@@ -28,17 +28,21 @@ def create_database_engine(url: str, *, pool_size: int = 10) -> Engine:
     """An engine for `url`, configured for durable, concurrent use on its backend."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(url)
+        return _sqlite_engine(url, pool_size=pool_size)
     return create_engine(
         url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, future=True
     )
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, *, pool_size: int) -> Engine:
     parsed = make_url(url)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30})
+    # As many pooled connections as the threadpool has threads (40), so concurrent reads do
+    # not open and close connections, each with its PRAGMAs, under load.
+    engine = create_engine(
+        url, connect_args={"timeout": 30}, pool_size=max(pool_size, 40), max_overflow=10
+    )
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
