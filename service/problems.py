@@ -94,7 +94,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def fhir_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, FhirError)
         return outcome_response(
-            error.status, error.code, error.diagnostics, expression=error.expression
+            error.status,
+            error.code,
+            error.diagnostics,
+            expression=error.expression,
+            headers=error.headers,
         )
 
     async def service_error(request: Request, error: Exception) -> Response:

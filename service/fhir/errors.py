@@ -24,13 +24,19 @@ class FhirError(Exception):
     """An error on the FHIR facade, answered as an OperationOutcome."""
 
     def __init__(
-        self, status: int, code: str, diagnostics: str, expression: str | None = None
+        self,
+        status: int,
+        code: str,
+        diagnostics: str,
+        expression: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(diagnostics)
         self.status = status
         self.code = code
         self.diagnostics = diagnostics
         self.expression = expression
+        self.headers = headers or {}
 
 
 class ResourceNotFound(FhirError):
@@ -40,7 +46,13 @@ class ResourceNotFound(FhirError):
 
 class ResourceGone(FhirError):
     def __init__(self, resource_type: str, resource_id: str, version: int) -> None:
-        super().__init__(410, "deleted", f"{resource_type}/{resource_id} was deleted")
+        # The ETag names the deletion's version, as a read of a live resource names its own.
+        super().__init__(
+            410,
+            "deleted",
+            f"{resource_type}/{resource_id} was deleted",
+            headers={"ETag": f'W/"{version}"'},
+        )
         self.version = version
 
 

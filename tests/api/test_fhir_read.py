@@ -95,7 +95,9 @@ def test_a_deleted_resource_is_gone_and_its_history_stays(client: TestClient) ->
         client.put(path_of(session), json=session | {"vitals": session["vitals"][:1]}).status_code
         == 200
     )
-    assert_outcome(client.get(f"/fhir/Observation/{bp_id}"), 410, "deleted")
+    gone = client.get(f"/fhir/Observation/{bp_id}")
+    assert_outcome(gone, 410, "deleted")
+    assert gone.headers["etag"] == 'W/"2"'
     assert client.get(f"/fhir/Observation/{bp_id}/_history/1").status_code == 200
     assert_outcome(client.get(f"/fhir/Observation/{bp_id}/_history/2"), 410, "deleted")
     methods = [
