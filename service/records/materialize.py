@@ -151,7 +151,16 @@ def _plan(repository: RecordRepository, changes: Sequence[RecordVersion]) -> _Pl
         plan.cause[key] = key
     changed_courses = {k[1] for k in plan.records if k[0] == "course"}
     session_courses = {r.course for r in plan.records.values() if isinstance(r, InfusionSession)}
-    course_ids = changed_courses | session_courses
+    # A session moved to another course: the course it left re-maps too (its plan loses it).
+    left = {
+        change.previous.course_id
+        for change in changes
+        if change.stored.kind == "session"
+        and change.previous is not None
+        and change.previous.course_id is not None
+        and change.previous.course_id != change.stored.course_id
+    }
+    course_ids = changed_courses | session_courses | {c for c in left if c is not None}
     if not course_ids:
         return plan
     known = {key[1]: r for key, r in plan.records.items() if isinstance(r, TreatmentCourse)}
@@ -171,12 +180,7 @@ def _plan(repository: RecordRepository, changes: Sequence[RecordVersion]) -> _Pl
         course_key = ("course", course_id)
         if course_key not in plan.records and course_id in plan.courses:
             plan.records[course_key] = plan.courses[course_id]
-            first = next(
-                s
-                for s in plan.sessions_of.get(course_id, [])
-                if ("session", s.external_id) in plan.cause
-            )
-            plan.cause[course_key] = ("session", first.external_id)
+            plan.cause[course_key] = _session_cause(course_id, changes)
     for course_id in changed_courses:
         for session in plan.sessions_of.get(course_id, []):
             session_key = ("session", session.external_id)
@@ -184,6 +188,17 @@ def _plan(repository: RecordRepository, changes: Sequence[RecordVersion]) -> _Pl
                 plan.records[session_key] = session
                 plan.cause[session_key] = ("course", course_id)
     return plan
+
+
+def _session_cause(course_id: str, changes: Sequence[RecordVersion]) -> RecordKey:
+    """The session change a course's re-mapping is attributed to: one that joined or left it."""
+    for change in changes:
+        if change.stored.kind != "session":
+            continue
+        before = change.previous.course_id if change.previous is not None else None
+        if course_id in (change.stored.course_id, before):
+            return ("session", change.stored.external_id)
+    raise AssertionError(f"course {course_id} re-mapped without a session change")
 
 
 def _session_bodies(

@@ -37,6 +37,8 @@ class RecordVersion:
 
     record: RecordModel
     stored: StoredRecord
+    previous: StoredRecord | None = None
+    """The version it replaced: a session that moved to another course leaves that course's plan."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,8 @@ class WriteResult:
 
     outcome: Outcome
     stored: StoredRecord
+    previous: StoredRecord | None = None
+    """The version this write replaced, if any."""
 
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def write_record(
             repository.replace(plan.stored)
         if plan.change is not None:
             repository.add_change(plan.change)
-        return WriteResult(plan.outcome, plan.stored)
+        return WriteResult(plan.outcome, plan.stored, current)
 
 
 def _change(stored: StoredRecord, patch: str | None, request_id: str | None) -> RecordChange:
@@ -391,7 +393,9 @@ def put_record(
     )
     if result.outcome is not Outcome.unchanged:
         materializer.apply(
-            uow.connection, [RecordVersion(record, result.stored)], now=result.stored.updated_at
+            uow.connection,
+            [RecordVersion(record, result.stored, result.previous)],
+            now=result.stored.updated_at,
         )
     uow.commit()
     return result
@@ -617,7 +621,7 @@ def _write_batch(
         elif plan.outcome is Outcome.updated:
             updated.append(plan.stored)
         if plan.outcome is not Outcome.unchanged:
-            versions.append(RecordVersion(record, plan.stored))
+            versions.append(RecordVersion(record, plan.stored, current[key]))
         if plan.change is not None:
             changes.append(plan.change)
         current[key] = plan.stored
@@ -660,7 +664,7 @@ def _write_lines(
                 if written.outcome is not Outcome.unchanged:
                     materializer.apply(
                         uow.connection,
-                        [RecordVersion(record, written.stored)],
+                        [RecordVersion(record, written.stored, written.previous)],
                         now=written.stored.updated_at,
                     )
         except InvalidRecord as invalid:

@@ -208,3 +208,28 @@ def test_an_import_line_whose_resources_would_not_validate_is_rejected_alone(
         )
         is None
     )
+
+
+def test_a_session_moved_to_another_course_leaves_the_first_plan(database: Database) -> None:
+    records = clinic()
+    for record in records.records():
+        put(database, record)
+    second_course = records.course | {"external_id": records.course["external_id"] + "-2"}
+    put(database, second_course)
+    administration = "MedicationAdministration/" + resource_id(
+        "session", records.session["external_id"], "MedicationAdministration"
+    )
+
+    def outcomes(course_id: str) -> list[str]:
+        plan = read(database, "CarePlan", "course", course_id, "CarePlan")
+        assert plan is not None
+        return [
+            ref["reference"]
+            for activity in plan.get("activity", [])
+            for ref in activity.get("outcomeReference", [])
+        ]
+
+    assert administration in outcomes(records.course["external_id"])
+    put(database, records.session | {"course": second_course["external_id"]})
+    assert administration not in outcomes(records.course["external_id"])
+    assert administration in outcomes(second_course["external_id"])
