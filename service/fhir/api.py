@@ -12,7 +12,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email.utils import format_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -81,6 +81,8 @@ def capability_statement(base: str, conformance: ConformanceResources) -> dict[s
         entry["interaction"] = [{"code": code} for code in interactions]
         entry["versioning"] = "versioned" if stored else "no-version"
         entry["readHistory"] = stored
+        if stored:
+            entry["conditionalRead"] = "full-support"
         resources.append(entry)
     return {
         "resourceType": "CapabilityStatement",
@@ -132,16 +134,34 @@ def _check_type(resource_type: str) -> None:
         raise ResourceNotFound(f"resource type {resource_type} is not supported here")
 
 
-def _resource_response(stored: StoredResource) -> Response:
-    return Response(
-        stored.body,
-        media_type=FHIR_JSON,
-        headers={
-            "ETag": f'W/"{stored.version}"',
-            "Last-Modified": format_datetime(stored.last_updated, usegmt=True),
-            "Content-Location": f"{stored.resource_type}/{stored.id}/_history/{stored.version}",
-        },
-    )
+def _not_modified(request: Request, stored: StoredResource) -> bool:
+    """Conditional read: If-None-Match names this version, or If-Modified-Since is not older."""
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None:
+        wanted = {tag.strip().removeprefix("W/").strip('"') for tag in if_none_match.split(",")}
+        return "*" in wanted or str(stored.version) in wanted
+    if_modified_since = request.headers.get("if-modified-since")
+    if if_modified_since is not None:
+        try:
+            since = parsedate_to_datetime(if_modified_since)
+        except (TypeError, ValueError):
+            return False  # an unreadable date is ignored, as RFC 9110 says
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        # HTTP dates have whole seconds: compare at that precision.
+        return stored.last_updated.replace(microsecond=0) <= since
+    return False
+
+
+def _resource_response(request: Request, stored: StoredResource) -> Response:
+    headers = {
+        "ETag": f'W/"{stored.version}"',
+        "Last-Modified": format_datetime(stored.last_updated, usegmt=True),
+        "Content-Location": f"{stored.resource_type}/{stored.id}/_history/{stored.version}",
+    }
+    if _not_modified(request, stored):
+        return Response(status_code=304, headers=headers)
+    return Response(stored.body, media_type=FHIR_JSON, headers=headers)
 
 
 def _history_bundle(request: Request, rows: Sequence[VersionRow], next_url: str | None) -> bytes:
@@ -247,6 +267,7 @@ def build_router() -> APIRouter:
 
     @router.get("/{resource_type}/{resource_id}", summary="Read", response_class=Response)
     async def read(
+        request: Request,
         resource_type: str,
         resource_id: str,
         services: ServicesDep,
@@ -268,7 +289,7 @@ def build_router() -> APIRouter:
             raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
         if stored.deleted:
             raise ResourceGone(resource_type, resource_id, stored.version)
-        return _resource_response(stored)
+        return _resource_response(request, stored)
 
     @router.get(
         "/{resource_type}/{resource_id}/_history/{version_id}",
@@ -276,7 +297,11 @@ def build_router() -> APIRouter:
         response_class=Response,
     )
     async def vread(
-        resource_type: str, resource_id: str, version_id: str, services: ServicesDep
+        request: Request,
+        resource_type: str,
+        resource_id: str,
+        version_id: str,
+        services: ServicesDep,
     ) -> Response:
         _check_type(resource_type)
         if resource_type not in STORED_TYPES or not version_id.isdigit():
@@ -293,11 +318,10 @@ def build_router() -> APIRouter:
             raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id}")
         if row.body is None:
             raise ResourceGone(resource_type, resource_id, row.version)
-        return _resource_response(
-            StoredResource(
-                row.resource_type, row.id, row.version, row.last_updated, False, row.body
-            )
+        version = StoredResource(
+            row.resource_type, row.id, row.version, row.last_updated, False, row.body
         )
+        return _resource_response(request, version)
 
     @router.get(
         "/{resource_type}/{resource_id}/_history",

@@ -143,3 +143,23 @@ def test_errors_are_operation_outcomes(client: TestClient) -> None:
     assert client.get("/fhir/metadata", headers={"Accept": "application/json"}).status_code == 200
     body = orjson.loads(client.get("/fhir/Patient/x").content)
     assert body["issue"][0]["severity"] == "error"
+
+
+def test_conditional_read(client: TestClient) -> None:
+    loaded = load(client)
+    url = f"/fhir/Patient/{loaded['patient_id']}"
+    first = client.get(url)
+    same = client.get(url, headers={"If-None-Match": first.headers["etag"]})
+    assert (same.status_code, same.content, same.headers["etag"]) == (304, b"", 'W/"1"')
+    assert client.get(url, headers={"If-None-Match": 'W/"7"'}).status_code == 200
+    since = client.get(url, headers={"If-Modified-Since": first.headers["last-modified"]})
+    assert since.status_code == 304
+    older = client.get(url, headers={"If-Modified-Since": "Mon, 01 Jan 2024 00:00:00 GMT"})
+    assert older.status_code == 200
+    assert client.get(url, headers={"If-Modified-Since": "not a date"}).status_code == 200
+    patient = loaded["patient"]
+    client.put(path_of(patient), json=patient | {"sex": "other"})
+    changed = client.get(url, headers={"If-None-Match": first.headers["etag"]})
+    assert (changed.status_code, changed.headers["etag"]) == (200, 'W/"2"')
+    version_one = client.get(f"{url}/_history/1", headers={"If-None-Match": 'W/"1"'})
+    assert version_one.status_code == 304
