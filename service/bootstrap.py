@@ -27,6 +27,7 @@ class Services:
 
     settings: Settings
     database: Database
+    validator: ResourceValidator
     materializer: Materializer
 
     def close(self) -> None:
@@ -40,7 +41,13 @@ def bootstrap(settings: Settings | None = None, *, database: Database | None = N
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     database = database or Database(settings.database_url, pool_size=settings.database_pool_size)
-    return Services(settings=settings, database=database, materializer=materializer(settings))
+    validator = resource_validator(settings)
+    return Services(
+        settings=settings,
+        database=database,
+        validator=validator,
+        materializer=Materializer(context=mapping_context(settings), validate=validator.errors),
+    )
 
 
 def mapping_context(settings: Settings) -> MappingContext:

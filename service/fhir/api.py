@@ -83,6 +83,12 @@ def capability_statement(base: str, conformance: ConformanceResources) -> dict[s
         entry["readHistory"] = stored
         if stored:
             entry["conditionalRead"] = "full-support"
+            entry["operation"] = [
+                {
+                    "name": "validate",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                }
+            ]
         resources.append(entry)
     return {
         "resourceType": "CapabilityStatement",
@@ -246,8 +252,67 @@ async def _history(
     return Response(_history_bundle(request, rows, next_url), media_type=FHIR_JSON)
 
 
+async def _fhir_json(request: Request) -> Any:
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type:
+        raise FhirError(415, "not-supported", f"send application/fhir+json, not {content_type}")
+    raw = await request.body()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise FhirError(400, "invalid", f"the body is not valid JSON: {error}") from None
+
+
+def _validate_input(body: Any) -> tuple[dict[str, Any], str | None]:
+    """The resource and profile of a $validate call: a resource, or Parameters holding one."""
+    if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
+        raise FhirError(400, "invalid", "the body is not a FHIR resource")
+    if body["resourceType"] != "Parameters":
+        return body, None
+    resource: dict[str, Any] | None = None
+    profile: str | None = None
+    for parameter in body.get("parameter", []):
+        if not isinstance(parameter, dict):
+            continue
+        if parameter.get("name") == "resource" and isinstance(parameter.get("resource"), dict):
+            resource = parameter["resource"]
+        elif parameter.get("name") == "profile":
+            value = parameter.get("valueUri") or parameter.get("valueCanonical")
+            profile = value if isinstance(value, str) else None
+        elif parameter.get("name") == "mode" and parameter.get("valueCode") not in (
+            None,
+            "create",
+            "update",
+        ):
+            raise FhirError(
+                400, "not-supported", f"mode {parameter.get('valueCode')} is not supported"
+            )
+    if resource is None:
+        raise FhirError(400, "required", "Parameters has no 'resource' parameter")
+    return resource, profile
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Negotiated])
+
+    @router.post(
+        "/{resource_type}/$validate",
+        summary="Validate a resource (structure, profiles, invariants)",
+        response_class=Response,
+    )
+    async def validate(request: Request, resource_type: str, services: ServicesDep) -> Response:
+        _check_type(resource_type)
+        resource, profile = _validate_input(await _fhir_json(request))
+        if resource.get("resourceType") != resource_type:
+            raise FhirError(
+                400,
+                "invalid",
+                f"$validate on {resource_type} was given a {resource.get('resourceType')}",
+                expression="resourceType",
+            )
+        outcome = await run_in_threadpool(services.validator.outcome, resource, profile)
+        # 200 whatever the verdict: the operation worked; the outcome says what it found.
+        return Response(orjson.dumps(outcome), media_type=FHIR_JSON)
 
     @router.get("/metadata", summary="The CapabilityStatement", response_class=Response)
     async def metadata(request: Request, conformance: ConformanceDep) -> Response:

@@ -163,3 +163,44 @@ def test_conditional_read(client: TestClient) -> None:
     assert (changed.status_code, changed.headers["etag"]) == (200, 'W/"2"')
     version_one = client.get(f"{url}/_history/1", headers={"If-None-Match": 'W/"1"'})
     assert version_one.status_code == 304
+
+
+def test_validate_operation(client: TestClient) -> None:
+    loaded = load(client)
+    patient = client.get(f"/fhir/Patient/{loaded['patient_id']}").json()
+    ok = client.post("/fhir/Patient/$validate", json=patient)
+    assert ok.status_code == 200
+    assert [i["severity"] for i in ok.json()["issue"]] == ["information"]
+    broken = dict(patient)
+    del broken["gender"]
+    found = client.post("/fhir/Patient/$validate", json=broken)
+    assert found.status_code == 200
+    issues = found.json()["issue"]
+    assert any(
+        i["severity"] == "error" and i.get("expression") == ["Patient.gender"] for i in issues
+    )
+    as_parameters = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "resource", "resource": patient},
+            {
+                "name": "profile",
+                "valueUri": "http://infusion-bridge.org/fhir/StructureDefinition/ib-practitioner",
+            },
+        ],
+    }
+    wrong_profile = client.post("/fhir/Patient/$validate", json=as_parameters).json()
+    assert any(i["severity"] == "error" for i in wrong_profile["issue"])
+    assert_outcome(
+        client.post("/fhir/Patient/$validate", json={"resourceType": "Encounter"}), 400, "invalid"
+    )
+    assert_outcome(client.post("/fhir/Patient/$validate", content=b"{oops"), 400, "invalid")
+    assert_outcome(
+        client.post(
+            "/fhir/Patient/$validate",
+            content=b"<Patient/>",
+            headers={"Content-Type": "application/fhir+xml"},
+        ),
+        415,
+        "not-supported",
+    )
