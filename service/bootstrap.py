@@ -46,7 +46,7 @@ def bootstrap(settings: Settings | None = None, *, database: Database | None = N
         settings=settings,
         database=database,
         validator=validator,
-        materializer=Materializer(context=mapping_context(settings), validate=validator.errors),
+        materializer=materializer(settings, validator=validator),
     )
 
 
@@ -67,10 +67,10 @@ def resource_validator(settings: Settings | None = None) -> ResourceValidator:
     return ResourceValidator(ProfileValidator(folder) if folder else default_validator())
 
 
-def materializer(settings: Settings) -> Materializer:
-    return Materializer(
-        context=mapping_context(settings), validate=resource_validator(settings).errors
-    )
+def materializer(settings: Settings, *, validator: ResourceValidator | None = None) -> Materializer:
+    """Maps and validates the resources of each record write (the API's, the CLI's, tests')."""
+    validator = validator or resource_validator(settings)
+    return Materializer(context=mapping_context(settings), validate=validator.errors)
 
 
 def _read_overrides(path: Path | None) -> list[dict[str, Any]]:
