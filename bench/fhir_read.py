@@ -32,18 +32,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, select
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bench.postgres import postgres_schema
 from service.fhir.api import STORED_TYPES
 from service.fhir.errors import FHIR_JSON
 from service.store.tables import resources
@@ -56,7 +56,6 @@ CONNECTIONS = int(os.environ.get("BENCH_READ_CONNECTIONS", "32"))
 SECONDS = 5.0
 WARMUP = 1.0
 LOADGEN = os.environ.get("BENCH_LOADGEN", "wrk" if shutil.which("wrk") else "python")
-POSTGRES = os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CEILING_ENV = "BENCH_CEILING_RESPONSES"
 COPIED_HEADERS = ("etag", "last-modified", "content-location")
 UVICORN_LOG_LEVEL = "warning"
@@ -351,26 +350,6 @@ def _bench_store(database_url: str, folder: Path) -> tuple[dict[str, Any], dict[
     return measured, baseline
 
 
-def _postgres_schema() -> tuple[str, str] | None:
-    try:
-        engine = create_engine(POSTGRES)
-        schema = f"ib_bench_{uuid.uuid4().hex[:8]}"
-        with engine.begin() as connection:
-            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-        engine.dispose()
-    except Exception as error:
-        print(f"PostgreSQL skipped: {error}")
-        return None
-    return schema, f"{POSTGRES}?options=-csearch_path%3D{schema}"
-
-
-def _drop_schema(schema: str) -> None:
-    engine = create_engine(POSTGRES)
-    with engine.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    engine.dispose()
-
-
 def main() -> None:
     generator = "wrk, 1 thread" if LOADGEN == "wrk" else "asyncio load generator, 1 process"
     print(
@@ -384,14 +363,10 @@ def main() -> None:
         folder = Path(name)
         url = f"sqlite:///{folder / 'bench.db'}"
         results.append(("SQLite (WAL, synchronous=FULL)", *_bench_store(url, folder)))
-    postgres = _postgres_schema()
-    if postgres is not None:
-        schema, url = postgres
-        try:
+    with postgres_schema() as postgres_url:
+        if postgres_url is not None:
             with tempfile.TemporaryDirectory() as name:
-                results.append(("PostgreSQL", *_bench_store(url, Path(name))))
-        finally:
-            _drop_schema(schema)
+                results.append(("PostgreSQL", *_bench_store(postgres_url, Path(name))))
     print(f"{'store':<32} {'server':<32} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'ratio':>6}")
     for store, measured, baseline in results:
         ratio = _rate(measured) / _rate(baseline)

@@ -13,13 +13,13 @@ import hashlib
 import os
 import tempfile
 import time
-import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 import orjson
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import insert
 
+from bench.postgres import postgres_schema
 from mappings.bundle import map_records
 from mappings.context import Resource
 from service.bootstrap import mapping_context, materializer
@@ -32,7 +32,6 @@ from service.store.tables import resources as resources_table
 
 PATIENTS = int(os.environ.get("BENCH_PATIENTS", "200"))
 BATCH = 500
-POSTGRES = os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def _lines() -> list[bytes]:
@@ -131,19 +130,6 @@ def _measure(
     return name, measured, baseline
 
 
-def _postgres_schema() -> tuple[str, str] | None:
-    try:
-        engine = create_engine(POSTGRES)
-        schema = f"ib_bench_{uuid.uuid4().hex[:8]}"
-        with engine.begin() as connection:
-            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-        engine.dispose()
-    except Exception as error:
-        print(f"PostgreSQL skipped: {error}")
-        return None
-    return schema, f"{POSTGRES}?options=-csearch_path%3D{schema}"
-
-
 def main() -> None:
     lines = _lines()
     context = mapping_context(Settings())
@@ -157,16 +143,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         url = f"sqlite:///{Path(folder) / 'bench.db'}"
         results.append(_measure("SQLite (WAL, synchronous=FULL)", url, lines, mapped))
-    postgres = _postgres_schema()
-    if postgres is not None:
-        schema, url = postgres
-        try:
-            results.append(_measure("PostgreSQL", url, lines, mapped))
-        finally:
-            engine = create_engine(POSTGRES)
-            with engine.begin() as connection:
-                connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-            engine.dispose()
+    with postgres_schema() as postgres_url:
+        if postgres_url is not None:
+            results.append(_measure("PostgreSQL", postgres_url, lines, mapped))
     per_record = len(mapped) / len(lines)
     print(
         f"{'store':<32} {'import rec/s':>13} {'(resources/s)':>14} {'bare INSERT rec/s':>18} "
