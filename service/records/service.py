@@ -609,12 +609,8 @@ def _write_batch(
                 now=now,
             )
         except InvalidRecord as invalid:
-            problems = [
-                _explain_rejected_reference(p, record, rejected_before | newly_rejected)
-                for p in invalid.problems
-            ]
+            results.append(_rejected(number, record, invalid, rejected_before | newly_rejected))
             newly_rejected[key] = number
-            results.append(LineResult(number, LineStatus.rejected, *key, problems=tuple(problems)))
             continue
         if plan.outcome is Outcome.created:
             created.append(plan.stored)
@@ -668,11 +664,8 @@ def _write_lines(
                         now=written.stored.updated_at,
                     )
         except InvalidRecord as invalid:
-            problems = [
-                _explain_rejected_reference(p, record, rejected_keys) for p in invalid.problems
-            ]
+            results.append(_rejected(number, record, invalid, rejected_keys))
             rejected_keys[key] = number
-            results.append(LineResult(number, LineStatus.rejected, *key, problems=tuple(problems)))
             continue
         known[key] = record
         results.append(
@@ -697,6 +690,16 @@ def _references(record: RecordModel) -> Iterator[tuple[str, str]]:
         value = getattr(record, name, None)
         if isinstance(value, str):
             yield kind, value
+
+
+def _rejected(
+    number: int, record: RecordModel, invalid: InvalidRecord, rejected: dict[tuple[str, str], int]
+) -> LineResult:
+    """The report of a line whose record failed, naming any rejected line it depended on."""
+    problems = tuple(_explain_rejected_reference(p, record, rejected) for p in invalid.problems)
+    return LineResult(
+        number, LineStatus.rejected, record.kind, record.external_id, problems=problems
+    )
 
 
 def _explain_rejected_reference(
