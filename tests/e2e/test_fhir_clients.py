@@ -36,6 +36,7 @@ from fhirpy.base.exceptions import OperationOutcome, ResourceNotFound
 from sqlalchemy import select
 
 from mappings.context import resource_id
+from service.fhir.api import STORED_TYPES
 from service.store.db import Database
 from service.store.tables import record_resources
 from tests.e2e.conftest import Server
@@ -162,21 +163,7 @@ def test_fhirclient_reads_the_capability_statement_and_every_resource_strictly(
     targets += [("Provenance", entry.resource.id) for entry in provenance.entry]
     targets.append(("Organization", managing.id))
     types = {resource_type for resource_type, _ in targets}
-    assert types >= {
-        "AdverseEvent",
-        "CarePlan",
-        "Condition",
-        "Encounter",
-        "Goal",
-        "MedicationAdministration",
-        "MedicationRequest",
-        "Observation",
-        "Organization",
-        "Patient",
-        "Practitioner",
-        "Provenance",
-        "QuestionnaireResponse",
-    }
+    assert types >= set(STORED_TYPES)
     for resource_type, id_ in targets:
         served = client.server.request_json(f"{resource_type}/{id_}")
         parsed = FHIRElementFactory.instantiate(resource_type, served)
