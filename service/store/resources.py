@@ -18,7 +18,18 @@ import orjson
 from sqlalchemy import Connection, and_, bindparam, delete, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from service.store.tables import outbox, record_resources, resource_versions, resources
+from service.fhir.search_index import IndexRows, extract
+from service.store.tables import (
+    outbox,
+    record_resources,
+    resource_versions,
+    resources,
+    search_date,
+    search_quantity,
+    search_reference,
+    search_string,
+    search_token,
+)
 
 Resource = dict[str, Any]
 Key = tuple[str, str]
@@ -33,6 +44,10 @@ class WrittenResource:
     id: str
     version: int
     deleted: bool
+
+    @property
+    def key(self) -> Key:
+        return (self.resource_type, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +132,7 @@ class ResourceRepository:
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
+        self._index = SearchIndexWriter(connection)
 
     def _current(self, keys: Iterable[Key]) -> dict[Key, tuple[int, str, bool]]:
         wanted = sorted(set(keys))
@@ -145,6 +161,7 @@ class ResourceRepository:
         written: list[WrittenResource] = []
         new_rows, changed_rows, versions, queued = [], [], [], []
         seen: set[Key] = set()
+        indexed: list[Resource] = []
         for resource in batch:
             key = (resource["resourceType"], resource["id"])
             if key in seen:
@@ -157,7 +174,9 @@ class ResourceRepository:
             if validate is not None:
                 validate(resource)
             version = 1 if before is None else before[0] + 1
-            body = orjson.dumps(with_version(resource, version, now)).decode()
+            stored = with_version(resource, version, now)
+            indexed.append(stored)
+            body = orjson.dumps(stored).decode()
             row = {"version": version, "last_updated": now, "deleted": False}
             row |= {"content_hash": digest, "body": body}
             if before is None:
@@ -168,6 +187,8 @@ class ResourceRepository:
             queued.append(_queued(key, version, False, patient_of(resource), now))
             written.append(WrittenResource(key[0], key[1], version, False))
         self._apply(new_rows, changed_rows, versions, queued)
+        self._index.remove(w.key for w in written if w.version > 1)
+        self._index.insert(indexed)
         return written
 
     def delete(self, keys: Iterable[Key], *, now: datetime) -> list[WrittenResource]:
@@ -183,6 +204,7 @@ class ResourceRepository:
             queued.append(_queued(key, version + 1, True, None, now))
             written.append(WrittenResource(key[0], key[1], version + 1, True))
         self._apply([], changed_rows, versions, queued)
+        self._index.remove(w.key for w in written)
         return written
 
     def _apply(
@@ -326,6 +348,75 @@ class ResourceRepository:
                 _insert_ignore(self._connection),
                 [dict(zip(columns, row, strict=True)) for row in sorted(added)],
             )
+
+
+_INDEX_TABLES = (search_string, search_token, search_date, search_reference, search_quantity)
+
+
+class SearchIndexWriter:
+    """Keeps the search-index rows of current resource versions; never commits.
+
+    A new version's rows replace the old version's; a deleted resource has none, so search
+    never sees it.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def remove(self, keys: Iterable[Key]) -> None:
+        wanted = sorted(set(keys))
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            for table in _INDEX_TABLES:
+                self._connection.execute(
+                    delete(table).where(
+                        tuple_(table.c.resource_type, table.c.resource_id).in_(chunk)
+                    )
+                )
+
+    def insert(self, batch: Sequence[Resource]) -> None:
+        strings: list[dict[str, Any]] = []
+        tokens: list[dict[str, Any]] = []
+        dates: list[dict[str, Any]] = []
+        references: list[dict[str, Any]] = []
+        quantities: list[dict[str, Any]] = []
+        for resource in batch:
+            rows: IndexRows = extract(resource)
+            head = {"resource_type": resource["resourceType"], "resource_id": resource["id"]}
+            # A FHIRPath union has no duplicates; neither do the index rows.
+            strings += [
+                head | {"param": p, "value": v, "exact": e}
+                for p, v, e in dict.fromkeys(rows.strings)
+            ]
+            tokens += [
+                head | {"param": p, "system": s, "code": c, "text": t}
+                for p, s, c, t in dict.fromkeys(rows.tokens)
+            ]
+            dates += [
+                head | {"param": p, "low": lo, "high": hi}
+                for p, lo, hi in dict.fromkeys(rows.dates)
+            ]
+            references += [
+                head | {"param": p, "target_type": t, "target_id": i, "url": u}
+                for p, t, i, u in dict.fromkeys(rows.references)
+            ]
+            quantities += [
+                head | {"param": p, "value": v, "system": s, "code": c}
+                for p, v, s, c in dict.fromkeys(rows.quantities)
+            ]
+        for table, values in (
+            (search_string, strings),
+            (search_token, tokens),
+            (search_date, dates),
+            (search_reference, references),
+            (search_quantity, quantities),
+        ):
+            if values:
+                self._connection.execute(insert(table), values)
+
+    def insert_bodies(self, bodies: Sequence[str]) -> None:
+        """Index stored resources (a reindex, or the migration that added the index)."""
+        self.insert([orjson.loads(body) for body in bodies])
 
 
 def _insert_ignore(connection: Connection) -> Any:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.dialects import postgresql
 
 metadata = MetaData(
     naming_convention={
@@ -145,3 +147,60 @@ outbox = Table(
     Column("created_at", UtcDateTime, nullable=False),
 )
 """One row per resource version written, in the same transaction, for delivery to EHRs."""
+
+# --- search index: rows extracted from each current resource version at write time -------------
+
+# Byte-wise comparison on PostgreSQL: equality, prefix ranges and their indexes do not depend on
+# the database's locale (SQLite compares bytes already).
+SearchText = String().with_variant(postgresql.VARCHAR(collation="C"), "postgresql")
+
+
+def _index_table(name: str, *columns: Column[Any], lookup: tuple[str, ...]) -> Table:
+    table = Table(
+        name,
+        metadata,
+        Column("resource_type", String(64), nullable=False),
+        Column("resource_id", String(64), nullable=False),
+        Column("param", String(64), nullable=False),
+        *columns,
+    )
+    Index(f"ix_{name}_lookup", table.c.resource_type, table.c.param, *lookup, table.c.resource_id)
+    Index(f"ix_{name}_resource", table.c.resource_type, table.c.resource_id, table.c.param)
+    return table
+
+
+search_string = _index_table(
+    "search_string",
+    Column("value", SearchText, nullable=False, comment="Case- and accent-folded."),
+    Column("exact", SearchText, nullable=False, comment="As written, for :exact."),
+    lookup=("value",),
+)
+search_token = _index_table(
+    "search_token",
+    Column("system", SearchText, nullable=True),
+    Column("code", SearchText, nullable=True),
+    Column("text", SearchText, nullable=True, comment="Display or text, folded, for :text."),
+    lookup=("code", "system"),
+)
+search_date = _index_table(
+    "search_date",
+    Column("low", UtcDateTime, nullable=False, comment="Inclusive lower bound."),
+    Column("high", UtcDateTime, nullable=False, comment="Inclusive upper bound."),
+    lookup=("low", "high"),
+)
+search_reference = _index_table(
+    "search_reference",
+    Column("target_type", String(64), nullable=True),
+    Column("target_id", String(64), nullable=True),
+    Column("url", SearchText, nullable=True, comment="Absolute URL or canonical, as written."),
+    lookup=("target_id", "target_type"),
+)
+Index("ix_search_reference_target", search_reference.c.target_type, search_reference.c.target_id)
+search_quantity = _index_table(
+    "search_quantity",
+    Column("value", Float(53), nullable=False),
+    Column("system", SearchText, nullable=True),
+    Column("code", SearchText, nullable=True),
+    lookup=("value",),
+)
+Index(None, resources.c.resource_type, resources.c.last_updated)

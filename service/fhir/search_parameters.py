@@ -1,0 +1,194 @@
+"""The official R4 search parameters of the stored resource types, as the facade indexes them.
+
+`search_parameters.json` beside this module is extracted from the official R4 4.0.1 definitions
+(npm `hl7.fhir.r4.examples@4.0.1`: `Bundle-searchParams.json`, the Patient CompartmentDefinition
+and the resources' StructureDefinitions) by `python -m service.fhir.search_parameters PACKAGE_DIR`;
+a test checks that it still equals what the definitions give. Per resource type it holds each
+parameter's type, its FHIRPath expression cut down to that type's part of the (often multi-type)
+official expression, and its reference targets; the parameters that put a resource in a
+Patient's compartment; and the elements `_summary=true` keeps (`isSummary`).
+
+This module only reads and shapes definitions; it knows nothing of the database.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Final
+
+DATA: Final = Path(__file__).with_name("search_parameters.json")
+
+INDEXED_TYPES: Final = (
+    "AdverseEvent",
+    "AuditEvent",
+    "CarePlan",
+    "Condition",
+    "Encounter",
+    "Goal",
+    "MedicationAdministration",
+    "MedicationRequest",
+    "Observation",
+    "Organization",
+    "Patient",
+    "Practitioner",
+    "Provenance",
+    "QuestionnaireResponse",
+)
+"""Resource types whose parameters are extracted (AuditEvent for the audit trail)."""
+
+COMMON: Final = ("_id", "_lastUpdated", "_profile", "_security", "_source", "_tag")
+"""Parameters of every resource (base `Resource`) the facade supports."""
+
+INDEXED_KINDS: Final = ("string", "token", "date", "reference", "quantity", "uri")
+"""Parameter types with index rows; composite and special parameters are not supported."""
+
+
+@dataclass(frozen=True, slots=True)
+class SearchParameter:
+    """One search parameter of one resource type."""
+
+    code: str
+    type: str
+    expression: str
+    targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Definitions:
+    by_type: dict[str, dict[str, SearchParameter]]
+    patient_compartment: dict[str, tuple[str, ...]]
+    summary_elements: dict[str, tuple[str, ...]]
+
+    def parameter(self, resource_type: str, code: str) -> SearchParameter | None:
+        return self.by_type.get(resource_type, {}).get(code)
+
+
+@cache
+def definitions() -> Definitions:
+    """The committed definitions, read once per process."""
+    data = json.loads(DATA.read_text(encoding="utf-8"))
+    return Definitions(
+        by_type={
+            resource_type: {
+                code: SearchParameter(
+                    code=code,
+                    type=item["type"],
+                    expression=item["expression"],
+                    targets=tuple(item.get("target", ())),
+                )
+                for code, item in parameters.items()
+            }
+            for resource_type, parameters in data["parameters"].items()
+        },
+        patient_compartment={
+            resource_type: tuple(params)
+            for resource_type, params in data["patientCompartment"].items()
+        },
+        summary_elements={
+            resource_type: tuple(elements)
+            for resource_type, elements in data["summaryElements"].items()
+        },
+    )
+
+
+# --- extraction from the official definitions ----------------------------------------------------
+
+
+def _own_part(expression: str, resource_type: str) -> str:
+    """The union members of a multi-type expression that apply to `resource_type`."""
+    parts = [part.strip() for part in _split_union(expression)]
+    mine = [
+        part
+        for part in parts
+        if part.startswith((f"{resource_type}.", f"({resource_type}.", "Resource."))
+        or part in (resource_type, f"({resource_type})")
+    ]
+    return " | ".join(mine)
+
+
+def _split_union(expression: str) -> list[str]:
+    """Split on top-level `|` (not inside parentheses or quotes)."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for index, char in enumerate(expression):
+        if char == "'":
+            quoted = not quoted
+        elif not quoted and char == "(":
+            depth += 1
+        elif not quoted and char == ")":
+            depth -= 1
+        elif not quoted and depth == 0 and char == "|":
+            parts.append(expression[start:index])
+            start = index + 1
+    parts.append(expression[start:])
+    return parts
+
+
+def extract(package: Path) -> dict[str, Any]:
+    """The data file's content from the official R4 package folder."""
+    bundle = json.loads((package / "Bundle-searchParams.json").read_text(encoding="utf-8"))
+    parameters: dict[str, dict[str, Any]] = {t: {} for t in INDEXED_TYPES}
+    for entry in bundle["entry"]:
+        definition = entry["resource"]
+        kind = definition["type"]
+        if kind not in INDEXED_KINDS or not definition.get("expression"):
+            continue
+        bases = set(definition["base"])
+        if "Resource" in bases:
+            if definition["code"] not in COMMON:
+                continue
+            targets = list(INDEXED_TYPES)
+        else:
+            targets = sorted(bases & set(INDEXED_TYPES))
+        for resource_type in targets:
+            expression = definition["expression"]
+            if "Resource" not in bases:
+                expression = _own_part(expression, resource_type)
+            else:
+                expression = expression.replace("Resource.", f"{resource_type}.")
+            if not expression:
+                continue
+            item: dict[str, Any] = {"type": kind, "expression": expression}
+            if definition.get("target"):
+                item["target"] = sorted(definition["target"])
+            parameters[resource_type][definition["code"]] = item
+    compartment = json.loads(
+        (package / "CompartmentDefinition-patient.json").read_text(encoding="utf-8")
+    )
+    patient_compartment = {
+        item["code"]: item.get("param", [])
+        for item in compartment["resource"]
+        if item["code"] in INDEXED_TYPES and item.get("param")
+    }
+    summary: dict[str, list[str]] = {}
+    for resource_type in INDEXED_TYPES:
+        structure = json.loads(
+            (package / f"StructureDefinition-{resource_type}.json").read_text(encoding="utf-8")
+        )
+        names = []
+        for element in structure["snapshot"]["element"]:
+            path = element["path"].split(".")
+            if len(path) == 2 and element.get("isSummary"):
+                names.append(path[1].removesuffix("[x]"))
+        summary[resource_type] = names
+    return {
+        "description": "R4 4.0.1 search parameters, Patient compartment and summary elements of "
+        "the indexed resource types, extracted from npm hl7.fhir.r4.examples@4.0.1 by "
+        "service/fhir/search_parameters.py. Do not edit.",
+        "fhirVersion": "4.0.1",
+        "parameters": {t: dict(sorted(p.items())) for t, p in parameters.items()},
+        "patientCompartment": patient_compartment,
+        "summaryElements": summary,
+    }
+
+
+def dump(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    DATA.write_text(dump(extract(Path(sys.argv[1]))), encoding="utf-8")
+    print(f"wrote {DATA}")
