@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
@@ -24,6 +25,14 @@ from starlette.responses import Response
 from mappings.fhir import FHIR_VERSION
 from service.bootstrap import Services
 from service.fhir.errors import FHIR_JSON, FhirError, NotAcceptable, ResourceGone, ResourceNotFound
+from service.fhir.search import (
+    SearchPage,
+    SearchQuery,
+    parse_search,
+    query_string,
+    run_search,
+)
+from service.fhir.search_parameters import definitions
 from service.store.resources import ResourceRepository, StoredResource, VersionRow
 
 STORED_TYPES = (
@@ -46,7 +55,11 @@ STORED_TYPES = (
 CONFORMANCE_TYPES = ("CodeSystem", "ConceptMap", "Questionnaire", "StructureDefinition", "ValueSet")
 """Resource types of the package in profiles/, read-only."""
 
-STORED_INTERACTIONS = ("read", "vread", "history-instance", "history-type")
+STORED_INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
+SUBSETTED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "SUBSETTED",
+}
 MAX_COUNT = 1000
 
 
@@ -83,6 +96,7 @@ def capability_statement(base: str, conformance: ConformanceResources) -> dict[s
         entry["readHistory"] = stored
         if stored:
             entry["conditionalRead"] = "full-support"
+            entry.update(_search_capabilities(resource_type))
             entry["operation"] = [
                 {
                     "name": "validate",
@@ -102,6 +116,29 @@ def capability_statement(base: str, conformance: ConformanceResources) -> dict[s
         "format": ["application/fhir+json", "json"],
         "rest": [{"mode": "server", "resource": resources}],
     }
+
+
+def _search_capabilities(resource_type: str) -> dict[str, Any]:
+    """searchParam, searchInclude and searchRevInclude of a stored type, from the definitions."""
+    catalogue = definitions()
+    own = catalogue.by_type.get(resource_type, {})
+    params = [
+        {
+            "name": code,
+            "definition": parameter.url,
+            "type": parameter.type,
+        }
+        for code, parameter in sorted(own.items())
+    ]
+    includes = sorted(f"{resource_type}:{code}" for code, p in own.items() if p.type == "reference")
+    reverse = sorted(
+        f"{source}:{code}"
+        for source, parameters in catalogue.by_type.items()
+        if source in STORED_TYPES
+        for code, p in parameters.items()
+        if p.type == "reference" and (not p.targets or resource_type in p.targets)
+    )
+    return {"searchInclude": includes, "searchRevInclude": reverse, "searchParam": params}
 
 
 async def _services(request: Request) -> Services:
@@ -292,6 +329,106 @@ def _validate_input(body: Any) -> tuple[dict[str, Any], str | None]:
     return resource, profile
 
 
+def _strict(request: Request) -> bool:
+    """`Prefer: handling=strict`: an unknown or unsupported parameter is an error."""
+    prefer = request.headers.get("prefer", "")
+    return any(part.strip() == "handling=strict" for part in prefer.split(","))
+
+
+def _subset(body: str, query: SearchQuery) -> bytes:
+    """`_summary` / `_elements`: the stored resource cut down, and tagged SUBSETTED."""
+    resource: dict[str, Any] = orjson.loads(body)
+    keep: set[str] | None = None
+    if query.summary == "true":
+        keep = set(definitions().summary_elements.get(resource["resourceType"], ()))
+    elif query.elements:
+        keep = set(query.elements)
+    out: dict[str, Any] = {}
+    for key, value in resource.items():
+        if key in ("resourceType", "id", "meta"):
+            out[key] = value
+        elif query.summary == "data":
+            if key != "text":
+                out[key] = value
+        elif keep is not None and _element_name(key) in keep:
+            out[key] = value
+    meta = dict(out.get("meta", {}))
+    meta["tag"] = [*meta.get("tag", []), SUBSETTED]
+    out["meta"] = meta
+    return orjson.dumps(out)
+
+
+def _element_name(key: str) -> str:
+    """The element a JSON key carries: `valueQuantity` is `value`, `_birthDate` is `birthDate`."""
+    key = key.removeprefix("_")
+    for index, char in enumerate(key):
+        if char.isupper():
+            return key[:index]
+    return key
+
+
+def _searchset(request: Request, query: SearchQuery, page: SearchPage) -> bytes:
+    """The searchset Bundle around the stored bytes of the page's resources."""
+    base = _base(request)
+    applied = query_string(query.applied)
+    self_url = f"{base}/{query.resource_type}" + (f"?{applied}" if applied else "")
+    links = [{"relation": "self", "url": self_url}]
+    if page.next_cursor is not None:
+        cursor = query_string([*query.applied, ("_page", page.next_cursor)])
+        links.append({"relation": "next", "url": f"{base}/{query.resource_type}?{cursor}"})
+    head: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "meta": {"lastUpdated": datetime.now(UTC).isoformat()},
+        "type": "searchset",
+    }
+    if page.total is not None:
+        head["total"] = page.total
+    head["link"] = links
+    subsetting = query.summary in ("true", "data") or bool(query.elements)
+    parts: list[bytes] = []
+    for mode, rows in (("match", page.matches), ("include", page.included)):
+        for row in rows:
+            body = _subset(row.body, query) if subsetting else row.body.encode()
+            full_url = orjson.dumps(f"{base}/{row.resource_type}/{row.id}")
+            search = b'{"mode":"' + mode.encode() + b'"}'
+            parts.append(
+                b'{"fullUrl":' + full_url + b',"resource":' + body + b',"search":' + search + b"}"
+            )
+    if query.ignored:
+        outcome = {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "warning",
+                    "code": "not-supported",
+                    "diagnostics": f"ignored: {why}",
+                    "expression": [name],
+                }
+                for name, why in query.ignored
+            ],
+        }
+        parts.append(orjson.dumps({"resource": outcome, "search": {"mode": "outcome"}}))
+    if not parts:
+        return orjson.dumps(head)
+    return orjson.dumps(head)[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
+
+
+async def _search(
+    request: Request, services: Services, resource_type: str, params: list[tuple[str, str]]
+) -> Response:
+    _check_type(resource_type)
+    if resource_type not in STORED_TYPES:
+        raise FhirError(405, "not-supported", f"{resource_type} is read by id only here")
+    query = parse_search(resource_type, params, base=_base(request), strict=_strict(request))
+
+    def read() -> SearchPage:
+        with services.database.unit_of_work(write=False) as uow:
+            return run_search(uow.connection, query)
+
+    page = await run_in_threadpool(read)
+    return Response(_searchset(request, query, page), media_type=FHIR_JSON)
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Negotiated])
 
@@ -318,6 +455,23 @@ def build_router() -> APIRouter:
     async def metadata(request: Request, conformance: ConformanceDep) -> Response:
         body = capability_statement(_base(request), conformance)
         return Response(orjson.dumps(body), media_type=FHIR_JSON)
+
+    @router.get("/{resource_type}", summary="Search", response_class=Response)
+    async def search(request: Request, resource_type: str, services: ServicesDep) -> Response:
+        params = list(request.query_params.multi_items())
+        return await _search(request, services, resource_type, params)
+
+    @router.post("/{resource_type}/_search", summary="Search (POST)", response_class=Response)
+    async def search_post(request: Request, resource_type: str, services: ServicesDep) -> Response:
+        content_type = request.headers.get("content-type", "")
+        if content_type and not content_type.startswith("application/x-www-form-urlencoded"):
+            raise FhirError(
+                415, "not-supported", f"send application/x-www-form-urlencoded, not {content_type}"
+            )
+        body = (await request.body()).decode("utf-8", errors="replace")
+        params = list(request.query_params.multi_items())
+        params += parse_qsl(body, keep_blank_values=True)
+        return await _search(request, services, resource_type, params)
 
     @router.get("/{resource_type}/_history", summary="Type history", response_class=Response)
     async def type_history(

@@ -54,6 +54,7 @@ class SearchParameter:
     code: str
     type: str
     expression: str
+    url: str
     targets: tuple[str, ...] = ()
 
 
@@ -78,6 +79,7 @@ def definitions() -> Definitions:
                     code=code,
                     type=item["type"],
                     expression=item["expression"],
+                    url=item["url"],
                     targets=tuple(item.get("target", ())),
                 )
                 for code, item in parameters.items()
@@ -151,7 +153,11 @@ def extract(package: Path) -> dict[str, Any]:
                 expression = expression.replace("Resource.", f"{resource_type}.")
             if not expression:
                 continue
-            item: dict[str, Any] = {"type": kind, "expression": expression}
+            item: dict[str, Any] = {
+                "type": kind,
+                "expression": expression,
+                "url": definition["url"],
+            }
             if definition.get("target"):
                 item["target"] = sorted(definition["target"])
             parameters[resource_type][definition["code"]] = item

@@ -1,0 +1,800 @@
+"""FHIR search over the search index, in SQL: parameters parsed per the R4 spec, keyset paging.
+
+A request's parameters become one SQL statement over `resources`, each search parameter a
+sub-select on its index table (`service.store.tables` search_*), ANDed across parameters and ORed
+across a parameter's comma-separated values. Results are ordered by the `_sort` keys (nulls last)
+and then by resource id, and paged with a cursor of the last row's sort values and id, so a page
+never repeats or skips a resource whose sort values did not change in between, whatever is
+written meanwhile. `_include` / `_revinclude` follow the reference index. Resources are never
+loaded into Python to be filtered; a page's bodies are the stored bytes.
+
+    parse_search      parameters -> SearchQuery (or SearchError: what is wrong, where)
+    run_search        SearchQuery -> SearchPage (matches, includes, total, next cursor)
+    matching_ids      for conditional interactions: ids matching criteria, strictly parsed
+
+Must not: know about HTTP, Bundles or settings (service.fhir.api shapes the response).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+from urllib.parse import urlencode
+
+import orjson
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    FromClause,
+    Select,
+    and_,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+    tuple_,
+)
+from sqlalchemy.sql.expression import ScalarSelect
+
+from service.fhir.errors import FhirError
+from service.fhir.search_index import (
+    MAX_DATE,
+    MIN_DATE,
+    date_range,
+    normalize,
+    parse_reference,
+    quantity_number,
+)
+from service.fhir.search_parameters import SearchParameter, definitions
+from service.store.tables import (
+    UtcDateTime,
+    resources,
+    search_date,
+    search_quantity,
+    search_reference,
+    search_string,
+    search_token,
+)
+
+DEFAULT_COUNT: Final = 50
+MAX_COUNT: Final = 1000
+MAX_INCLUDED: Final = 1000
+"""Included resources per page at most (a `_include` fan-out cannot grow a page unboundedly)."""
+MAX_ITERATE: Final = 3
+"""Rounds of `:iterate` at most."""
+
+PREFIXES: Final = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+RESULT_PARAMETERS: Final = frozenset(
+    {
+        "_sort",
+        "_count",
+        "_include",
+        "_revinclude",
+        "_summary",
+        "_elements",
+        "_total",
+        "_page",
+    }
+)
+IGNORED_QUIETLY: Final = frozenset({"_format", "_pretty"})
+"""Handled elsewhere (content negotiation) or harmless: never reported as unsupported."""
+SUMMARY_MODES: Final = ("true", "false", "data", "count")
+
+_MAX_TEXT_CHAR: Final = "\U0010ffff"
+_STRING_MAX: Final = _MAX_TEXT_CHAR * 4
+_TABLES: Final = {
+    "string": search_string,
+    "token": search_token,
+    "uri": search_token,
+    "date": search_date,
+    "reference": search_reference,
+    "quantity": search_quantity,
+}
+_MODIFIERS: Final = {
+    "string": ("exact", "contains", "missing"),
+    "token": ("not", "text", "missing"),
+    "uri": ("below", "missing"),
+    "date": ("missing",),
+    "reference": ("missing",),
+    "quantity": ("missing",),
+}
+
+
+class SearchError(FhirError):
+    """A search parameter the server cannot apply: 400 processing, naming the parameter."""
+
+    def __init__(self, name: str, diagnostics: str) -> None:
+        super().__init__(400, "processing", f"{name}: {diagnostics}", expression=name)
+        self.name = name
+
+
+# --- the parsed query ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SortKey:
+    code: str
+    descending: bool
+    kind: str
+    """string, token, uri, date, quantity, or `id` / `lastUpdated` for the resource columns."""
+
+
+@dataclass(frozen=True, slots=True)
+class Include:
+    source_type: str
+    param: str
+    target_type: str | None
+    iterate: bool
+    reverse: bool
+
+
+@dataclass(slots=True)
+class SearchQuery:
+    """A parsed search: what to filter, sort, include and return."""
+
+    resource_type: str
+    conditions: list[ColumnElement[bool]] = field(default_factory=list)
+    applied: list[tuple[str, str]] = field(default_factory=list)
+    """The parameters applied, as given: the self link shows exactly these."""
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    """(parameter, why) for what was not applied (lenient handling only)."""
+    sort: list[SortKey] = field(default_factory=list)
+    count: int = DEFAULT_COUNT
+    includes: list[Include] = field(default_factory=list)
+    summary: str | None = None
+    elements: tuple[str, ...] = ()
+    total: str | None = None
+    after: tuple[list[Any], str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    resource_type: str
+    id: str
+    body: str
+
+
+@dataclass(slots=True)
+class SearchPage:
+    matches: list[Row]
+    included: list[Row]
+    total: int | None
+    next_cursor: str | None
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def parse_search(
+    resource_type: str,
+    params: Sequence[tuple[str, str]],
+    *,
+    base: str,
+    strict: bool,
+    filters_only: bool = False,
+) -> SearchQuery:
+    """Parse search parameters for `resource_type`.
+
+    Unknown or unsupported parameters raise SearchError when `strict`, and are otherwise left out
+    and listed in `ignored`. With `filters_only` (conditional interactions) result parameters
+    are not allowed.
+    """
+    query = SearchQuery(resource_type=resource_type)
+    for name, value in params:
+        try:
+            if name in IGNORED_QUIETLY:
+                continue
+            if name in RESULT_PARAMETERS:
+                if filters_only:
+                    raise SearchError(name, "is not allowed in conditional criteria")
+                _result_parameter(query, name, value)
+            else:
+                query.conditions.append(
+                    _condition(resource_type, name, value, base=base, subject=resources.c.id)
+                )
+            if name != "_page":
+                query.applied.append((name, value))
+        except SearchError as error:
+            if strict or name == "_page":
+                raise
+            query.ignored.append((name, error.diagnostics))
+    return query
+
+
+def _result_parameter(query: SearchQuery, name: str, value: str) -> None:
+    if name == "_count":
+        if not value.isdigit():
+            raise SearchError(name, f"{value!r} is not a non-negative integer")
+        query.count = min(int(value), MAX_COUNT)
+    elif name == "_sort":
+        query.sort = [_sort_key(query.resource_type, item) for item in value.split(",") if item]
+    elif name in ("_include", "_revinclude"):
+        query.includes.append(_include(query.resource_type, name, value))
+    elif name == "_summary":
+        if value not in SUMMARY_MODES:
+            raise SearchError(name, f"{value!r} is not supported (use {', '.join(SUMMARY_MODES)})")
+        query.summary = None if value == "false" else value
+    elif name == "_elements":
+        query.elements = tuple(item.strip() for item in value.split(",") if item.strip())
+    elif name == "_total":
+        if value not in ("none", "estimate", "accurate"):
+            raise SearchError(name, f"{value!r} is not none, estimate or accurate")
+        query.total = value
+    elif name == "_page":
+        query.after = _decode_cursor(value)
+
+
+def _parameter(resource_type: str, code: str) -> SearchParameter:
+    found = definitions().parameter(resource_type, code)
+    if found is None:
+        raise SearchError(code, f"is not a search parameter of {resource_type}")
+    return found
+
+
+def _sort_key(resource_type: str, item: str) -> SortKey:
+    descending = item.startswith("-")
+    code = item.removeprefix("-")
+    if code == "_id":
+        return SortKey(code, descending, "id")
+    if code == "_lastUpdated":
+        return SortKey(code, descending, "lastUpdated")
+    parameter = _parameter(resource_type, code)
+    if parameter.type not in ("string", "token", "uri", "date", "quantity"):
+        raise SearchError("_sort", f"cannot sort by {parameter.type} parameter {code}")
+    return SortKey(code, descending, parameter.type)
+
+
+def _include(resource_type: str, name: str, value: str) -> Include:
+    iterate = False
+    if value.endswith(":iterate") or value.endswith(":recurse"):
+        iterate = True
+        value = value.rsplit(":", 1)[0]
+    parts = value.split(":")
+    if len(parts) not in (2, 3):
+        raise SearchError(name, f"{value!r} is not Type:parameter[:targetType]")
+    source_type, param = parts[0], parts[1]
+    target = parts[2] if len(parts) == 3 else None
+    reverse = name == "_revinclude"
+    if not reverse and source_type != resource_type and not iterate:
+        raise SearchError(name, f"{source_type} is not the searched type {resource_type}")
+    parameter = _parameter(source_type, param)
+    if parameter.type != "reference":
+        raise SearchError(name, f"{source_type}.{param} is not a reference parameter")
+    if target is not None and parameter.targets and target not in parameter.targets:
+        raise SearchError(name, f"{source_type}.{param} cannot refer to {target}")
+    return Include(source_type, param, target, iterate, reverse)
+
+
+def _condition(
+    resource_type: str, name: str, value: str, *, base: str, subject: ColumnElement[str]
+) -> ColumnElement[bool]:
+    """The condition one parameter puts on `subject`, the column of the ids being searched.
+
+    Every index table is used through its own alias, so the sub-selects of chains and `_has`
+    (which search the same tables again) never correlate with an enclosing one.
+    """
+    if name.startswith("_has:"):
+        return _has(resource_type, name, value, base=base, subject=subject)
+    code, _, modifier = name.partition(":")
+    chain: str | None = None
+    if "." in code:
+        code, chain = code.split(".", 1)
+    elif "." in modifier:
+        modifier, chain = modifier.split(".", 1)
+    if code == "_id":
+        if modifier and modifier != "not":
+            raise SearchError(name, f"modifier :{modifier} is not supported on _id")
+        matched = subject.in_(_values(value, name))
+        return not_(matched) if modifier == "not" else matched
+    if code == "_lastUpdated":
+        if modifier:
+            raise SearchError(name, f"modifier :{modifier} is not supported on _lastUpdated")
+        own = resources.alias()
+        when = or_(
+            *(
+                _date_match(item, own.c.last_updated, own.c.last_updated, name)
+                for item in _values(value, name)
+            )
+        )
+        return subject.in_(
+            select(own.c.id).where(
+                own.c.resource_type == resource_type, own.c.deleted.is_(false()), when
+            )
+        )
+    parameter = _parameter(resource_type, code)
+    if chain is not None:
+        return _chained(
+            resource_type, parameter, modifier or None, chain, value, name, base, subject
+        )
+    shared = _TABLES.get(parameter.type)
+    if shared is None:
+        raise SearchError(name, f"{parameter.type} parameters are not supported")
+    table = shared.alias()
+    target_type: str | None = None
+    if modifier and modifier not in _MODIFIERS[parameter.type]:
+        if parameter.type == "reference" and modifier in parameter.targets:
+            target_type = modifier
+        else:
+            raise SearchError(name, f"modifier :{modifier} is not supported on {parameter.type}")
+    owned = select(table.c.resource_id).where(
+        table.c.resource_type == resource_type, table.c.param == parameter.code
+    )
+    if modifier == "missing":
+        if value not in ("true", "false"):
+            raise SearchError(name, "takes true or false")
+        present = subject.in_(owned)
+        return not_(present) if value == "true" else present
+    matches = [
+        _value_match(table, parameter, modifier or None, target_type, item, name, base)
+        for item in _values(value, name)
+    ]
+    subquery = owned.where(or_(*matches))
+    if modifier == "not":
+        return not_(subject.in_(subquery))
+    return subject.in_(subquery)
+
+
+def _values(value: str, name: str) -> list[str]:
+    """Comma-separated values (OR); `\\,` is a literal comma."""
+    items, current, escaped = [], [], False
+    for char in value:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    if any(item == "" for item in items):
+        raise SearchError(name, "has an empty value")
+    return items
+
+
+def _value_match(
+    t: FromClause,
+    parameter: SearchParameter,
+    modifier: str | None,
+    target_type: str | None,
+    value: str,
+    name: str,
+    base: str,
+) -> ColumnElement[bool]:
+    kind = parameter.type
+    if kind == "string":
+        if modifier == "exact":
+            return t.c.exact == value
+        folded = normalize(value)
+        if modifier == "contains":
+            return t.c.value.like(f"%{_escape_like(folded)}%", escape="\\")
+        return _prefix(t.c.value, folded)
+    if kind == "uri":
+        if modifier == "below":
+            return _prefix(t.c.code, value)
+        return t.c.code == value.split("|")[0]
+    if kind == "token":
+        if modifier == "text":
+            return _prefix(t.c.text, normalize(value))
+        return _token_match(t, value)
+    if kind == "date":
+        return _date_match(value, t.c.low, t.c.high, name)
+    if kind == "quantity":
+        return _quantity_match(t, value, name)
+    return _reference_match(t, parameter, target_type, value, name, base)
+
+
+def _prefix(column: Any, text: str) -> ColumnElement[bool]:
+    # A range, not LIKE: it uses the index on both databases (byte-wise collation).
+    return and_(column >= text, column < text + _STRING_MAX)
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _token_match(t: FromClause, value: str) -> ColumnElement[bool]:
+    if "|" not in value:
+        return t.c.code == value
+    system, code = value.split("|", 1)
+    if system == "":
+        return and_(t.c.system.is_(None), t.c.code == code)
+    if code == "":
+        return t.c.system == system
+    return and_(t.c.system == system, t.c.code == code)
+
+
+def _split_prefix(value: str) -> tuple[str, str]:
+    if len(value) > 2 and value[:2] in PREFIXES and (value[2].isdigit() or value[2] == "-"):
+        return value[:2], value[2:]
+    return "eq", value
+
+
+def _date_match(
+    value: str, low: ColumnElement[datetime], high: ColumnElement[datetime], name: str
+) -> ColumnElement[bool]:
+    """R4 date search: the search value's range against the resource value's range."""
+    prefix, text = _split_prefix(value)
+    try:
+        start, end = date_range(text)
+    except (ValueError, OverflowError):
+        raise SearchError(name, f"{text!r} is not a date, dateTime or instant") from None
+    if prefix == "eq":
+        return and_(low >= start, high <= end)
+    if prefix == "ne":
+        return not_(and_(low >= start, high <= end))
+    if prefix == "gt":
+        return high > end
+    if prefix == "lt":
+        return low < start
+    if prefix == "ge":
+        return or_(high > end, and_(low >= start, high <= end))
+    if prefix == "le":
+        return or_(low < start, and_(low >= start, high <= end))
+    if prefix == "sa":
+        return low > end
+    if prefix == "eb":
+        return high < start
+    # ap: the ranges overlap once the search range is widened by 10% of its distance from now.
+    now = datetime.now(UTC)
+    gap = max(abs(now - start), abs(now - end)) / 10
+    gap = max(gap, timedelta(days=1))
+    wide_start = max(start - gap, MIN_DATE) if start - MIN_DATE > gap else MIN_DATE
+    wide_end = end + gap if MAX_DATE - end > gap else MAX_DATE
+    return and_(low <= wide_end, high >= wide_start)
+
+
+def _quantity_match(t: FromClause, value: str, name: str) -> ColumnElement[bool]:
+    prefix, text = _split_prefix(value)
+    number_text, _, unit = text.partition("|")
+    try:
+        number, low, high = quantity_number(number_text)
+    except ValueError as error:
+        raise SearchError(name, str(error)) from None
+    column = t.c.value
+    exact, lo, hi = float(number), float(low), float(high)
+    comparisons: dict[str, ColumnElement[bool]] = {
+        "eq": and_(column >= lo, column < hi),
+        "ne": or_(column < lo, column >= hi),
+        "gt": column > exact,
+        "lt": column < exact,
+        "ge": column >= exact,
+        "le": column <= exact,
+        "sa": column > exact,
+        "eb": column < exact,
+    }
+    if prefix == "ap":
+        spread = abs(exact) / 10
+        comparison = and_(column >= exact - spread, column <= exact + spread)
+    else:
+        comparison = comparisons[prefix]
+    if unit:
+        system, _, code = unit.partition("|")
+        if code:
+            unit_match = t.c.code == code
+            if system:
+                unit_match = and_(t.c.system == system, unit_match)
+        else:
+            unit_match = t.c.code == system  # `value||code` was split as `|code`
+        comparison = and_(comparison, unit_match)
+    return comparison
+
+
+def _reference_match(
+    t: FromClause,
+    parameter: SearchParameter,
+    target_type: str | None,
+    value: str,
+    name: str,
+    base: str,
+) -> ColumnElement[bool]:
+    column_type, column_id = t.c.target_type, t.c.target_id
+    if value.startswith(base + "/"):
+        value = value.removeprefix(base + "/")
+    if "://" in value or value.startswith("urn:"):
+        canonical = value.split("|")[0]
+        return t.c.url == canonical
+    if "/" in value:
+        kind, resource_id, url = parse_reference(value)
+        if kind is None or url is not None:
+            raise SearchError(name, f"{value!r} is not Type/id, an id or a URL")
+        if target_type is not None and kind != target_type:
+            raise SearchError(name, f"{value!r} is not a {target_type}")
+        return and_(column_type == kind, column_id == resource_id)
+    if target_type is not None:
+        return and_(column_type == target_type, column_id == value)
+    if len(parameter.targets) == 1:
+        return and_(column_type == parameter.targets[0], column_id == value)
+    return column_id == value
+
+
+def _chained(
+    resource_type: str,
+    parameter: SearchParameter,
+    target_type: str | None,
+    chain: str,
+    value: str,
+    name: str,
+    base: str,
+    subject: ColumnElement[str],
+) -> ColumnElement[bool]:
+    """`subject:Patient.identifier=...`: one level of chaining through the reference index."""
+    if parameter.type != "reference":
+        raise SearchError(name, f"{parameter.code} is not a reference parameter: cannot chain")
+    if "." in chain:
+        raise SearchError(name, "only one level of chaining is supported")
+    targets = [target_type] if target_type else list(parameter.targets)
+    if target_type is not None and parameter.targets and target_type not in parameter.targets:
+        raise SearchError(name, f"{parameter.code} cannot refer to {target_type}")
+    usable = [t for t in targets if definitions().parameter(t, chain.split(":")[0]) is not None]
+    if not usable:
+        raise SearchError(name, f"no target of {parameter.code} has a parameter {chain}")
+    if len(usable) > 1 and target_type is None:
+        raise SearchError(
+            name, f"{parameter.code} may refer to {', '.join(usable)}: name one ({name}:Type)"
+        )
+    refs = search_reference.alias()
+    branches = []
+    for target in usable:
+        own = resources.alias()
+        inner = _condition(target, chain, value, base=base, subject=own.c.id)
+        target_ids = select(own.c.id).where(
+            own.c.resource_type == target, own.c.deleted.is_(false()), inner
+        )
+        branches.append(and_(refs.c.target_type == target, refs.c.target_id.in_(target_ids)))
+    referring = select(refs.c.resource_id).where(
+        refs.c.resource_type == resource_type,
+        refs.c.param == parameter.code,
+        or_(*branches),
+    )
+    return subject.in_(referring)
+
+
+def _has(
+    resource_type: str, name: str, value: str, *, base: str, subject: ColumnElement[str]
+) -> ColumnElement[bool]:
+    """`_has:Observation:patient:code=...`: resources another type refers to, by its criteria."""
+    parts = name.split(":", 3)
+    if len(parts) != 4 or not all(parts[1:]):
+        raise SearchError(name, "is not _has:Type:reference:parameter")
+    _, source_type, reference, criterion = parts
+    if criterion.startswith("_has:"):
+        raise SearchError(name, "nested _has is not supported")
+    parameter = _parameter(source_type, reference)
+    if parameter.type != "reference":
+        raise SearchError(name, f"{source_type}.{reference} is not a reference parameter")
+    if parameter.targets and resource_type not in parameter.targets:
+        raise SearchError(name, f"{source_type}.{reference} cannot refer to {resource_type}")
+    own = resources.alias()
+    inner = _condition(source_type, criterion, value, base=base, subject=own.c.id)
+    sources = select(own.c.id).where(
+        own.c.resource_type == source_type, own.c.deleted.is_(false()), inner
+    )
+    refs = search_reference.alias()
+    targets = select(refs.c.target_id).where(
+        refs.c.resource_type == source_type,
+        refs.c.param == reference,
+        refs.c.target_type == resource_type,
+        refs.c.resource_id.in_(sources),
+    )
+    return subject.in_(targets)
+
+
+# --- cursors ------------------------------------------------------------------------------------
+
+
+def _encode_cursor(values: list[Any], last_id: str) -> str:
+    encoded = [v.isoformat() if isinstance(v, datetime) else v for v in values]
+    raw = orjson.dumps([encoded, last_id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(token: str) -> tuple[list[Any], str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        values, last_id = orjson.loads(raw)
+        if not isinstance(values, list) or not isinstance(last_id, str):
+            raise ValueError
+        return values, last_id
+    except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
+        raise SearchError("_page", "is not a page token this server issued") from None
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def _sort_column(key: SortKey, resource_type: str) -> ColumnElement[Any]:
+    """The value a resource sorts by for `key`, nulls (no value) last in either direction."""
+    if key.kind == "id":
+        return resources.c.id
+    if key.kind == "lastUpdated":
+        return resources.c.last_updated
+    table = _TABLES[key.kind]
+    if key.kind == "date":
+        value = table.c.high if key.descending else table.c.low
+        missing: Any = literal(MIN_DATE if key.descending else MAX_DATE, UtcDateTime)
+    elif key.kind == "quantity":
+        value = table.c.value
+        missing = literal(-1e308 if key.descending else 1e308)
+    else:
+        value = table.c.value if key.kind == "string" else table.c.code
+        missing = literal("" if key.descending else _STRING_MAX)
+    aggregate = func.max(value) if key.descending else func.min(value)
+    scalar: ScalarSelect[Any] = (
+        select(aggregate)
+        .where(
+            table.c.resource_type == resource_type,
+            table.c.resource_id == resources.c.id,
+            table.c.param == key.code,
+        )
+        .scalar_subquery()
+    )
+    return func.coalesce(scalar, missing)
+
+
+def _after(
+    columns: list[tuple[ColumnElement[Any], SortKey]], values: list[Any], last_id: str
+) -> ColumnElement[bool]:
+    """Rows strictly after the cursor in the order (sort keys..., id)."""
+    if len(values) != len(columns):
+        raise SearchError("_page", "does not belong to this search")
+    decoded = []
+    for (_, key), value in zip(columns, values, strict=True):
+        if key.kind in ("date", "lastUpdated") and isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value)
+            except ValueError:
+                raise SearchError("_page", "is not a page token this server issued") from None
+        decoded.append(value)
+    branches: list[ColumnElement[bool]] = []
+    equal: list[ColumnElement[bool]] = []
+    for (column, key), value in zip(columns, decoded, strict=True):
+        beyond = column < value if key.descending else column > value
+        branches.append(and_(*equal, beyond))
+        equal.append(column == value)
+    branches.append(and_(*equal, resources.c.id > last_id))
+    return or_(*branches)
+
+
+def _base_query(query: SearchQuery) -> Select[Any]:
+    return select(resources.c.id).where(
+        resources.c.resource_type == query.resource_type,
+        resources.c.deleted.is_(false()),
+        *query.conditions,
+    )
+
+
+def matching_ids(
+    connection: Connection,
+    resource_type: str,
+    params: Sequence[tuple[str, str]],
+    *,
+    base: str,
+    limit: int = 2,
+) -> list[str]:
+    """Ids of current resources matching the criteria of a conditional interaction.
+
+    Parsed strictly: an unknown parameter is an error, not a match of everything. At most
+    `limit` ids (a conditional interaction only needs to tell none, one and several apart).
+    """
+    if not params:
+        raise FhirError(400, "invalid", "conditional criteria are empty")
+    query = parse_search(resource_type, params, base=base, strict=True, filters_only=True)
+    statement = _base_query(query).order_by(resources.c.id).limit(limit)
+    return [row.id for row in connection.execute(statement)]
+
+
+def run_search(connection: Connection, query: SearchQuery) -> SearchPage:
+    """One page of matches, with their includes, total (when asked or free) and next cursor."""
+    filtered = _base_query(query)
+    total: int | None = None
+    if query.summary == "count" or query.total == "accurate":
+        total = connection.execute(
+            select(func.count()).select_from(filtered.subquery())
+        ).scalar_one()
+    if query.summary == "count" or query.count == 0:
+        return SearchPage([], [], total, None)
+
+    keys = [(_sort_column(key, query.resource_type), key) for key in query.sort]
+    labelled = [column.label(f"sort_{index}") for index, (column, _) in enumerate(keys)]
+    statement = select(
+        resources.c.resource_type, resources.c.id, resources.c.body, *labelled
+    ).where(
+        resources.c.resource_type == query.resource_type,
+        resources.c.deleted.is_(false()),
+        *query.conditions,
+    )
+    if query.after is not None:
+        statement = statement.where(_after(keys, *query.after))
+    order = [column.desc() if key.descending else column.asc() for column, key in keys]
+    statement = statement.order_by(*order, resources.c.id).limit(query.count + 1)
+    rows = connection.execute(statement).all()
+    next_cursor = None
+    if len(rows) > query.count:
+        rows = rows[: query.count]
+        last = rows[-1]
+        next_cursor = _encode_cursor([last[3 + i] for i in range(len(keys))], last.id)
+    matches = [Row(row.resource_type, row.id, row.body) for row in rows]
+    if total is None and query.total != "none" and query.after is None and next_cursor is None:
+        total = len(matches)  # the whole result is on this page: the total costs nothing
+    included = _included(connection, query.includes, matches) if query.includes else []
+    return SearchPage(matches, included, total, next_cursor)
+
+
+def _included(
+    connection: Connection, includes: Sequence[Include], matches: Sequence[Row]
+) -> list[Row]:
+    seen = {(row.resource_type, row.id) for row in matches}
+    included: list[Row] = []
+    frontier = list(matches)
+    for round_number in range(MAX_ITERATE + 1):
+        wanted: set[tuple[str, str]] = set()
+        for include in includes:
+            if round_number > 0 and not include.iterate:
+                continue
+            wanted |= _include_keys(connection, include, frontier)
+        fresh = sorted(wanted - seen)[: MAX_INCLUDED - len(included)]
+        if not fresh:
+            break
+        loaded = _load(connection, fresh)
+        seen |= set(fresh)
+        included += loaded
+        frontier = loaded
+        if len(included) >= MAX_INCLUDED:
+            break
+    return included
+
+
+def _include_keys(
+    connection: Connection, include: Include, rows: Sequence[Row]
+) -> set[tuple[str, str]]:
+    if include.reverse:
+        targets = [(row.resource_type, row.id) for row in rows]
+        if not targets:
+            return set()
+        statement = select(search_reference.c.resource_type, search_reference.c.resource_id).where(
+            search_reference.c.resource_type == include.source_type,
+            search_reference.c.param == include.param,
+            tuple_(search_reference.c.target_type, search_reference.c.target_id).in_(targets),
+        )
+        return {(row[0], row[1]) for row in connection.execute(statement)}
+    sources = [row.id for row in rows if row.resource_type == include.source_type]
+    if not sources:
+        return set()
+    statement = select(search_reference.c.target_type, search_reference.c.target_id).where(
+        search_reference.c.resource_type == include.source_type,
+        search_reference.c.param == include.param,
+        search_reference.c.resource_id.in_(sources),
+        search_reference.c.target_id.is_not(None),
+        search_reference.c.target_type == include.target_type if include.target_type else true(),
+    )
+    return {(row[0], row[1]) for row in connection.execute(statement) if row[0]}
+
+
+def _load(connection: Connection, keys: Sequence[tuple[str, str]]) -> list[Row]:
+    out: list[Row] = []
+    for start in range(0, len(keys), 500):
+        chunk = list(keys[start : start + 500])
+        statement = (
+            select(resources.c.resource_type, resources.c.id, resources.c.body)
+            .where(
+                tuple_(resources.c.resource_type, resources.c.id).in_(chunk),
+                resources.c.deleted.is_(false()),
+            )
+            .order_by(resources.c.resource_type, resources.c.id)
+        )
+        out += [Row(row.resource_type, row.id, row.body) for row in connection.execute(statement)]
+    return out
+
+
+def query_string(params: Sequence[tuple[str, str]]) -> str:
+    return urlencode(list(params), safe=":|,/")
