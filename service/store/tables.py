@@ -204,3 +204,33 @@ search_quantity = _index_table(
     lookup=("value",),
 )
 Index(None, resources.c.resource_type, resources.c.last_updated)
+
+# --- Bulk Data $export jobs: shared by every API process --------------------------------------
+
+export_jobs = Table(
+    "export_jobs",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="The job id in the status URL."),
+    Column("level", String(16), nullable=False, comment="system or patient"),
+    Column("request", Text, nullable=False, comment="The kick-off request URL, for the manifest."),
+    Column("types", Text, nullable=False, comment="Comma-separated resource types exported."),
+    Column("since", UtcDateTime, nullable=True, comment="_since: lastUpdated at or after it."),
+    Column(
+        "transaction_time",
+        UtcDateTime,
+        nullable=False,
+        comment="The snapshot instant: each file serves the versions current at it.",
+    ),
+    Column("status", String(16), nullable=False, comment="in-progress or complete"),
+    Column("progress", String(200), nullable=True, comment="X-Progress while in progress."),
+    Column(
+        "claimed_at",
+        UtcDateTime,
+        nullable=False,
+        comment="When a process last took up the job's work; a stale claim is taken over.",
+    ),
+    Column("counts", Text, nullable=True, comment="JSON {type: count} once complete."),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("completed_at", UtcDateTime, nullable=True),
+)
+"""One row per Bulk Data export; the files are streamed from the store when downloaded."""

@@ -1,0 +1,531 @@
+"""Bulk Data `$export` (system and Patient level) and `Patient/$everything` on the FHIR facade.
+
+Bulk Data (FHIR Bulk Data Access IG, "Flat FHIR"): a kick-off with `Prefer: respond-async`
+records a job in the database and answers 202 with a status URL; any API process can answer a
+poll of it (202 with `X-Progress` while the job counts its resources, then the manifest), a
+DELETE cancels it, and each output file is streamed from the store in keyset pages when it is
+downloaded, as the snapshot at the job's `transactionTime` (see `service.store.export`). A
+process that dies mid-job leaves a claim that goes stale; the next poll takes the job over.
+
+`Patient/$everything` answers a searchset Bundle, a keyset page at a time, around the stored
+bytes of the patient, its compartment and the practitioners and organizations they reference.
+
+Routes parse and shape; the queries are in `service.store.export`. Nothing here re-serializes a
+stored resource.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.background import BackgroundTask
+from starlette.datastructures import QueryParams
+from starlette.responses import Response, StreamingResponse
+
+from service.fhir.api import STORED_TYPES, Negotiated, ServicesDep
+from service.fhir.errors import (
+    FHIR_JSON,
+    FhirError,
+    ResourceGone,
+    ResourceNotFound,
+    operation_outcome,
+)
+from service.fhir.search_parameters import definitions
+from service.store.db import Database
+from service.store.export import (
+    COMPLETE,
+    Compartment,
+    EverythingRow,
+    ExportJob,
+    ExportJobs,
+    everything_page,
+    snapshot_count,
+    snapshot_pages,
+)
+from service.store.resources import ResourceRepository
+
+log = logging.getLogger(__name__)
+
+BULK = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition"
+SYSTEM_OPERATIONS: list[dict[str, str]] = [{"name": "export", "definition": f"{BULK}/export"}]
+"""System-level operations (CapabilityStatement `rest.operation`)."""
+PATIENT_OPERATIONS: list[dict[str, str]] = [
+    {"name": "export", "definition": f"{BULK}/patient-export"},
+    {
+        "name": "everything",
+        "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+    },
+]
+"""Type-level operations on Patient (its `rest.resource.operation`), by their invocation names."""
+OPERATIONS: list[dict[str, str]] = [
+    {"name": "export", "definition": f"{BULK}/export"},
+    {"name": "patient-export", "definition": f"{BULK}/patient-export"},
+    {
+        "name": "everything",
+        "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+    },
+]
+"""Every operation of this module, named by OperationDefinition: `export` is system level,
+`patient-export` (invoked as `Patient/$export`) and `everything` are type level on Patient."""
+
+NDJSON = "application/fhir+ndjson"
+OUTPUT_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
+UNSUPPORTED_EXPORT_PARAMETERS = (
+    "_typeFilter",
+    "_elements",
+    "_until",
+    "patient",
+    "includeAssociatedData",
+    "organizeOutputBy",
+)
+RETRY_AFTER_SECONDS = 2
+CLAIM_LEASE = timedelta(seconds=60)
+"""A job whose claim is older than this is taken to be abandoned (its process died)."""
+PAGE_SIZE = 1000
+EVERYTHING_COUNT = 50
+MAX_COUNT = 1000
+# No token is asked for on /fhir yet; the manifest must say whether file downloads need one.
+REQUIRES_ACCESS_TOKEN = False
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + "/fhir"
+
+
+def _compartment() -> Compartment:
+    return definitions().patient_compartment
+
+
+def _compartment_types() -> tuple[str, ...]:
+    """The stored types a Patient-level export covers: Patient and its compartment's types."""
+    compartment = _compartment()
+    return tuple(t for t in STORED_TYPES if t == "Patient" or compartment.get(t))
+
+
+def _referenced_types() -> tuple[str, ...]:
+    """Stored types in no Patient compartment ($everything adds those its resources reference)."""
+    compartment_types = _compartment_types()
+    return tuple(t for t in STORED_TYPES if t not in compartment_types)
+
+
+# --- parameters ---------------------------------------------------------------------------------
+
+
+def parse_instant(value: str, name: str) -> datetime:
+    """A FHIR instant (date, time and offset); a `+` that became a space in the URL is put back."""
+    text = value.strip().replace(" ", "+")
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None or "T" not in text:
+        raise FhirError(
+            400, "invalid", f"{name} must be an instant with a time zone, not {value!r}", name
+        )
+    return parsed.astimezone(UTC)
+
+
+def parse_types(value: str | None, *, allowed: Sequence[str], name: str = "_type") -> list[str]:
+    """The resource types of a comma list, each checked against `allowed`."""
+    if value is None:
+        return list(allowed)
+    wanted = list(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
+    if not wanted:
+        raise FhirError(400, "invalid", f"{name} names no resource type", name)
+    unknown = [t for t in wanted if t not in allowed]
+    if unknown:
+        raise FhirError(
+            400,
+            "not-supported",
+            f"{name}: {', '.join(unknown)} cannot be exported here (supported: "
+            f"{', '.join(allowed)})",
+            name,
+        )
+    return wanted
+
+
+def _prefers_async(prefer: str | None) -> bool:
+    return any(part.strip().lower() == "respond-async" for part in (prefer or "").split(","))
+
+
+# --- Bulk Data export: service functions ---------------------------------------------------------
+
+
+def kick_off(
+    *, database: Database, level: str, request_url: str, params: QueryParams, prefer: str | None
+) -> ExportJob:
+    """Check a kick-off request and record its job, its snapshot instant now."""
+    if not _prefers_async(prefer):
+        raise FhirError(400, "invalid", "$export needs the header 'Prefer: respond-async'")
+    output_format = params.get("_outputFormat")
+    if output_format is not None and output_format not in OUTPUT_FORMATS:
+        raise FhirError(
+            400,
+            "not-supported",
+            f"_outputFormat {output_format} is not supported: use application/fhir+ndjson",
+            "_outputFormat",
+        )
+    for name in UNSUPPORTED_EXPORT_PARAMETERS:
+        if name in params:
+            raise FhirError(400, "not-supported", f"$export does not support {name}", name)
+    allowed = _compartment_types() if level == "patient" else STORED_TYPES
+    types = parse_types(params.get("_type"), allowed=allowed)
+    since_text = params.get("_since")
+    since = None if since_text is None else parse_instant(since_text, "_since")
+    with database.unit_of_work(write=True) as uow:
+        job = ExportJobs(uow.connection).create(
+            job_id=str(uuid.uuid4()),
+            level=level,
+            request=request_url,
+            types=types,
+            since=since,
+            now=_now(),
+        )
+        uow.commit()
+    return job
+
+
+def run_job(*, database: Database, job_id: str) -> None:
+    """Count each type's snapshot and complete the job (a cancelled job is left alone)."""
+    try:
+        with database.unit_of_work(write=False) as uow:
+            job = ExportJobs(uow.connection).get(job_id)
+        if job is None or job.status == COMPLETE:
+            return
+        counts: dict[str, int] = {}
+        for done, resource_type in enumerate(job.types, start=1):
+            with database.unit_of_work(write=False) as uow:
+                counts[resource_type] = snapshot_count(
+                    connection=uow.connection,
+                    job=job,
+                    resource_type=resource_type,
+                    compartment=_compartment(),
+                )
+            with database.unit_of_work(write=True) as uow:
+                progress = f"counted {done} of {len(job.types)} resource types"
+                ExportJobs(uow.connection).report_progress(job_id, progress=progress, now=_now())
+                uow.commit()
+        with database.unit_of_work(write=True) as uow:
+            ExportJobs(uow.connection).complete(job_id, counts=counts, now=_now())
+            uow.commit()
+    except Exception:
+        # Its claim goes stale and a later poll takes the job over.
+        log.exception("export job %s failed; it will be retried", job_id)
+
+
+def job_status(*, database: Database, job_id: str) -> tuple[ExportJob, bool]:
+    """The job, and whether the caller must run it (its claim was stale and is now the caller's)."""
+    with database.unit_of_work(write=False) as uow:
+        job = ExportJobs(uow.connection).get(job_id)
+    if job is None:
+        raise ResourceNotFound(f"there is no export job {job_id}")
+    if job.status == COMPLETE:
+        return job, False
+    now = _now()
+    with database.unit_of_work(write=True) as uow:
+        claimed = ExportJobs(uow.connection).claim(job_id, now=now, stale_before=now - CLAIM_LEASE)
+        uow.commit()
+    return job, claimed
+
+
+def cancel(*, database: Database, job_id: str) -> None:
+    with database.unit_of_work(write=True) as uow:
+        deleted = ExportJobs(uow.connection).delete(job_id)
+        uow.commit()
+    if not deleted:
+        raise ResourceNotFound(f"there is no export job {job_id}")
+
+
+def completed_job(*, database: Database, job_id: str, resource_type: str) -> ExportJob:
+    """The complete job whose output includes `resource_type`."""
+    with database.unit_of_work(write=False) as uow:
+        job = ExportJobs(uow.connection).get(job_id)
+    if job is None or job.status != COMPLETE or resource_type not in job.types:
+        raise ResourceNotFound(f"export job {job_id} has no file of {resource_type}")
+    return job
+
+
+def manifest(job: ExportJob, *, base: str) -> dict[str, Any]:
+    """The complete-status body the Bulk Data IG defines; types with no resources get no file."""
+    counts = job.counts or {}
+    return {
+        "transactionTime": job.transaction_time.isoformat(),
+        "request": job.request,
+        "requiresAccessToken": REQUIRES_ACCESS_TOKEN,
+        "output": [
+            {"type": t, "url": f"{base}/$export-output/{job.id}/{t}.ndjson", "count": counts[t]}
+            for t in job.types
+            if counts.get(t)
+        ],
+        "error": [],
+    }
+
+
+def ndjson_chunks(
+    *, database: Database, job: ExportJob, resource_type: str, page_size: int = PAGE_SIZE
+) -> Iterator[bytes]:
+    """The file's bytes, one chunk per keyset page: stored bodies, one per line."""
+    for page in snapshot_pages(
+        database=database,
+        job=job,
+        resource_type=resource_type,
+        compartment=_compartment(),
+        page_size=page_size,
+    ):
+        yield ("\n".join(page) + "\n").encode()
+
+
+# --- Patient/$everything ------------------------------------------------------------------------
+
+
+def _page_token(row: EverythingRow) -> str:
+    raw = orjson.dumps([row.resource_type, row.id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str | None) -> tuple[str, str] | None:
+    if token is None:
+        return None
+    try:
+        resource_type, resource_id = orjson.loads(
+            base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        )
+        if not isinstance(resource_type, str) or not isinstance(resource_id, str):
+            raise ValueError(token)
+        return resource_type, resource_id
+    except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
+        raise FhirError(400, "invalid", "_page is not a page token this server issued") from None
+
+
+def everything_parameters(params: Mapping[str, str]) -> dict[str, Any]:
+    """`_count`, `_since`, `_type` and `_page` of a $everything call, checked."""
+    for name in ("start", "end"):
+        if name in params:
+            raise FhirError(400, "not-supported", f"$everything does not support {name}", name)
+    count_text = params.get("_count")
+    count = EVERYTHING_COUNT
+    if count_text is not None:
+        if not count_text.strip().isdigit() or int(count_text) < 1:
+            raise FhirError(400, "invalid", "_count must be a positive integer", "_count")
+        count = min(int(count_text), MAX_COUNT)
+    since_text = params.get("_since")
+    type_text = params.get("_type")
+    return {
+        "count": count,
+        "since": None if since_text is None else parse_instant(since_text, "_since"),
+        "types": None if type_text is None else parse_types(type_text, allowed=STORED_TYPES),
+        "after": _decode_page_token(params.get("_page")),
+    }
+
+
+def everything(
+    *,
+    database: Database,
+    patient_id: str,
+    count: int,
+    since: datetime | None,
+    types: Sequence[str] | None,
+    after: tuple[str, str] | None,
+) -> tuple[list[EverythingRow], bool]:
+    """One page of the patient's everything, and whether there is more."""
+    with database.unit_of_work(write=False) as uow:
+        patient = ResourceRepository(uow.connection).read("Patient", patient_id)
+        if patient is None:
+            raise ResourceNotFound(f"Patient/{patient_id} is not known")
+        if patient.deleted:
+            raise ResourceGone("Patient", patient_id, patient.version)
+        rows = everything_page(
+            connection=uow.connection,
+            patient_id=patient_id,
+            compartment=_compartment(),
+            referenced_types=_referenced_types(),
+            types=types,
+            since=since,
+            after=after,
+            limit=count + 1,
+        )
+    return rows[:count], len(rows) > count
+
+
+def searchset_bundle(
+    rows: Sequence[EverythingRow], *, base: str, self_url: str, next_url: str | None
+) -> bytes:
+    """A searchset Bundle spliced around the stored bytes (never re-serialized)."""
+    compartment_types = _compartment_types()
+    parts = []
+    for row in rows:
+        mode = "match" if row.resource_type in compartment_types else "include"
+        head = orjson.dumps({"fullUrl": f"{base}/{row.resource_type}/{row.id}"})[:-1]
+        tail = orjson.dumps({"search": {"mode": mode}})[1:]
+        parts.append(head + b',"resource":' + row.body.encode() + b"," + tail)
+    links = [{"relation": "self", "url": self_url}]
+    if next_url is not None:
+        links.append({"relation": "next", "url": next_url})
+    bundle = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "link": links})
+    if not parts:
+        return bundle  # FHIR JSON has no empty arrays: no entry at all
+    return bundle[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
+
+
+async def _parameters_body(request: Request) -> dict[str, str]:
+    """The $everything parameters of a POST body (Parameters), as query-style strings."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type:
+        raise FhirError(415, "not-supported", f"send application/fhir+json, not {content_type}")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise FhirError(400, "invalid", f"the body is not valid JSON: {error}") from None
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise FhirError(400, "invalid", "the body of $everything must be a Parameters resource")
+    out: dict[str, str] = {}
+    for parameter in body.get("parameter", []):
+        if not isinstance(parameter, dict) or not isinstance(parameter.get("name"), str):
+            raise FhirError(400, "invalid", "a parameter has no name")
+        values = [v for k, v in parameter.items() if k.startswith("value")]
+        if len(values) != 1 or not isinstance(values[0], str | int) or isinstance(values[0], bool):
+            raise FhirError(400, "invalid", f"parameter {parameter['name']} has no simple value")
+        out[parameter["name"]] = str(values[0])
+    return out
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+
+def build_export_router() -> APIRouter:
+    router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Negotiated])
+
+    async def _kick_off(request: Request, services: ServicesDep, level: str) -> Response:
+        job = await run_in_threadpool(
+            lambda: kick_off(
+                database=services.database,
+                level=level,
+                request_url=str(request.url),
+                params=request.query_params,
+                prefer=request.headers.get("prefer"),
+            )
+        )
+        outcome = operation_outcome(
+            "informational", f"export job {job.id} accepted", severity="information"
+        )
+        return Response(
+            orjson.dumps(outcome),
+            status_code=202,
+            media_type=FHIR_JSON,
+            headers={"Content-Location": f"{_base(request)}/$export-status/{job.id}"},
+            background=BackgroundTask(run_job, database=services.database, job_id=job.id),
+        )
+
+    @router.get("/$export", summary="Bulk Data export of the whole store", response_class=Response)
+    async def system_export(request: Request, services: ServicesDep) -> Response:
+        return await _kick_off(request, services, "system")
+
+    @router.get(
+        "/Patient/$export",
+        summary="Bulk Data export of every Patient compartment",
+        response_class=Response,
+    )
+    async def patient_export(request: Request, services: ServicesDep) -> Response:
+        return await _kick_off(request, services, "patient")
+
+    @router.get(
+        "/$export-status/{job_id}", summary="Bulk Data export status", response_class=Response
+    )
+    async def export_status(request: Request, job_id: str, services: ServicesDep) -> Response:
+        job, claimed = await run_in_threadpool(
+            lambda: job_status(database=services.database, job_id=job_id)
+        )
+        if job.status == COMPLETE:
+            return Response(
+                orjson.dumps(manifest(job, base=_base(request))), media_type="application/json"
+            )
+        background = (
+            BackgroundTask(run_job, database=services.database, job_id=job.id) if claimed else None
+        )
+        return Response(
+            status_code=202,
+            headers={
+                "X-Progress": job.progress or "in progress",
+                "Retry-After": str(RETRY_AFTER_SECONDS),
+            },
+            background=background,
+        )
+
+    @router.delete(
+        "/$export-status/{job_id}", summary="Cancel a Bulk Data export", response_class=Response
+    )
+    async def export_cancel(job_id: str, services: ServicesDep) -> Response:
+        await run_in_threadpool(lambda: cancel(database=services.database, job_id=job_id))
+        outcome = operation_outcome(
+            "informational", f"export job {job_id} cancelled", severity="information"
+        )
+        return Response(orjson.dumps(outcome), status_code=202, media_type=FHIR_JSON)
+
+    @router.get(
+        "/$export-output/{job_id}/{file_name}",
+        summary="A Bulk Data export file (NDJSON, streamed)",
+        response_class=StreamingResponse,
+    )
+    async def export_output(job_id: str, file_name: str, services: ServicesDep) -> Response:
+        resource_type = file_name.removesuffix(".ndjson")
+        job = await run_in_threadpool(
+            lambda: completed_job(
+                database=services.database, job_id=job_id, resource_type=resource_type
+            )
+        )
+        # A sync iterator: Starlette pulls each page in the threadpool, one page in memory.
+        chunks = ndjson_chunks(database=services.database, job=job, resource_type=resource_type)
+        return StreamingResponse(chunks, media_type=NDJSON)
+
+    async def _everything(
+        request: Request, patient_id: str, services: ServicesDep, params: Mapping[str, str]
+    ) -> Response:
+        parsed = everything_parameters(params)
+        rows, more = await run_in_threadpool(
+            lambda: everything(database=services.database, patient_id=patient_id, **parsed)
+        )
+        base = _base(request)
+        own = f"{base}/Patient/{patient_id}/$everything"
+        kept = {k: v for k, v in params.items() if k in ("_count", "_since", "_type")}
+        self_query = dict(kept) | ({"_page": params["_page"]} if "_page" in params else {})
+        self_url = f"{own}?{QueryParams(self_query)}" if self_query else own
+        next_url = None
+        if more:
+            next_url = f"{own}?{QueryParams(kept | {'_page': _page_token(rows[-1])})}"
+        body = searchset_bundle(rows, base=base, self_url=self_url, next_url=next_url)
+        return Response(body, media_type=FHIR_JSON)
+
+    @router.get(
+        "/Patient/{patient_id}/$everything",
+        summary="The patient and everything in its compartment",
+        response_class=Response,
+    )
+    async def everything_get(request: Request, patient_id: str, services: ServicesDep) -> Response:
+        return await _everything(request, patient_id, services, dict(request.query_params))
+
+    @router.post(
+        "/Patient/{patient_id}/$everything",
+        summary="The patient and everything in its compartment",
+        response_class=Response,
+    )
+    async def everything_post(request: Request, patient_id: str, services: ServicesDep) -> Response:
+        params = dict(request.query_params) | await _parameters_body(request)
+        return await _everything(request, patient_id, services, params)
+
+    return router

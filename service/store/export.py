@@ -1,0 +1,393 @@
+"""Queries behind Bulk Data `$export` and `Patient/$everything`: job rows, snapshots, compartments.
+
+An export job is a row in `export_jobs`, so any API process can answer for it. Its files are not
+written anywhere: each is streamed from the store when downloaded, as the snapshot at the job's
+`transaction_time`. A resource whose current row is newer than that instant is served as the
+version that was current then (from `resource_versions`), one that did not exist yet or was
+deleted then is left out, so every download of a job gives the same content whatever was
+written since. Pages are keyset pages over the primary key, so memory stays flat however large
+the store.
+
+Patient compartments come from the search index (`search_reference`), which holds the reference
+rows of current versions: compartment membership is as of the query, not as of the snapshot (a
+resource moved to another patient, or deleted, after `transaction_time` follows its current
+rows).
+
+This module runs queries on connections it is given (or units of work of the `Database` it is
+given, one per page); it never commits a caller's transaction and knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    and_,
+    case,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    union,
+    update,
+)
+
+from service.store.db import Database
+from service.store.tables import export_jobs, resource_versions, resources, search_reference
+
+Compartment = Mapping[str, Sequence[str]]
+"""Resource type -> the search parameters that put a resource in a Patient's compartment."""
+
+IN_PROGRESS = "in-progress"
+COMPLETE = "complete"
+
+
+@dataclass(frozen=True, slots=True)
+class ExportJob:
+    """One Bulk Data export: what it covers and, once complete, how many resources per type."""
+
+    id: str
+    level: str
+    request: str
+    types: tuple[str, ...]
+    since: datetime | None
+    transaction_time: datetime
+    status: str
+    progress: str | None
+    claimed_at: datetime
+    counts: dict[str, int] | None
+    created_at: datetime
+    completed_at: datetime | None
+
+    @property
+    def patient_level(self) -> bool:
+        return self.level == "patient"
+
+
+def _job(row: Any) -> ExportJob:
+    return ExportJob(
+        id=row.id,
+        level=row.level,
+        request=row.request,
+        types=tuple(t for t in row.types.split(",") if t),
+        since=row.since,
+        transaction_time=row.transaction_time,
+        status=row.status,
+        progress=row.progress,
+        claimed_at=row.claimed_at,
+        counts=None if row.counts is None else orjson.loads(row.counts),
+        created_at=row.created_at,
+        completed_at=row.completed_at,
+    )
+
+
+class ExportJobs:
+    """The `export_jobs` rows on one connection; never commits."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def create(
+        self,
+        *,
+        job_id: str,
+        level: str,
+        request: str,
+        types: Sequence[str],
+        since: datetime | None,
+        now: datetime,
+    ) -> ExportJob:
+        """A new job, in progress and claimed by the caller, its snapshot instant `now`."""
+        self._connection.execute(
+            insert(export_jobs).values(
+                id=job_id,
+                level=level,
+                request=request,
+                types=",".join(types),
+                since=since,
+                transaction_time=now,
+                status=IN_PROGRESS,
+                progress="queued",
+                claimed_at=now,
+                counts=None,
+                created_at=now,
+                completed_at=None,
+            )
+        )
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def get(self, job_id: str) -> ExportJob | None:
+        row = self._connection.execute(
+            select(export_jobs).where(export_jobs.c.id == job_id)
+        ).first()
+        return None if row is None else _job(row)
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a job (cancelled or done with); False when there was none."""
+        result = self._connection.execute(delete(export_jobs).where(export_jobs.c.id == job_id))
+        return bool(result.rowcount)
+
+    def claim(self, job_id: str, *, now: datetime, stale_before: datetime) -> bool:
+        """Take over an unfinished job whose last claim is older than `stale_before`.
+
+        The conditional UPDATE makes the claim exclusive: of several processes polling the same
+        abandoned job, one gets it.
+        """
+        result = self._connection.execute(
+            update(export_jobs)
+            .where(
+                export_jobs.c.id == job_id,
+                export_jobs.c.status == IN_PROGRESS,
+                export_jobs.c.claimed_at < stale_before,
+            )
+            .values(claimed_at=now)
+        )
+        return bool(result.rowcount)
+
+    def report_progress(self, job_id: str, *, progress: str, now: datetime) -> None:
+        """Say how far the job is; renews the claim, so no other process takes the job over."""
+        self._connection.execute(
+            update(export_jobs)
+            .where(export_jobs.c.id == job_id, export_jobs.c.status == IN_PROGRESS)
+            .values(progress=progress[:200], claimed_at=now)
+        )
+
+    def complete(self, job_id: str, *, counts: Mapping[str, int], now: datetime) -> None:
+        """Mark the job complete (a no-op when it was cancelled meanwhile)."""
+        self._connection.execute(
+            update(export_jobs)
+            .where(export_jobs.c.id == job_id, export_jobs.c.status == IN_PROGRESS)
+            .values(
+                status=COMPLETE,
+                progress=None,
+                counts=orjson.dumps(dict(counts)).decode(),
+                completed_at=now,
+            )
+        )
+
+
+# --- the snapshot of one resource type at a job's transaction time -----------------------------
+
+
+def _in_compartment(resource_type: str, compartment: Compartment) -> ColumnElement[bool]:
+    """The current row is in some Patient's compartment (every Patient is in its own)."""
+    if resource_type == "Patient":
+        return true()
+    params = tuple(compartment.get(resource_type, ()))
+    if not params:
+        return false()
+    return exists().where(
+        search_reference.c.resource_type == resources.c.resource_type,
+        search_reference.c.resource_id == resources.c.id,
+        search_reference.c.param.in_(params),
+        search_reference.c.target_type == "Patient",
+    )
+
+
+def _snapshot_query(
+    *,
+    resource_type: str,
+    transaction_time: datetime,
+    since: datetime | None,
+    compartment: Compartment | None,
+) -> Select[Any]:
+    """Rows (id, body) of the versions of `resource_type` current at `transaction_time`.
+
+    The current row serves when it is not newer than the snapshot; otherwise the newest
+    version at or before it does (joined only for those rows, typically few).
+    """
+    at_snapshot = (
+        select(func.max(resource_versions.c.version))
+        .where(
+            resource_versions.c.resource_type == resources.c.resource_type,
+            resource_versions.c.id == resources.c.id,
+            resource_versions.c.last_updated <= transaction_time,
+        )
+        .scalar_subquery()
+    )
+    older = resource_versions.alias("older")
+    current_ok = and_(resources.c.last_updated <= transaction_time, resources.c.deleted == false())
+    older_ok = and_(
+        resources.c.last_updated > transaction_time,
+        older.c.version.is_not(None),
+        older.c.deleted == false(),
+    )
+    if since is not None:
+        current_ok = and_(current_ok, resources.c.last_updated >= since)
+        older_ok = and_(older_ok, older.c.last_updated >= since)
+    body = case(
+        (resources.c.last_updated <= transaction_time, resources.c.body), else_=older.c.body
+    )
+    query = (
+        select(resources.c.id, body.label("body"))
+        .select_from(
+            resources.outerjoin(
+                older,
+                and_(
+                    resources.c.last_updated > transaction_time,
+                    older.c.resource_type == resources.c.resource_type,
+                    older.c.id == resources.c.id,
+                    older.c.version == at_snapshot,
+                ),
+            )
+        )
+        .where(resources.c.resource_type == resource_type, or_(current_ok, older_ok))
+    )
+    if compartment is not None:
+        query = query.where(_in_compartment(resource_type, compartment))
+    return query
+
+
+def snapshot_count(
+    *, connection: Connection, job: ExportJob, resource_type: str, compartment: Compartment
+) -> int:
+    """How many resources the job's file of `resource_type` holds."""
+    query = _snapshot_query(
+        resource_type=resource_type,
+        transaction_time=job.transaction_time,
+        since=job.since,
+        compartment=compartment if job.patient_level else None,
+    )
+    counted = select(func.count()).select_from(query.subquery())
+    return int(connection.execute(counted).scalar_one())
+
+
+def snapshot_pages(
+    *,
+    database: Database,
+    job: ExportJob,
+    resource_type: str,
+    compartment: Compartment,
+    page_size: int = 1000,
+) -> Iterator[list[str]]:
+    """The stored bodies of the job's file of `resource_type`, a keyset page at a time.
+
+    Each page is read in its own short transaction, so a slow download holds no connection
+    between pages; the snapshot filter keeps the pages consistent with one another.
+    """
+    query = _snapshot_query(
+        resource_type=resource_type,
+        transaction_time=job.transaction_time,
+        since=job.since,
+        compartment=compartment if job.patient_level else None,
+    )
+    after: str | None = None
+    while True:
+        page_query = query
+        if after is not None:
+            page_query = page_query.where(resources.c.id > after)
+        page_query = page_query.order_by(resources.c.id).limit(page_size)
+        with database.unit_of_work(write=False) as uow:
+            rows = uow.connection.execute(page_query).all()
+        if not rows:
+            return
+        yield [row.body for row in rows]
+        if len(rows) < page_size:
+            return
+        after = rows[-1].id
+
+
+# --- Patient/$everything ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EverythingRow:
+    resource_type: str
+    id: str
+    body: str
+
+
+def everything_page(
+    *,
+    connection: Connection,
+    patient_id: str,
+    compartment: Compartment,
+    referenced_types: Sequence[str],
+    types: Sequence[str] | None,
+    since: datetime | None,
+    after: tuple[str, str] | None,
+    limit: int,
+) -> list[EverythingRow]:
+    """One keyset page, in (type, id) order, of the patient, its compartment, and what those
+    reference among `referenced_types` (resources in no compartment: practitioners,
+    organizations)."""
+    in_compartment, itself = _compartment_members(patient_id, compartment)
+    links = search_reference.alias("links")
+    member_rows = union(in_compartment, itself).subquery("member_rows")
+    referenced = (
+        select(links.c.target_type.label("resource_type"), links.c.target_id.label("resource_id"))
+        .join(
+            member_rows,
+            and_(
+                links.c.resource_type == member_rows.c.resource_type,
+                links.c.resource_id == member_rows.c.resource_id,
+            ),
+        )
+        .where(links.c.target_type.in_(tuple(referenced_types)), links.c.target_id.is_not(None))
+    )
+    everything = union(in_compartment, itself, referenced).subquery("everything")
+    query = (
+        select(resources.c.resource_type, resources.c.id, resources.c.body)
+        .join(
+            everything,
+            and_(
+                resources.c.resource_type == everything.c.resource_type,
+                resources.c.id == everything.c.resource_id,
+            ),
+        )
+        .where(resources.c.deleted == false())
+    )
+    if types is not None:
+        query = query.where(resources.c.resource_type.in_(tuple(types)))
+    if since is not None:
+        query = query.where(resources.c.last_updated >= since)
+    if after is not None:
+        after_type, after_id = after
+        query = query.where(
+            or_(
+                resources.c.resource_type > after_type,
+                and_(resources.c.resource_type == after_type, resources.c.id > after_id),
+            )
+        )
+    query = query.order_by(resources.c.resource_type, resources.c.id).limit(limit)
+    return [EverythingRow(*row) for row in connection.execute(query)]
+
+
+def _compartment_members(
+    patient_id: str, compartment: Compartment
+) -> tuple[Select[Any, Any], Select[Any, Any]]:
+    """(resource_type, resource_id) of every resource in the patient's compartment, and of the
+    patient itself."""
+    by_type = [
+        and_(
+            search_reference.c.resource_type == resource_type, search_reference.c.param.in_(params)
+        )
+        for resource_type, params in sorted(compartment.items())
+        if params
+    ]
+    in_compartment = select(
+        search_reference.c.resource_type.label("resource_type"),
+        search_reference.c.resource_id.label("resource_id"),
+    ).where(
+        search_reference.c.target_type == "Patient",
+        search_reference.c.target_id == patient_id,
+        or_(*by_type) if by_type else false(),
+    )
+    itself = select(
+        literal("Patient").label("resource_type"), literal(patient_id).label("resource_id")
+    )
+    return in_compartment, itself
