@@ -17,6 +17,7 @@ from service.fhir.api import ConformanceResources
 from service.fhir.api import build_router as build_fhir_router
 from service.fhir.export import build_export_router
 from service.fhir.profile_validation import default_profiles_dir
+from service.fhir.writes import build_write_router
 from service.problems import RequestIdMiddleware, install_error_handlers
 from service.records.api import build_router
 from service.records.models import RECORD_TYPES
@@ -48,6 +49,7 @@ def create_app(services: Services | None = None) -> FastAPI:
     )
     app.include_router(build_export_router())
     app.include_router(build_fhir_router())
+    app.include_router(build_write_router())
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:

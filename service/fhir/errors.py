@@ -3,7 +3,11 @@
     FhirError                 any error on /fhir, with status, issue type and location
      ├── ResourceNotFound     404 not-found: no such resource, version or type
      ├── ResourceGone         410 deleted: the resource was deleted (its history stays)
-     └── NotAcceptable        406 not-supported: a format the facade does not produce
+     ├── NotAcceptable        406 not-supported: a format the facade does not produce
+     ├── UnsupportedMediaType 415 not-supported: a request body in a format the facade does not read
+     ├── ResourceConflict     409 conflict: the write contradicts what is stored (a record owns it)
+     ├── PreconditionFailed   412 conflict: If-Match is stale, or conditional criteria match many
+     └── InvalidResource      422: every issue found in a resource a write was refused for
 
 Errors raised elsewhere (request validation, unknown routes, unexpected failures) reaching a /fhir
 URL are turned into OperationOutcomes by `service.problems`, so no /fhir response is ever a
@@ -59,6 +63,38 @@ class ResourceGone(FhirError):
 class NotAcceptable(FhirError):
     def __init__(self, diagnostics: str) -> None:
         super().__init__(406, "not-supported", diagnostics)
+
+
+class UnsupportedMediaType(FhirError):
+    def __init__(self, diagnostics: str) -> None:
+        super().__init__(415, "not-supported", diagnostics)
+
+
+class ResourceConflict(FhirError):
+    def __init__(self, diagnostics: str, expression: str | None = None) -> None:
+        super().__init__(409, "conflict", diagnostics, expression=expression)
+
+
+class PreconditionFailed(FhirError):
+    def __init__(self, diagnostics: str) -> None:
+        super().__init__(412, "conflict", diagnostics)
+
+
+class InvalidResource(FhirError):
+    """A resource refused with several issues: `outcome()` lists them all, with their paths."""
+
+    def __init__(self, issues: list[dict[str, Any]]) -> None:
+        first = issues[0] if issues else {"code": "processing", "diagnostics": "invalid resource"}
+        super().__init__(
+            422,
+            str(first.get("code", "processing")),
+            str(first.get("diagnostics", "invalid resource")),
+            expression=(first.get("expression") or [None])[0],
+        )
+        self.issues = issues
+
+    def outcome(self) -> dict[str, Any]:
+        return {"resourceType": "OperationOutcome", "issue": self.issues}
 
 
 def operation_outcome(

@@ -15,7 +15,18 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, bindparam, delete, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.fhir.search_index import IndexRows, extract
@@ -348,6 +359,38 @@ class ResourceRepository:
                 _insert_ignore(self._connection),
                 [dict(zip(columns, row, strict=True)) for row in sorted(added)],
             )
+
+    # --- for the FHIR facade's writes ---
+
+    def lock(self, resource_type: str, resource_id: str) -> StoredResource | None:
+        """The current version, locked until the transaction ends: writers of one id queue.
+
+        On PostgreSQL an advisory lock on the key comes first, so two writers of an id that does
+        not exist yet queue too (a row lock needs a row); SQLite write transactions hold the
+        database's write lock already.
+        """
+        self.serialize(f"{resource_type}/{resource_id}")
+        row = self._connection.execute(
+            select(
+                resources.c.resource_type,
+                resources.c.id,
+                resources.c.version,
+                resources.c.last_updated,
+                resources.c.deleted,
+                resources.c.body,
+            )
+            .where(resources.c.resource_type == resource_type, resources.c.id == resource_id)
+            .with_for_update()
+        ).first()
+        return None if row is None else StoredResource(*row)
+
+    def serialize(self, name: str) -> None:
+        """Queue this transaction behind any other holding `name` (PostgreSQL), until it ends."""
+        if self._connection.dialect.name != "postgresql":
+            return  # SQLite: BEGIN IMMEDIATE already serializes every writer
+        digest = hashlib.sha256(name.encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        self._connection.execute(select(func.pg_advisory_xact_lock(key)))
 
 
 _INDEX_TABLES = (search_string, search_token, search_date, search_reference, search_quantity)
