@@ -171,7 +171,8 @@ def kick_off(
     if not _prefers_async(prefer):
         raise FhirError(400, "invalid", "$export needs the header 'Prefer: respond-async'")
     output_format = params.get("_outputFormat")
-    if output_format is not None and output_format not in OUTPUT_FORMATS:
+    # Clients often leave the `+` of application/fhir+ndjson unescaped, so it arrives a space.
+    if output_format is not None and output_format.replace(" ", "+") not in OUTPUT_FORMATS:
         raise FhirError(
             400,
             "not-supported",
