@@ -61,6 +61,7 @@ from service.fhir.errors import (
     UnsupportedMediaType,
 )
 from service.fhir.search import matching_ids
+from service.fhir.search_index import extract
 from service.fhir.validation import ResourceValidator
 from service.records.materialize import Materializer
 from service.records.models import Diagnosis, Patient, RecordModel, TreatmentCourse
@@ -80,6 +81,16 @@ maps to)."""
 
 RECORD_KINDS = {"Patient": "patient", "Condition": "diagnosis", "CarePlan": "course"}
 """Resource types written back into the clinic's records, and the record kind each one maps to."""
+UNDELETABLE_TYPES = tuple(sorted(RECORD_KINDS))
+"""Types refused a delete on principle (405): they are the clinic's records, which stay."""
+
+
+def write_interactions(resource_type: str) -> tuple[str, ...]:
+    """The write interactions of one stored type, for its CapabilityStatement entry."""
+    if resource_type in UNDELETABLE_TYPES:
+        return tuple(code for code in WRITE_INTERACTIONS if code != "delete")
+    return WRITE_INTERACTIONS
+
 
 ACTOR = "fhir"
 """Who record changes made through the facade are attributed to."""
@@ -150,6 +161,17 @@ def check_writable(resource_type: str) -> None:
         raise FhirError(405, "not-supported", f"{resource_type} resources are read-only here")
     if resource_type not in STORED_TYPES:
         raise ResourceNotFound(f"resource type {resource_type} is not supported here")
+
+
+def check_deletable(resource_type: str) -> None:
+    check_writable(resource_type)
+    if resource_type in UNDELETABLE_TYPES:
+        raise FhirError(
+            405,
+            "not-supported",
+            f"{resource_type} resources are the clinic's records and are not deleted through "
+            "the facade",
+        )
 
 
 def check_id(resource_id: str) -> None:
@@ -415,6 +437,7 @@ class FacadeWriter:
         self, resource_type: str, resource_id: str, *, if_match: int | None = None
     ) -> Deleted:
         """Delete (a new, empty version; history stays). Deleting what is not there is a no-op."""
+        check_deletable(resource_type)
         before = self.resources.lock(resource_type, resource_id)
         _check_version(before, resource_type, resource_id, if_match)
         if before is None:
@@ -427,6 +450,7 @@ class FacadeWriter:
 
     def conditional_delete(self, resource_type: str, criteria: Params) -> Deleted:
         """Delete the one match (none: nothing to do); several are a 412."""
+        check_deletable(resource_type)
         self.resources.serialize(criteria_key(resource_type, criteria))
         found = self.matching(resource_type, criteria)
         if len(found) > 1:
@@ -473,6 +497,9 @@ class FacadeWriter:
     def _check_valid(self, resource: dict[str, Any]) -> None:
         issues = self.validator.issues(resource)
         if any(issue["severity"] in ("error", "fatal") for issue in issues):
+            raise InvalidResource(issues)
+        issues = _storability_issues(resource)
+        if issues:
             raise InvalidResource(issues)
 
     def _check_not_maintained(self, stored: StoredResource) -> None:
@@ -686,6 +713,56 @@ def _apply_patch(document: dict[str, Any], operations: list[dict[str, Any]]) -> 
         raise InvalidResource(
             [_issue("processing", f"the patch does not apply: {error}")]
         ) from None
+
+
+MAX_INDEXED_BYTES = 2000
+"""Longest code plus system (or reference URL) the search index takes: PostgreSQL refuses index
+entries over ~2.7 kB, so a longer value is refused here rather than failing the write later."""
+_RELATIVE = re.compile(r"(?P<type>[A-Z][A-Za-z]+)/(?P<id>[^/]*)(?:/_history/[^/]*)?")
+
+
+def _storability_issues(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """What a structurally valid resource holds that the store cannot keep (or index)."""
+    resource_type = str(resource["resourceType"])
+    issues = []
+    rows = extract(resource)
+    for param, system, code, _text in rows.tokens:
+        size = len((system or "").encode()) + len((code or "").encode())
+        if size > MAX_INDEXED_BYTES:
+            issues.append(
+                _issue(
+                    "too-long",
+                    f"a value of search parameter {param} is {size} bytes long; this server "
+                    f"indexes at most {MAX_INDEXED_BYTES}",
+                    resource_type,
+                )
+            )
+    for param, _type, _id, url in rows.references:
+        if url is not None and len(url.encode()) > MAX_INDEXED_BYTES:
+            issues.append(
+                _issue(
+                    "too-long",
+                    f"a reference of search parameter {param} is longer than "
+                    f"{MAX_INDEXED_BYTES} bytes",
+                    resource_type,
+                )
+            )
+    # A relative reference names a resource by its id: one that cannot be an id is no reference.
+    stack: list[tuple[Any, str]] = [(resource, resource_type)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            reference = value.get("reference")
+            if isinstance(reference, str):
+                match = _RELATIVE.fullmatch(reference)
+                if match is not None and not _ID.fullmatch(match["id"]):
+                    issues.append(
+                        _issue("value", "the reference's id is not a FHIR id", f"{path}.reference")
+                    )
+            stack.extend((item, f"{path}.{key}") for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{index}]") for index, item in enumerate(value))
+    return issues
 
 
 def _identifiers(resource: Any) -> list[dict[str, Any]]:
@@ -931,7 +1008,7 @@ def build_write_router() -> APIRouter:
         if_match: IfMatch = None,
         prefer: Prefer = None,
     ) -> Response:
-        check_writable(resource_type)
+        check_deletable(resource_type)
         check_id(resource_id)
         version = parse_if_match(if_match)
         result = await _run(
@@ -943,7 +1020,7 @@ def build_write_router() -> APIRouter:
     async def conditional_delete(
         request: Request, resource_type: str, services: ServicesDep, prefer: Prefer = None
     ) -> Response:
-        check_writable(resource_type)
+        check_deletable(resource_type)
         criteria = _query_criteria(request, resource_type)
         result = await _run(
             request, services, lambda w: w.conditional_delete(resource_type, criteria)
