@@ -15,6 +15,7 @@ from service import __doc__ as service_doc
 from service.bootstrap import Services, bootstrap
 from service.fhir.api import ConformanceResources
 from service.fhir.api import build_router as build_fhir_router
+from service.fhir.bundles import build_bundle_router
 from service.fhir.export import build_export_router
 from service.fhir.profile_validation import default_profiles_dir
 from service.fhir.writes import build_write_router
@@ -50,6 +51,7 @@ def create_app(services: Services | None = None) -> FastAPI:
     app.include_router(build_export_router())
     app.include_router(build_fhir_router())
     app.include_router(build_write_router())
+    app.include_router(build_bundle_router())
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:

@@ -543,7 +543,7 @@ class FacadeWriter:
                 # The record the resource names exists: map again onto it (a CarePlan's dose,
                 # for one, comes from the course as it is).
                 record = self._to_record(resource_type, resource, load(current))
-        target = _derived_id(resource_type, record.external_id)
+        target = derived_id(resource_type, record.external_id)
         if resource_id is not None and target != resource_id:
             raise FhirError(
                 400,
@@ -771,7 +771,7 @@ def _identifiers(resource: Any) -> list[dict[str, Any]]:
     return [item for item in items if isinstance(item, dict)]
 
 
-def _derived_id(resource_type: str, external_id: str) -> str:
+def derived_id(resource_type: str, external_id: str) -> str:
     """The id the resource of a record has (the materializer's, so both always agree)."""
     if resource_type == "CarePlan":
         return resource_id("course", external_id, "CarePlan")

@@ -1,0 +1,426 @@
+"""Batch and transaction Bundles at `POST /fhir`, over the same writes as single requests.
+
+A transaction runs every entry in one unit of work, in the spec's order (DELETE, POST, PUT and
+PATCH, then GET), after giving each created resource its id so `urn:uuid:` references between
+entries can be rewritten to `Type/id` first (a conditional create that finds its match points
+those references at the match). Any entry failing rolls back all of them; the OperationOutcome
+names the entry. A batch runs each entry in a unit of work of its own and reports each result.
+
+This module must not write any other way than `service.fhir.writes.FacadeWriter` does, so an
+entry behaves exactly as the same request sent alone; it does no searching of its own either.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import DBAPIError
+from starlette.responses import Response
+
+from service.bootstrap import Services
+from service.fhir.api import negotiate
+from service.fhir.errors import FHIR_JSON, FhirError, InvalidResource
+from service.fhir.writes import (
+    RECORD_KINDS,
+    Deleted,
+    FacadeWriter,
+    Written,
+    check_deletable,
+    check_id,
+    check_media_type,
+    check_writable,
+    derived_id,
+    parse_criteria,
+    parse_if_match,
+    parse_json,
+    resource_body,
+    run_write,
+)
+
+MAX_ENTRIES = 10000
+_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+"""Transaction processing order (FHIR R4 http.html#trules)."""
+_RETRIES = 3
+"""Attempts of a transaction that PostgreSQL aborted as a deadlock victim."""
+
+
+class EntryFailed(FhirError):
+    """One entry of a transaction failed: the whole transaction is refused with its outcome."""
+
+    def __init__(self, index: int, method: str, url: str, error: FhirError) -> None:
+        issues = (
+            error.issues
+            if isinstance(error, InvalidResource)
+            else [
+                {
+                    "severity": "error",
+                    "code": error.code,
+                    "diagnostics": error.diagnostics,
+                    **({"expression": [error.expression]} if error.expression else {}),
+                }
+            ]
+        )
+        where = f"Bundle.entry[{index}]"
+        self.issues = [
+            {
+                **issue,
+                "diagnostics": f"entry {index} ({method} {url}): {issue.get('diagnostics', '')}",
+                "expression": [where, *issue.get("expression", [])],
+            }
+            for issue in issues
+        ]
+        super().__init__(error.status, error.code, self.issues[0]["diagnostics"], where)
+
+    def outcome(self) -> dict[str, Any]:
+        return {"resourceType": "OperationOutcome", "issue": self.issues}
+
+
+@dataclass
+class Entry:
+    """One entry as parsed: what to do, to what, and later what came of it."""
+
+    index: int
+    method: str
+    url: str
+    resource_type: str
+    resource_id: str | None
+    query: str | None
+    resource: dict[str, Any] | None
+    full_url: str | None
+    if_match: int | None
+    if_none_exist: str | None
+    planned_id: str | None = None
+    response: dict[str, Any] = field(default_factory=dict)
+    body: bytes | None = None
+
+
+def parse_bundle(data: Any) -> tuple[str, list[Entry]]:
+    """The Bundle's type and its entries, each checked as its own request would be."""
+    if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
+        raise FhirError(400, "invalid", "POST to the base takes a batch or transaction Bundle")
+    kind = data.get("type")
+    if kind not in ("batch", "transaction"):
+        raise FhirError(
+            400, "invalid", f"Bundle.type must be batch or transaction, not {kind!r}", "Bundle.type"
+        )
+    raw_entries = data.get("entry", [])
+    if not isinstance(raw_entries, list) or len(raw_entries) > MAX_ENTRIES:
+        raise FhirError(400, "invalid", f"Bundle.entry is a list of at most {MAX_ENTRIES} entries")
+    entries = []
+    for index, raw in enumerate(raw_entries):
+        entries.append(_parse_entry(index, raw))
+    return str(kind), entries
+
+
+def _parse_entry(index: int, raw: Any) -> Entry:
+    where = f"Bundle.entry[{index}]"
+    request = raw.get("request") if isinstance(raw, dict) else None
+    if not isinstance(request, dict):
+        raise FhirError(400, "required", f"entry {index} has no request", f"{where}.request")
+    method = request.get("method")
+    url = request.get("url")
+    if method not in _ORDER or not isinstance(url, str) or not url:
+        raise FhirError(
+            400, "invalid", f"entry {index} needs a request method and url", f"{where}.request"
+        )
+    split = urlsplit(url)
+    path = split.path.strip("/")
+    if "/fhir/" in f"/{path}":
+        path = f"/{path}".split("/fhir/", 1)[1]
+    parts = path.split("/") if path else []
+    if not parts:
+        raise FhirError(400, "invalid", f"entry {index}: {url!r} names no resource type")
+    resource = raw.get("resource")
+    if resource is not None and not isinstance(resource, dict):
+        raise FhirError(400, "invalid", f"entry {index}: the resource is not an object")
+    full_url = raw.get("fullUrl")
+    return Entry(
+        index=index,
+        method=str(method),
+        url=url,
+        resource_type=parts[0],
+        resource_id=parts[1] if len(parts) > 1 else None,
+        query=split.query or None,
+        resource=resource,
+        full_url=full_url if isinstance(full_url, str) else None,
+        if_match=parse_if_match(request.get("ifMatch")) if request.get("ifMatch") else None,
+        if_none_exist=request.get("ifNoneExist")
+        if isinstance(request.get("ifNoneExist"), str)
+        else None,
+    )
+
+
+# --- running entries ------------------------------------------------------------------------------
+
+
+def _patch_operations(entry: Entry) -> Any:
+    """A JSON Patch travels in a transaction as a Binary (application/json-patch+json)."""
+    resource = entry.resource or {}
+    if resource.get("resourceType") != "Binary" or "json-patch" not in str(
+        resource.get("contentType", "")
+    ):
+        raise FhirError(
+            415,
+            "not-supported",
+            "a PATCH entry carries a Binary of contentType application/json-patch+json",
+        )
+    try:
+        raw = base64.b64decode(str(resource.get("data", "")), validate=True)
+    except (binascii.Error, ValueError):
+        raise FhirError(400, "invalid", "the Binary's data is not base64") from None
+    return parse_json(raw)
+
+
+def _run_entry(writer: FacadeWriter, entry: Entry) -> Written | Deleted | None:
+    """Run one entry on the writer; None for a GET, whose response is already in the entry."""
+    resource_type = entry.resource_type
+    if entry.method in ("GET", "HEAD"):
+        _read(writer, entry)
+        return None
+    if entry.method == "DELETE":
+        check_deletable(resource_type)
+        if entry.resource_id is not None:
+            check_id(entry.resource_id)
+            return writer.delete(resource_type, entry.resource_id, if_match=entry.if_match)
+        return writer.conditional_delete(
+            resource_type, parse_criteria(resource_type, entry.query or "")
+        )
+    check_writable(resource_type)
+    if entry.method == "PATCH":
+        if entry.resource_id is None:
+            raise FhirError(400, "invalid", "a PATCH entry names one resource by id")
+        check_id(entry.resource_id)
+        return writer.patch(
+            resource_type, entry.resource_id, _patch_operations(entry), if_match=entry.if_match
+        )
+    if entry.method == "POST":
+        resource = resource_body(entry.resource, resource_type, None)
+        if entry.planned_id is not None and resource_type not in RECORD_KINDS:
+            return writer.update(
+                resource_type,
+                entry.planned_id,
+                resource | {"id": entry.planned_id},
+                must_be_new=True,
+            )
+        return writer.create(resource_type, resource)
+    # PUT
+    if entry.resource_id is not None:
+        check_id(entry.resource_id)
+        resource = resource_body(entry.resource, resource_type, entry.resource_id)
+        return writer.update(resource_type, entry.resource_id, resource, if_match=entry.if_match)
+    given = (entry.resource or {}).get("id")
+    resource = resource_body(
+        entry.resource, resource_type, given if isinstance(given, str) else None
+    )
+    criteria = parse_criteria(resource_type, entry.query or "")
+    return writer.conditional_update(resource_type, criteria, resource, if_match=entry.if_match)
+
+
+def _read(writer: FacadeWriter, entry: Entry) -> None:
+    if entry.resource_id is None or entry.query:
+        raise FhirError(400, "not-supported", "a GET entry here reads one resource by id")
+    stored = writer.resources.read(entry.resource_type, entry.resource_id)
+    if stored is None:
+        raise FhirError(404, "not-found", f"{entry.resource_type}/{entry.resource_id} is not known")
+    if stored.deleted:
+        raise FhirError(410, "deleted", f"{entry.resource_type}/{entry.resource_id} was deleted")
+    entry.response = {
+        "status": "200 OK",
+        "etag": f'W/"{stored.version}"',
+        "lastModified": stored.last_updated.isoformat(),
+    }
+    entry.body = stored.body.encode()
+
+
+def _record(entry: Entry, base: str, outcome: Written | Deleted | None) -> None:
+    if isinstance(outcome, Written):
+        stored = outcome.stored
+        entry.response = {
+            "status": "201 Created" if outcome.created else "200 OK",
+            "location": f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.version}",
+            "etag": f'W/"{stored.version}"',
+            "lastModified": stored.last_updated.isoformat(),
+        }
+        entry.body = stored.body.encode()
+    elif isinstance(outcome, Deleted):
+        entry.response = {"status": "204 No Content"}
+        if outcome.version is not None:
+            entry.response["etag"] = f'W/"{outcome.version}"'
+
+
+def _planned_id(writer: FacadeWriter, entry: Entry) -> str | None:
+    """The id a POST entry's resource will get, so references to its fullUrl can name it."""
+    resource = entry.resource or {}
+    if entry.resource_type not in RECORD_KINDS:
+        return str(uuid.uuid4())
+    kind = RECORD_KINDS[entry.resource_type]
+    system = writer.context.system(kind)
+    for identifier in resource.get("identifier") or []:
+        if isinstance(identifier, dict) and identifier.get("system") == system:
+            value = str(identifier.get("value", "")).split("/")[0]
+            if value:
+                return derived_id(entry.resource_type, value)
+    return None
+
+
+def _rewrite(value: Any, targets: dict[str, str]) -> Any:
+    """`value` with every reference to a fullUrl of the Bundle pointed at its resource."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key == "reference" and isinstance(item, str) and item in targets:
+                out[key] = targets[item]
+            else:
+                out[key] = _rewrite(item, targets)
+        return out
+    if isinstance(value, list):
+        return [_rewrite(item, targets) for item in value]
+    return value
+
+
+def run_transaction(writer: FacadeWriter, entries: list[Entry]) -> None:
+    """Every entry on one writer (one unit of work), in the spec's order; raises EntryFailed."""
+    targets: dict[str, str] = {}
+    for entry in entries:
+        try:
+            if entry.method == "POST" and entry.resource is not None:
+                found: list[str] = []
+                if entry.if_none_exist is not None:
+                    criteria = parse_criteria(entry.resource_type, entry.if_none_exist)
+                    found = writer.matching(entry.resource_type, criteria)
+                entry.planned_id = found[0] if len(found) == 1 else _planned_id(writer, entry)
+                if entry.full_url and entry.planned_id:
+                    targets[entry.full_url] = f"{entry.resource_type}/{entry.planned_id}"
+            elif entry.method == "PUT" and entry.resource_id and entry.full_url:
+                targets[entry.full_url] = f"{entry.resource_type}/{entry.resource_id}"
+        except FhirError as error:
+            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+    for entry in entries:
+        if entry.resource is not None:
+            entry.resource = _rewrite(copy.deepcopy(entry.resource), targets)
+    for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
+        try:
+            if entry.method == "POST" and entry.if_none_exist is not None:
+                criteria = parse_criteria(entry.resource_type, entry.if_none_exist)
+                resource = resource_body(entry.resource, entry.resource_type, None)
+                outcome: Written | Deleted | None = writer.create(
+                    entry.resource_type, resource, if_none_exist=criteria
+                )
+            else:
+                outcome = _run_entry(writer, entry)
+        except FhirError as error:
+            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+        _record(entry, writer.base, outcome)
+
+
+def run_batch(
+    *, services: Services, base: str, request_id: str | None, entries: list[Entry]
+) -> None:
+    """Each entry in a unit of work of its own; a failed entry reports its OperationOutcome."""
+    for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
+        try:
+            outcome = run_write(
+                services=services,
+                base=base,
+                request_id=request_id,
+                action=lambda writer, entry=entry: _run_entry(writer, entry),  # type: ignore[misc]
+            )
+        except FhirError as error:
+            failed = EntryFailed(entry.index, entry.method, entry.url, error)
+            entry.response = {
+                "status": f"{error.status}",
+                "outcome": failed.outcome(),
+            }
+            entry.body = None
+            continue
+        _record(entry, base, outcome)
+
+
+def transaction(
+    *, services: Services, base: str, request_id: str | None, entries: list[Entry]
+) -> None:
+    """Run a transaction, again if PostgreSQL chose it as a deadlock victim."""
+    for attempt in range(_RETRIES):
+        try:
+            run_write(
+                services=services,
+                base=base,
+                request_id=request_id,
+                action=lambda writer: run_transaction(writer, entries),
+            )
+            return
+        except DBAPIError as error:
+            code = getattr(error.orig, "sqlstate", None)
+            if code not in ("40P01", "40001") or attempt == _RETRIES - 1:
+                raise
+            for entry in entries:
+                entry.response, entry.body = {}, None
+
+
+def response_bundle(kind: str, entries: list[Entry]) -> bytes:
+    """The batch-response or transaction-response, entries in the request's order."""
+    parts = []
+    for entry in entries:
+        head = {"response": entry.response}
+        item = orjson.dumps(head)
+        if entry.body is not None:
+            item = item[:-1] + b',"resource":' + entry.body + b"}"
+        parts.append(item)
+    start = orjson.dumps({"resourceType": "Bundle", "type": f"{kind}-response"})[:-1]
+    return start + b',"entry":[' + b",".join(parts) + b"]}"
+
+
+# --- HTTP -----------------------------------------------------------------------------------------
+
+
+async def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(_services)]
+
+
+def build_bundle_router() -> APIRouter:
+    router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiate)])
+
+    @router.post("", summary="Batch or transaction Bundle", response_class=Response)
+    async def bundle(
+        request: Request,
+        services: ServicesDep,
+        prefer: Annotated[str | None, Header(alias="Prefer")] = None,
+    ) -> Response:
+        check_media_type(request.headers.get("content-type"))
+        kind, entries = parse_bundle(parse_json(await request.body()))
+        base = str(request.base_url).rstrip("/") + "/fhir"
+        request_id = getattr(request.state, "request_id", None)
+        run: Callable[..., None] = transaction if kind == "transaction" else run_batch
+        try:
+            await run_in_threadpool(
+                lambda: run(
+                    services=services,
+                    base=base,
+                    request_id=None if request_id is None else str(request_id),
+                    entries=entries,
+                )
+            )
+        except EntryFailed as failed:
+            return Response(
+                orjson.dumps(failed.outcome()), status_code=failed.status, media_type=FHIR_JSON
+            )
+        if prefer and "return=minimal" in prefer:
+            for entry in entries:
+                entry.body = None
+        return Response(response_bundle(kind, entries), media_type=FHIR_JSON)
+
+    return router
