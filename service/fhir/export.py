@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -129,13 +130,13 @@ def parse_instant(value: str, name: str) -> datetime:
     text = value.strip().replace(" ", "+")
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None or "T" not in text:
+        if parsed.tzinfo is None or "T" not in text:
+            raise ValueError(text)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # year 1 at +01:00 overflows in UTC
         raise FhirError(
             400, "invalid", f"{name} must be an instant with a time zone, not {value!r}", name
-        )
-    return parsed.astimezone(UTC)
+        ) from None
 
 
 def parse_types(value: str | None, *, allowed: Sequence[str], name: str = "_type") -> list[str]:
@@ -319,7 +320,7 @@ def everything_parameters(params: Mapping[str, str]) -> dict[str, Any]:
     count_text = params.get("_count")
     count = EVERYTHING_COUNT
     if count_text is not None:
-        if not count_text.strip().isdigit() or int(count_text) < 1:
+        if not re.fullmatch(r"[0-9]{1,9}", count_text.strip()) or int(count_text) < 1:
             raise FhirError(400, "invalid", "_count must be a positive integer", "_count")
         count = min(int(count_text), MAX_COUNT)
     since_text = params.get("_since")
@@ -387,6 +388,8 @@ async def _parameters_body(request: Request) -> dict[str, str]:
     if not raw.strip():
         return {}
     content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        return dict(QueryParams(raw.decode("latin-1")))
     if content_type and "json" not in content_type:
         raise FhirError(415, "not-supported", f"send application/fhir+json, not {content_type}")
     try:

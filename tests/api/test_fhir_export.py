@@ -144,6 +144,7 @@ def test_kick_off_needs_respond_async(client: TestClient) -> None:
         ("_since=yesterday", 400, "invalid"),
         ("_since=2026-01-01T00:00:00", 400, "invalid"),
         ("_since=2026-01-01", 400, "invalid"),
+        ("_since=0001-01-01T00:00:00%2B01:00", 400, "invalid"),
         ("_typeFilter=Observation%3Fstatus%3Dfinal", 400, "not-supported"),
         ("_elements=id", 400, "not-supported"),
     ],
@@ -443,6 +444,9 @@ def test_everything_since_type_and_post(client: TestClient) -> None:
     rest = entries(everything_pages(client, next_url))
     assert bundle["entry"] + rest == only
     assert client.post(url).status_code == 200
+    form = client.post(url, data={"_type": "Observation,Encounter", "_count": "1000"})
+    assert form.status_code == 200
+    assert form.json()["entry"] == only
 
 
 def test_everything_errors_are_operation_outcomes(client: TestClient) -> None:
@@ -452,6 +456,8 @@ def test_everything_errors_are_operation_outcomes(client: TestClient) -> None:
     assert_outcome(client.get(f"{url}?_page=not-a-token"), 400, "invalid")
     assert_outcome(client.get(f"{url}?_count=0"), 400, "invalid")
     assert_outcome(client.get(f"{url}?_count=lots"), 400, "invalid")
+    assert_outcome(client.get(f"{url}?_count=%C2%B2"), 400, "invalid")
+    assert_outcome(client.get(f"{url}?_since=0001-01-01T00:00:00%2B01:00"), 400, "invalid")
     assert_outcome(client.get(f"{url}?_since=soon"), 400, "invalid")
     assert_outcome(client.get(f"{url}?_type=Spaceship"), 400, "not-supported")
     assert_outcome(client.get(f"{url}?start=2026-01-01"), 400, "not-supported")
