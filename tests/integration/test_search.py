@@ -60,8 +60,8 @@ class Store:
 
 
 @pytest.fixture
-def store(database: Database) -> Iterator[Store]:
-    yield Store(database)
+def store(database: Database) -> Store:
+    return Store(database)
 
 
 def patient(**fields: Any) -> dict[str, Any]:
