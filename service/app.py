@@ -16,6 +16,7 @@ from service.bootstrap import Services, bootstrap
 from service.fhir.api import ConformanceResources
 from service.fhir.api import build_router as build_fhir_router
 from service.fhir.bundles import build_bundle_router
+from service.fhir.capabilities import build_capability_router
 from service.fhir.export import build_export_router
 from service.fhir.profile_validation import default_profiles_dir
 from service.fhir.writes import build_write_router
@@ -48,6 +49,7 @@ def create_app(services: Services | None = None) -> FastAPI:
     app.state.conformance = ConformanceResources(
         services.settings.profiles_dir or default_profiles_dir()
     )
+    app.include_router(build_capability_router())
     app.include_router(build_export_router())
     app.include_router(build_fhir_router())
     app.include_router(build_write_router())

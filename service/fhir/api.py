@@ -22,7 +22,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from mappings.fhir import FHIR_VERSION
 from service.bootstrap import Services
 from service.fhir.errors import FHIR_JSON, FhirError, NotAcceptable, ResourceGone, ResourceNotFound
 from service.fhir.search import (
@@ -55,7 +54,8 @@ STORED_TYPES = (
 CONFORMANCE_TYPES = ("CodeSystem", "ConceptMap", "Questionnaire", "StructureDefinition", "ValueSet")
 """Resource types of the package in profiles/, read-only."""
 
-STORED_INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
+READ_INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
+"""What this module implements for stored types (CapabilityStatement interaction codes)."""
 SUBSETTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "code": "SUBSETTED",
@@ -79,66 +79,6 @@ class ConformanceResources:
                 "resource"
             ):
                 self.profiles_by_type.setdefault(resource["type"], []).append(resource["url"])
-
-
-def capability_statement(base: str, conformance: ConformanceResources) -> dict[str, Any]:
-    """What the facade implements, generated from the same lists that route requests."""
-    resources: list[dict[str, Any]] = []
-    for resource_type in sorted((*STORED_TYPES, *CONFORMANCE_TYPES)):
-        stored = resource_type in STORED_TYPES
-        entry: dict[str, Any] = {"type": resource_type}
-        profiles = conformance.profiles_by_type.get(resource_type)
-        if profiles:
-            entry["supportedProfile"] = sorted(profiles)
-        interactions = STORED_INTERACTIONS if stored else ("read",)
-        entry["interaction"] = [{"code": code} for code in interactions]
-        entry["versioning"] = "versioned" if stored else "no-version"
-        entry["readHistory"] = stored
-        if stored:
-            entry["conditionalRead"] = "full-support"
-            entry.update(_search_capabilities(resource_type))
-            entry["operation"] = [
-                {
-                    "name": "validate",
-                    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
-                }
-            ]
-        resources.append(entry)
-    return {
-        "resourceType": "CapabilityStatement",
-        "status": "active",
-        "date": datetime.now(UTC).date().isoformat(),
-        "publisher": "Infusion Bridge",
-        "kind": "instance",
-        "software": {"name": "Infusion Bridge"},
-        "implementation": {"description": "Infusion Bridge FHIR facade", "url": base},
-        "fhirVersion": FHIR_VERSION,
-        "format": ["application/fhir+json", "json"],
-        "rest": [{"mode": "server", "resource": resources}],
-    }
-
-
-def _search_capabilities(resource_type: str) -> dict[str, Any]:
-    """searchParam, searchInclude and searchRevInclude of a stored type, from the definitions."""
-    catalogue = definitions()
-    own = catalogue.by_type.get(resource_type, {})
-    params = [
-        {
-            "name": code,
-            "definition": parameter.url,
-            "type": parameter.type,
-        }
-        for code, parameter in sorted(own.items())
-    ]
-    includes = sorted(f"{resource_type}:{code}" for code, p in own.items() if p.type == "reference")
-    reverse = sorted(
-        f"{source}:{code}"
-        for source, parameters in catalogue.by_type.items()
-        if source in STORED_TYPES
-        for code, p in parameters.items()
-        if p.type == "reference" and (not p.targets or resource_type in p.targets)
-    )
-    return {"searchInclude": includes, "searchRevInclude": reverse, "searchParam": params}
 
 
 async def _services(request: Request) -> Services:
@@ -450,11 +390,6 @@ def build_router() -> APIRouter:
         outcome = await run_in_threadpool(services.validator.outcome, resource, profile)
         # 200 whatever the verdict: the operation worked; the outcome says what it found.
         return Response(orjson.dumps(outcome), media_type=FHIR_JSON)
-
-    @router.get("/metadata", summary="The CapabilityStatement", response_class=Response)
-    async def metadata(request: Request, conformance: ConformanceDep) -> Response:
-        body = capability_statement(_base(request), conformance)
-        return Response(orjson.dumps(body), media_type=FHIR_JSON)
 
     @router.get("/{resource_type}", summary="Search", response_class=Response)
     async def search(request: Request, resource_type: str, services: ServicesDep) -> Response:

@@ -48,7 +48,29 @@ def test_metadata_is_a_valid_capability_statement(client: TestClient) -> None:
         "vread",
         "history-instance",
         "history-type",
+        "search-type",
+        "create",
+        "update",
+        "patch",
     ]
+    assert "delete" in [i["code"] for i in by_type["Observation"]["interaction"]]
+    params = {p["name"]: p for p in by_type["Observation"]["searchParam"]}
+    assert params["patient"] == {
+        "name": "patient",
+        "definition": "http://hl7.org/fhir/SearchParameter/clinical-patient",
+        "type": "reference",
+    }
+    assert {"code", "date", "value-quantity", "_id", "_lastUpdated", "_profile"} <= set(params)
+    assert "Observation:patient" in by_type["Observation"]["searchInclude"]
+    assert "Provenance:target" in by_type["Observation"]["searchRevInclude"]
+    assert [o["name"] for o in by_type["Patient"]["operation"]] == [
+        "validate",
+        "export",
+        "everything",
+    ]
+    rest = statement["rest"][0]
+    assert [i["code"] for i in rest["interaction"]] == ["transaction", "batch"]
+    assert [o["name"] for o in rest["operation"]] == ["export"]
     assert by_type["Patient"]["supportedProfile"] == [
         "http://infusion-bridge.org/fhir/StructureDefinition/ib-patient"
     ]
