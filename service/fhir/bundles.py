@@ -39,6 +39,7 @@ from service.fhir.writes import (
     check_id,
     check_media_type,
     check_writable,
+    criteria_key,
     derived_id,
     parse_criteria,
     parse_if_match,
@@ -297,6 +298,8 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry]) -> None:
                 found: list[str] = []
                 if entry.if_none_exist is not None:
                     criteria = parse_criteria(entry.resource_type, entry.if_none_exist)
+                    # Held to the end of the transaction: the match cannot change under us.
+                    writer.resources.serialize(criteria_key(entry.resource_type, criteria))
                     found = writer.matching(entry.resource_type, criteria)
                 entry.planned_id = found[0] if len(found) == 1 else _planned_id(writer, entry)
                 if entry.full_url and entry.planned_id:
