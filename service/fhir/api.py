@@ -25,6 +25,8 @@ from starlette.responses import Response
 from service.bootstrap import Services
 from service.fhir.errors import FHIR_JSON, FhirError, NotAcceptable, ResourceGone, ResourceNotFound
 from service.fhir.search import (
+    Row,
+    SearchError,
     SearchPage,
     SearchQuery,
     parse_search,
@@ -63,11 +65,16 @@ SUBSETTED = {
 MAX_COUNT = 1000
 
 
+CONFORMANCE_SEARCH = ("url", "name", "version", "status")
+"""Parameters a search of the published conformance resources supports (besides `_id`)."""
+
+
 class ConformanceResources:
     """The package in profiles/: served by id, and listed in the CapabilityStatement."""
 
     def __init__(self, folder: Path) -> None:
         self.by_key: dict[tuple[str, str], bytes] = {}
+        self.fields: dict[tuple[str, str], dict[str, str]] = {}
         self.profiles_by_type: dict[str, list[str]] = {}
         for path in sorted(folder.glob("*.json")):
             if path.name == "package.json":
@@ -75,10 +82,26 @@ class ConformanceResources:
             raw = path.read_bytes()
             resource = orjson.loads(raw)
             self.by_key[(resource["resourceType"], resource["id"])] = raw
+            self.fields[(resource["resourceType"], resource["id"])] = {
+                name: str(resource[name]) for name in CONFORMANCE_SEARCH if name in resource
+            }
             if resource["resourceType"] == "StructureDefinition" and resource.get("kind") == (
                 "resource"
             ):
                 self.profiles_by_type.setdefault(resource["type"], []).append(resource["url"])
+
+    def search(
+        self, resource_type: str, query: SearchQuery, criteria: list[tuple[str, str]]
+    ) -> SearchPage:
+        """The package is small and fixed: searched in memory, on exact values."""
+        rows = []
+        for (kind, resource_id), raw in sorted(self.by_key.items()):
+            if kind != resource_type:
+                continue
+            found = {"_id": resource_id, **self.fields[(kind, resource_id)]}
+            if all(found.get(name) in value.split(",") for name, value in criteria):
+                rows.append(Row(kind, resource_id, raw.decode()))
+        return SearchPage(rows[: query.count], [], len(rows), None)
 
 
 async def _services(request: Request) -> Services:
@@ -290,7 +313,7 @@ def _subset(body: str, query: SearchQuery) -> bytes:
         elif query.summary == "data":
             if key != "text":
                 out[key] = value
-        elif keep is not None and _element_name(key) in keep:
+        elif keep is not None and _selected(key, keep):
             out[key] = value
     meta = dict(out.get("meta", {}))
     meta["tag"] = [*meta.get("tag", []), SUBSETTED]
@@ -298,13 +321,16 @@ def _subset(body: str, query: SearchQuery) -> bytes:
     return orjson.dumps(out)
 
 
-def _element_name(key: str) -> str:
-    """The element a JSON key carries: `valueQuantity` is `value`, `_birthDate` is `birthDate`."""
-    key = key.removeprefix("_")
-    for index, char in enumerate(key):
-        if char.isupper():
-            return key[:index]
-    return key
+def _selected(key: str, keep: set[str]) -> bool:
+    """Whether a JSON key carries a kept element: `_birthDate` is `birthDate`, and
+    `valueQuantity` is the choice element `value`."""
+    name = key.removeprefix("_")
+    if name in keep:
+        return True
+    return any(
+        name.startswith(element) and len(name) > len(element) and name[len(element)].isupper()
+        for element in keep
+    )
 
 
 def _searchset(request: Request, query: SearchQuery, page: SearchPage) -> bytes:
@@ -357,8 +383,8 @@ async def _search(
     request: Request, services: Services, resource_type: str, params: list[tuple[str, str]]
 ) -> Response:
     _check_type(resource_type)
-    if resource_type not in STORED_TYPES:
-        raise FhirError(405, "not-supported", f"{resource_type} is read by id only here")
+    if resource_type in CONFORMANCE_TYPES:
+        return _conformance_search(request, resource_type, params)
     query = parse_search(resource_type, params, base=_base(request), strict=_strict(request))
 
     def read() -> SearchPage:
@@ -366,6 +392,29 @@ async def _search(
             return run_search(uow.connection, query)
 
     page = await run_in_threadpool(read)
+    return Response(_searchset(request, query, page), media_type=FHIR_JSON)
+
+
+def _conformance_search(
+    request: Request, resource_type: str, params: list[tuple[str, str]]
+) -> Response:
+    query = SearchQuery(resource_type=resource_type)
+    criteria: list[tuple[str, str]] = []
+    for name, value in params:
+        if name in ("_id", *CONFORMANCE_SEARCH):
+            criteria.append((name, value.split("|")[0] if name == "url" else value))
+            query.applied.append((name, value))
+        elif name == "_count" and value.isdigit():
+            query.count = min(int(value), MAX_COUNT)
+            query.applied.append((name, value))
+        elif name in ("_format", "_pretty"):
+            continue
+        elif _strict(request):
+            raise SearchError(name, f"is not supported on {resource_type} here")
+        else:
+            query.ignored.append((name, f"{name}: is not supported on {resource_type} here"))
+    conformance: ConformanceResources = request.app.state.conformance
+    page = conformance.search(resource_type, query, criteria)
     return Response(_searchset(request, query, page), media_type=FHIR_JSON)
 
 
