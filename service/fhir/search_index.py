@@ -67,7 +67,14 @@ def date_range(value: str) -> tuple[datetime, datetime]:
     match = _DATE.fullmatch(value.strip())
     if match is None:
         raise ValueError(f"{value!r} is not a FHIR date or dateTime")
-    parts = match.groupdict()
+    try:
+        return _range(match.groupdict())
+    except (ValueError, OverflowError):  # a month 13, a 30 February, a 25th hour
+        raise ValueError(f"{value!r} is not a FHIR date or dateTime") from None
+
+
+def _range(parts: dict[str, str | None]) -> tuple[datetime, datetime]:
+    assert parts["year"] is not None
     year = int(parts["year"])
     if parts["month"] is None:
         low = datetime(year, 1, 1, tzinfo=UTC)
@@ -82,12 +89,13 @@ def date_range(value: str) -> tuple[datetime, datetime]:
         )
         return low, _end(following if year < 9999 or month < 12 else None)
     day = datetime(year, month, int(parts["day"]), tzinfo=UTC)
-    if parts["hour"] is None:
+    if parts["hour"] is None or parts["minute"] is None:
         return day, _end(day + timedelta(days=1) if day.date() < MAX_DATE.date() else None)
     offset = timedelta(0)
-    if parts["tz"] not in (None, "Z"):
-        sign = -1 if parts["tz"][0] == "-" else 1
-        hours, minutes = parts["tz"][1:].split(":")
+    zone = parts["tz"]
+    if zone is not None and zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        hours, minutes = zone[1:].split(":")
         offset = sign * timedelta(hours=int(hours), minutes=int(minutes))
     start = day.replace(hour=int(parts["hour"]), minute=int(parts["minute"])) - offset
     if parts["second"] is None:
