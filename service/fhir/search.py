@@ -697,7 +697,8 @@ def run_search(connection: Connection, query: SearchQuery) -> SearchPage:
     """One page of matches, with their includes, total (when asked or free) and next cursor."""
     filtered = _base_query(query)
     total: int | None = None
-    if query.summary == "count" or query.total == "accurate":
+    # `_count=0` asks for the total alone (clients count that way), as `_summary=count` does.
+    if query.summary == "count" or query.total == "accurate" or query.count == 0:
         total = connection.execute(
             select(func.count()).select_from(filtered.subquery())
         ).scalar_one()

@@ -414,6 +414,7 @@ def test_total_summary_count_and_accurate(store: Store) -> None:
     tag = ("_tag", f"{TAG_SYSTEM}|{store.tag}")
     for extra, expected_total, expected_rows in (
         ([("_summary", "count")], 5, 0),
+        ([("_count", "0")], 5, 0),
         ([("_count", "2"), ("_total", "accurate")], 5, 2),
         ([("_count", "2")], None, 2),
         ([("_count", "10")], 5, 5),
