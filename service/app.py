@@ -19,6 +19,7 @@ from service.fhir.bundles import build_bundle_router
 from service.fhir.capabilities import build_capability_router
 from service.fhir.export import build_export_router
 from service.fhir.profile_validation import default_profiles_dir
+from service.fhir.reads import build_read_routes
 from service.fhir.writes import build_write_router
 from service.problems import RequestIdMiddleware, install_error_handlers
 from service.records.api import build_router
@@ -33,7 +34,9 @@ def create_app(services: Services | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await services.reader.open()
         yield
+        await services.reader.close()
         services.close()
 
     app = FastAPI(
@@ -49,6 +52,9 @@ def create_app(services: Services | None = None) -> FastAPI:
     app.state.conformance = ConformanceResources(
         services.settings.profiles_dir or default_profiles_dir()
     )
+    # read and vread first, as plain Starlette routes: the hot path skips FastAPI's machinery.
+    fast_reads = build_read_routes(reader=services.reader, conformance=app.state.conformance)
+    app.router.routes[0:0] = fast_reads
     app.include_router(build_capability_router())
     app.include_router(build_export_router())
     app.include_router(build_fhir_router())

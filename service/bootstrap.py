@@ -19,6 +19,7 @@ from service.fhir.profile_validation import ProfileValidator, default_validator
 from service.fhir.validation import ResourceValidator
 from service.records.materialize import Materializer
 from service.store.db import Database
+from service.store.reads import ResourceReader, resource_reader
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Services:
     database: Database
     validator: ResourceValidator
     materializer: Materializer
+    reader: ResourceReader
+    """Point reads for the FHIR read path (the app's lifespan opens and closes it)."""
 
     def close(self) -> None:
         self.database.dispose()
@@ -47,6 +50,7 @@ def bootstrap(settings: Settings | None = None, *, database: Database | None = N
         database=database,
         validator=validator,
         materializer=materializer(settings, validator=validator),
+        reader=resource_reader(database.url, pool_size=settings.database_pool_size),
     )
 
 

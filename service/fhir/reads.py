@@ -1,0 +1,138 @@
+"""FHIR read and vread (`GET /fhir/{type}/{id}`, `.../_history/{vid}`): the facade's hot path.
+
+Two plain Starlette routes mounted ahead of the FastAPI routes: no dependency resolution, no
+request models, no threadpool hop. Each request is one point read on a `ResourceReader` (the
+driver, not SQLAlchemy) and answers the stored bytes with `ETag`, `Last-Modified` and
+`Content-Location`, or 304 to a conditional read. Errors are raised as `FhirError`s, so the
+app's handlers answer them as OperationOutcomes like every other /fhir error.
+
+Nothing here caches a resource: every request reads the database (several API processes may
+serve one PostgreSQL database). Conformance resources (profiles/) are served from memory; they
+change only with a new release.
+
+The routes take only types and ids that do not start with `_` or `$` (FHIR types and ids never
+do): those paths (`_history`, `_search`, `$export`, `$export-status/...`, operations) fall
+through to the FastAPI routes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+from email.utils import format_datetime, parsedate_to_datetime
+
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from service.fhir.api import CONFORMANCE_TYPES, STORED_TYPES, ConformanceResources, negotiate
+from service.fhir.errors import FHIR_JSON, ResourceGone, ResourceNotFound
+from service.store.reads import ResourceReader
+from service.store.resources import StoredResource
+
+
+class _NameConvertor(Convertor[str]):
+    """A path segment that can be a resource type or id: not `_history`, `$export`, ..."""
+
+    regex = "[^/_$][^/]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("fhir_name", _NameConvertor())
+
+
+def not_modified(request: Request, stored: StoredResource) -> bool:
+    """Conditional read: If-None-Match names this version, or If-Modified-Since is not older."""
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None:
+        wanted = {tag.strip().removeprefix("W/").strip('"') for tag in if_none_match.split(",")}
+        return "*" in wanted or str(stored.version) in wanted
+    if_modified_since = request.headers.get("if-modified-since")
+    if if_modified_since is not None:
+        try:
+            since = parsedate_to_datetime(if_modified_since)
+        except (TypeError, ValueError):
+            return False  # an unreadable date is ignored, as RFC 9110 says
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        # HTTP dates have whole seconds: compare at that precision.
+        return stored.last_updated.replace(microsecond=0) <= since
+    return False
+
+
+def resource_response(request: Request, stored: StoredResource) -> Response:
+    """The stored bytes of a version with its validators, or 304 when the client has them."""
+    headers = {
+        "ETag": f'W/"{stored.version}"',
+        "Last-Modified": format_datetime(stored.last_updated, usegmt=True),
+        "Content-Location": f"{stored.resource_type}/{stored.id}/_history/{stored.version}",
+    }
+    if not_modified(request, stored):
+        return Response(status_code=304, headers=headers)
+    return Response(stored.body, media_type=FHIR_JSON, headers=headers)
+
+
+def _check_type(resource_type: str) -> None:
+    if resource_type not in STORED_TYPES and resource_type not in CONFORMANCE_TYPES:
+        raise ResourceNotFound(f"resource type {resource_type} is not supported here")
+
+
+def build_read_routes(
+    *, reader: ResourceReader, conformance: ConformanceResources
+) -> list[BaseRoute]:
+    """read and vread, to be mounted ahead of the FastAPI routes."""
+
+    async def read(request: Request) -> Response:
+        await negotiate(request)
+        resource_type: str = request.path_params["resource_type"]
+        resource_id: str = request.path_params["resource_id"]
+        _check_type(resource_type)
+        if resource_type in CONFORMANCE_TYPES:
+            raw = conformance.by_key.get((resource_type, resource_id))
+            if raw is None:
+                raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+            return Response(raw, media_type=FHIR_JSON)
+        stored = await reader.current(resource_type, resource_id)
+        if stored is None:
+            raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+        if stored.deleted:
+            raise ResourceGone(resource_type, resource_id, stored.version)
+        return resource_response(request, stored)
+
+    async def vread(request: Request) -> Response:
+        await negotiate(request)
+        resource_type: str = request.path_params["resource_type"]
+        resource_id: str = request.path_params["resource_id"]
+        version_id: str = request.path_params["version_id"]
+        _check_type(resource_type)
+        if resource_type not in STORED_TYPES or not version_id.isdigit():
+            raise ResourceNotFound(f"{resource_type}/{resource_id}/_history/{version_id}")
+        row = await reader.version(resource_type, resource_id, int(version_id))
+        if row is None:
+            raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id}")
+        if row.body is None:
+            raise ResourceGone(resource_type, resource_id, row.version)
+        version = StoredResource(
+            row.resource_type, row.id, row.version, row.last_updated, False, row.body
+        )
+        return resource_response(request, version)
+
+    routes: list[BaseRoute] = []
+    for path, endpoint, name in (
+        ("/fhir/{resource_type:fhir_name}/{resource_id:fhir_name}", read, "fhir_read"),
+        (
+            "/fhir/{resource_type:fhir_name}/{resource_id:fhir_name}/_history/{version_id}",
+            vread,
+            "fhir_vread",
+        ),
+    ):
+        route = Route(path, endpoint, methods=["GET"], name=name, include_in_schema=False)
+        # Starlette adds HEAD to a GET route; the facade answers GET only (HEAD stays a 405).
+        route.methods = {"GET"}
+        routes.append(route)
+    return routes

@@ -1,0 +1,226 @@
+"""Point reads of stored resources for the FHIR read path, straight from the database driver.
+
+`GET /fhir/{type}/{id}` and its vread are the service's hot path: a primary-key lookup whose
+answer is served as stored. Through SQLAlchemy each read cost a threadpool hop, a pooled
+connection checkout (with a pre-ping on PostgreSQL) and BEGIN/SELECT/ROLLBACK, several times
+the lookup itself. The readers here do one statement per read on the driver and nothing else:
+
+- `PostgresReader`: an asyncio psycopg 3 pool in autocommit (a lone SELECT needs no
+  transaction), statements prepared on first use per connection, no check per checkout; a
+  connection found dead is discarded and the read retried once on another.
+- `SqliteReader`: one sqlite3 connection per thread, queried on the calling thread, which on the
+  server is the event loop's (see `SqliteReader` for why that beats a thread hop).
+
+Every read goes to the database: several API processes may serve one PostgreSQL database, so
+nothing here caches a resource. Readers only read; writes go through the unit of work
+(`service.store.db`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import anyio.to_thread
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool
+from sqlalchemy import make_url
+
+from service.store.resources import StoredResource, VersionRow
+
+_CURRENT = (
+    "SELECT version, last_updated, deleted, body FROM resources"
+    " WHERE resource_type = {0} AND id = {0}"
+)
+_VERSION = (
+    "SELECT last_updated, deleted, body FROM resource_versions"
+    " WHERE resource_type = {0} AND id = {0} AND version = {0}"
+)
+_PG_CURRENT, _PG_VERSION = _CURRENT.format("%s"), _VERSION.format("%s")
+_SQLITE_CURRENT, _SQLITE_VERSION = _CURRENT.format("?"), _VERSION.format("?")
+
+
+class ResourceReader(Protocol):
+    """Reads the current version or one version of a resource; None when there is none."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def current(self, resource_type: str, resource_id: str) -> StoredResource | None: ...
+
+    async def version(
+        self, resource_type: str, resource_id: str, version: int
+    ) -> VersionRow | None: ...
+
+
+def resource_reader(database_url: str, *, pool_size: int = 10) -> ResourceReader:
+    """The reader for the database at `database_url` (a SQLAlchemy URL, as in Settings)."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise ValueError("the FHIR read path needs a SQLite file, not an in-memory database")
+        return SqliteReader(url.database)
+    params: dict[str, Any] = {
+        "host": url.host,
+        "port": url.port,
+        "user": url.username,
+        "password": url.password,
+        "dbname": url.database,
+    }
+    params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
+    conninfo = make_conninfo("", **{k: v for k, v in params.items() if v is not None})
+    return PostgresReader(conninfo, pool_size=pool_size)
+
+
+class PostgresReader:
+    """Point reads on an asyncio psycopg pool of autocommit connections."""
+
+    def __init__(self, conninfo: str, *, pool_size: int) -> None:
+        self._conninfo = conninfo
+        self._pool_size = pool_size
+        self._pool: AsyncConnectionPool | None = None
+
+    async def open(self) -> None:
+        """Open the pool on the running event loop (the server's lifespan calls this)."""
+        if self._pool is not None:
+            return
+        pool = AsyncConnectionPool(
+            self._conninfo,
+            # A point read holds a connection for one round trip: a few serve many requests.
+            min_size=min(2, self._pool_size),
+            max_size=self._pool_size,
+            # prepare_threshold=0: each connection prepares the two statements on first use.
+            kwargs={"autocommit": True, "prepare_threshold": 0},
+            open=False,
+            name="fhir-read",
+        )
+        self._pool = pool
+        await pool.open(wait=True)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _fetch(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if self._pool is None:
+            await self.open()
+        assert self._pool is not None
+        # No check per checkout: a connection that died while idle (a server restart, an idle
+        # timeout) fails its query, the pool discards it on return, and the read is retried once.
+        for attempt in (1, 2):
+            try:
+                async with self._pool.connection() as connection:
+                    cursor = await connection.execute(query, params)
+                    return await cursor.fetchone()
+            except psycopg.OperationalError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def current(self, resource_type: str, resource_id: str) -> StoredResource | None:
+        row = await self._fetch(_PG_CURRENT, (resource_type, resource_id))
+        if row is None:
+            return None
+        version, last_updated, deleted, body = row
+        return StoredResource(
+            resource_type, resource_id, version, last_updated.astimezone(UTC), deleted, body
+        )
+
+    async def version(
+        self, resource_type: str, resource_id: str, version: int
+    ) -> VersionRow | None:
+        row = await self._fetch(_PG_VERSION, (resource_type, resource_id, version))
+        if row is None:
+            return None
+        last_updated, deleted, body = row
+        return VersionRow(
+            resource_type, resource_id, version, last_updated.astimezone(UTC), deleted, body
+        )
+
+
+class SqliteReader:
+    """Point reads on a sqlite3 connection of the calling thread, without a thread hop.
+
+    A primary-key lookup in SQLite takes tens of microseconds; handing it to the threadpool and
+    back costs more than that, and under load the worker threads then contend with the event loop
+    for the GIL. So the read runs on the event loop's own connection. In WAL mode a reader never
+    waits for a writer; the rare moments it would (another connection recovering the WAL) must
+    not stall the loop, so that connection has no busy timeout, and a read that finds the database
+    busy is retried in a worker thread whose connection waits as long as the writers' do.
+    Autocommit: each SELECT reads the newest committed snapshot, and ends when its rows are taken.
+    """
+
+    def __init__(self, path: str, *, busy_timeout_ms: int = 30_000) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+
+    async def open(self) -> None:
+        """Connections are opened per thread on first use."""
+
+    async def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+        self._local = threading.local()
+
+    def _connection(self, *, wait: bool) -> sqlite3.Connection:
+        slot = "waiting" if wait else "immediate"
+        connection: sqlite3.Connection | None = getattr(self._local, slot, None)
+        if connection is None:
+            connection = sqlite3.connect(
+                self._path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            connection.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms if wait else 0}")
+            connection.execute("PRAGMA query_only=ON")
+            setattr(self._local, slot, connection)
+            with self._lock:
+                self._connections.append(connection)
+        return connection
+
+    def _fetch(self, query: str, params: tuple[Any, ...], *, wait: bool) -> tuple[Any, ...] | None:
+        # fetchall steps the statement to its end, which closes its read transaction: the next
+        # read sees what was committed since.
+        rows = self._connection(wait=wait).execute(query, params).fetchall()
+        return tuple(rows[0]) if rows else None
+
+    async def _read(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        try:
+            return self._fetch(query, params, wait=False)
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+        return await anyio.to_thread.run_sync(lambda: self._fetch(query, params, wait=True))
+
+    async def current(self, resource_type: str, resource_id: str) -> StoredResource | None:
+        row = await self._read(_SQLITE_CURRENT, (resource_type, resource_id))
+        if row is None:
+            return None
+        version, last_updated, deleted, body = row
+        return StoredResource(
+            resource_type, resource_id, version, _sqlite_time(last_updated), bool(deleted), body
+        )
+
+    async def version(
+        self, resource_type: str, resource_id: str, version: int
+    ) -> VersionRow | None:
+        row = await self._read(_SQLITE_VERSION, (resource_type, resource_id, version))
+        if row is None:
+            return None
+        last_updated, deleted, body = row
+        return VersionRow(
+            resource_type, resource_id, version, _sqlite_time(last_updated), bool(deleted), body
+        )
+
+
+def _sqlite_time(value: str) -> datetime:
+    """A stored timestamp: SQLAlchemy keeps UTC as naive ISO text on SQLite (`UtcDateTime`)."""
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
