@@ -113,13 +113,15 @@ end
 """
 
 
-def _run_wrk(url: str, paths_file: Path, seconds: float, folder: Path) -> dict[str, Any]:
+def _run_wrk(
+    url: str, paths_file: Path, seconds: float, folder: Path, connections: int = CONNECTIONS
+) -> dict[str, Any]:
     script = folder / "read.lua"
     script.write_text(WRK_SCRIPT)
     command = [
         "wrk",
         "-t1",
-        f"-c{CONNECTIONS}",
+        f"-c{connections}",
         f"-d{seconds:g}s",
         "--timeout",
         "10s",
@@ -169,7 +171,9 @@ async def _connection(
         writer.close()
 
 
-async def _python_load(url: str, paths: list[str], seconds: float, warmup: float) -> dict[str, Any]:
+async def _python_load(
+    url: str, paths: list[str], seconds: float, warmup: float, connections: int = CONNECTIONS
+) -> dict[str, Any]:
     parsed = httpx.URL(url)
     host, port = parsed.host, parsed.port or 80
     headers = f"Host: {host}:{port}\r\nAccept: application/fhir+json\r\n\r\n"
@@ -178,11 +182,11 @@ async def _python_load(url: str, paths: list[str], seconds: float, warmup: float
     errors: list[int] = []
     now = time.perf_counter()
     warm_until, stop_at = now + warmup, now + warmup + seconds
-    step = max(1, len(paths) // CONNECTIONS)
+    step = max(1, len(paths) // connections)
     await asyncio.gather(
         *(
             _connection(host, port, requests, n * step, warm_until, stop_at, latencies, errors)
-            for n in range(CONNECTIONS)
+            for n in range(connections)
         )
     )
     latencies.sort()
@@ -195,9 +199,11 @@ async def _python_load(url: str, paths: list[str], seconds: float, warmup: float
     }
 
 
-def _load_process(url: str, paths_file: Path, seconds: float, warmup: float) -> dict[str, Any]:
+def _load_process(
+    url: str, paths_file: Path, seconds: float, warmup: float, connections: int = CONNECTIONS
+) -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.fhir_read", "load", url, str(paths_file)]
-    command += [str(seconds), str(warmup)]
+    command += [str(seconds), str(warmup), str(connections)]
     done = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=seconds + warmup + 60
     )
@@ -207,12 +213,18 @@ def _load_process(url: str, paths_file: Path, seconds: float, warmup: float) -> 
     return result
 
 
-def _measure(url: str, paths_file: Path, folder: Path) -> dict[str, Any]:
+def _measure(
+    url: str,
+    paths_file: Path,
+    folder: Path,
+    connections: int = CONNECTIONS,
+    seconds: float = SECONDS,
+) -> dict[str, Any]:
     if LOADGEN == "wrk":
-        _run_wrk(url, paths_file, WARMUP, folder)
-        result = _run_wrk(url, paths_file, SECONDS, folder)
+        _run_wrk(url, paths_file, WARMUP, folder, connections)
+        result = _run_wrk(url, paths_file, seconds, folder, connections)
     else:
-        result = _load_process(url, paths_file, SECONDS, WARMUP)
+        result = _load_process(url, paths_file, seconds, WARMUP, connections)
     if result["errors"]:
         raise RuntimeError(f"{url}: {result['errors']} failed requests under load")
     return result
@@ -386,7 +398,7 @@ def _rate(result: dict[str, Any]) -> float:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["load"]:
-        target, paths_file, seconds, warmup = sys.argv[2:6]
+        target, paths_file, seconds, warmup, connections = sys.argv[2:7]
         paths = Path(paths_file).read_text().split()
         try:
             import uvloop
@@ -394,7 +406,7 @@ if __name__ == "__main__":
             run = uvloop.run
         except ImportError:
             run = asyncio.run
-        outcome = run(_python_load(target, paths, float(seconds), float(warmup)))
+        outcome = run(_python_load(target, paths, float(seconds), float(warmup), int(connections)))
         print(json.dumps(outcome))
     else:
         main()
