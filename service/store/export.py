@@ -183,87 +183,83 @@ class ExportJobs:
 # --- the snapshot of one resource type at a job's transaction time -----------------------------
 
 
-def _in_compartment(resource_type: str, compartment: Compartment) -> ColumnElement[bool]:
-    """The current row is in some Patient's compartment (every Patient is in its own)."""
+def _in_compartment(
+    resource_type: str, compartment: Compartment, *, after: str | None = None
+) -> ColumnElement[bool]:
+    """The current row is in some Patient's compartment (every Patient is in its own).
+
+    `after` repeats a page's keyset bound inside the subquery, so a merge join of the index
+    rows starts at the page rather than at the first row of the type.
+    """
     if resource_type == "Patient":
         return true()
     params = tuple(compartment.get(resource_type, ()))
     if not params:
         return false()
-    return exists().where(
+    membership = exists().where(
         search_reference.c.resource_type == resources.c.resource_type,
         search_reference.c.resource_id == resources.c.id,
         search_reference.c.param.in_(params),
         search_reference.c.target_type == "Patient",
     )
+    if after is not None:
+        membership = membership.where(search_reference.c.resource_id > after)
+    return membership
 
 
-def _snapshot_query(
-    *,
-    resource_type: str,
-    transaction_time: datetime,
-    since: datetime | None,
-    compartment: Compartment | None,
-) -> Select[Any]:
-    """Rows (id, body) of the versions of `resource_type` current at `transaction_time`.
-
-    The current row serves when it is not newer than the snapshot; otherwise the newest
-    version at or before it does (joined only for those rows, typically few).
-    """
-    at_snapshot = (
-        select(func.max(resource_versions.c.version))
-        .where(
-            resource_versions.c.resource_type == resources.c.resource_type,
-            resource_versions.c.id == resources.c.id,
-            resource_versions.c.last_updated <= transaction_time,
-        )
-        .scalar_subquery()
+def _versions_at(resource_type: str, transaction_time: datetime) -> Select[Any]:
+    """(id, body, deleted, last_updated) of each `resource_type` version current at the instant:
+    the newest at or before it."""
+    later = resource_versions.alias("later")
+    return select(
+        resource_versions.c.id,
+        resource_versions.c.body,
+        resource_versions.c.deleted,
+        resource_versions.c.last_updated,
+    ).where(
+        resource_versions.c.resource_type == resource_type,
+        resource_versions.c.last_updated <= transaction_time,
+        ~exists().where(
+            later.c.resource_type == resource_versions.c.resource_type,
+            later.c.id == resource_versions.c.id,
+            later.c.version > resource_versions.c.version,
+            later.c.last_updated <= transaction_time,
+        ),
     )
-    older = resource_versions.alias("older")
-    current_ok = and_(resources.c.last_updated <= transaction_time, resources.c.deleted == false())
-    older_ok = and_(
-        resources.c.last_updated > transaction_time,
-        older.c.version.is_not(None),
-        older.c.deleted == false(),
-    )
-    if since is not None:
-        current_ok = and_(current_ok, resources.c.last_updated >= since)
-        older_ok = and_(older_ok, older.c.last_updated >= since)
-    body = case(
-        (resources.c.last_updated <= transaction_time, resources.c.body), else_=older.c.body
-    )
-    query = (
-        select(resources.c.id, body.label("body"))
-        .select_from(
-            resources.outerjoin(
-                older,
-                and_(
-                    resources.c.last_updated > transaction_time,
-                    older.c.resource_type == resources.c.resource_type,
-                    older.c.id == resources.c.id,
-                    older.c.version == at_snapshot,
-                ),
-            )
-        )
-        .where(resources.c.resource_type == resource_type, or_(current_ok, older_ok))
-    )
-    if compartment is not None:
-        query = query.where(_in_compartment(resource_type, compartment))
-    return query
 
 
 def snapshot_count(
     *, connection: Connection, job: ExportJob, resource_type: str, compartment: Compartment
 ) -> int:
-    """How many resources the job's file of `resource_type` holds."""
-    query = _snapshot_query(
-        resource_type=resource_type,
-        transaction_time=job.transaction_time,
-        since=job.since,
-        compartment=compartment if job.patient_level else None,
+    """How many resources the job's file of `resource_type` holds.
+
+    Current rows not newer than the snapshot, plus, for rows written since, their versions
+    current at it that were not deletions.
+    """
+    current = select(func.count()).where(
+        resources.c.resource_type == resource_type,
+        resources.c.last_updated <= job.transaction_time,
+        resources.c.deleted == false(),
     )
-    counted = select(func.count()).select_from(query.subquery())
-    return int(connection.execute(counted).scalar_one())
+    at_snapshot = _versions_at(resource_type, job.transaction_time).subquery("at_snapshot")
+    changed = (
+        select(func.count())
+        .select_from(resources.join(at_snapshot, at_snapshot.c.id == resources.c.id))
+        .where(
+            resources.c.resource_type == resource_type,
+            resources.c.last_updated > job.transaction_time,
+            at_snapshot.c.deleted == false(),
+        )
+    )
+    if job.since is not None:
+        current = current.where(resources.c.last_updated >= job.since)
+        changed = changed.where(at_snapshot.c.last_updated >= job.since)
+    if job.patient_level:
+        current = current.where(_in_compartment(resource_type, compartment))
+        changed = changed.where(_in_compartment(resource_type, compartment))
+    return int(connection.execute(current).scalar_one()) + int(
+        connection.execute(changed).scalar_one()
+    )
 
 
 def snapshot_pages(
@@ -276,26 +272,47 @@ def snapshot_pages(
 ) -> Iterator[list[str]]:
     """The stored bodies of the job's file of `resource_type`, a keyset page at a time.
 
-    Each page is read in its own short transaction, so a slow download holds no connection
-    between pages; the snapshot filter keeps the pages consistent with one another.
+    One walk over the primary key: a row not newer than the snapshot serves its own body; the
+    rows written since are looked up, a page at a time, in `resource_versions`. Each page is
+    read in its own short transaction, so a slow download holds no connection between pages;
+    the snapshot instant keeps the pages consistent with one another. A page may come out
+    shorter than `page_size` (rows created or deleted after the snapshot drop out).
     """
-    query = _snapshot_query(
-        resource_type=resource_type,
-        transaction_time=job.transaction_time,
-        since=job.since,
-        compartment=compartment if job.patient_level else None,
-    )
+    at = job.transaction_time
+    kept = and_(resources.c.last_updated <= at, resources.c.deleted == false())
+    if job.since is not None:
+        kept = and_(kept, resources.c.last_updated >= job.since)
+    query = select(
+        resources.c.id,
+        resources.c.version,
+        resources.c.last_updated,
+        # Only read the body the page serves (a newer one would be read for nothing).
+        case((resources.c.last_updated <= at, resources.c.body), else_=None).label("body"),
+    ).where(resources.c.resource_type == resource_type, or_(kept, resources.c.last_updated > at))
     after: str | None = None
     while True:
-        page_query = query
-        if after is not None:
-            page_query = page_query.where(resources.c.id > after)
+        page_query = query if after is None else query.where(resources.c.id > after)
+        if job.patient_level:
+            page_query = page_query.where(_in_compartment(resource_type, compartment, after=after))
         page_query = page_query.order_by(resources.c.id).limit(page_size)
         with database.unit_of_work(write=False) as uow:
             rows = uow.connection.execute(page_query).all()
+            # A first version newer than the snapshot was created after it: nothing to look up.
+            changed = [row.id for row in rows if row.last_updated > at and row.version > 1]
+            older: dict[str, str] = {}
+            if changed:
+                versions = _versions_at(resource_type, at).where(
+                    resource_versions.c.id.in_(changed), resource_versions.c.deleted == false()
+                )
+                if job.since is not None:
+                    versions = versions.where(resource_versions.c.last_updated >= job.since)
+                older = {v.id: v.body for v in uow.connection.execute(versions)}
         if not rows:
             return
-        yield [row.body for row in rows]
+        page = [row.body if row.last_updated <= at else older.get(row.id) for row in rows]
+        bodies = [body for body in page if body is not None]
+        if bodies:
+            yield bodies
         if len(rows) < page_size:
             return
         after = rows[-1].id
