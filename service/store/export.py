@@ -13,6 +13,10 @@ rows of current versions: compartment membership is as of the query, not as of t
 resource moved to another patient, or deleted, after `transaction_time` follows its current
 rows).
 
+`transaction_time` is the kick-off process's clock, as `last_updated` is each writer's: a write
+stamped before the instant that commits only after the job counted its files is in the file but
+not in the manifest's count (a window as long as that write's transaction).
+
 This module runs queries on connections it is given (or units of work of the `Database` it is
 given, one per page); it never commits a caller's transaction and knows nothing of HTTP.
 """
