@@ -40,7 +40,14 @@ MAX_DATE: Final = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 RESOURCE_COLUMNS: Final = frozenset({"_id", "_lastUpdated"})
 """Parameters answered from the resources table itself; they get no index rows."""
 MAX_TEXT: Final = 256
-"""Index text is cut to this many characters (matching still works on the prefix)."""
+"""Index values (text, codes, systems, URLs) are cut to this many characters, and so are the
+values searched for: PostgreSQL refuses a btree row over ~2.7 kB, and four bytes a character
+keeps two such columns under it. Values longer than this match on their first MAX_TEXT."""
+
+
+def cut(value: str | None) -> str | None:
+    """A value as the index holds it."""
+    return None if value is None else value[:MAX_TEXT]
 
 
 def normalize(text: str) -> str:
@@ -303,7 +310,8 @@ def programs(resource_type: str) -> tuple[tuple[SearchParameter, Program], ...]:
 # --- values -------------------------------------------------------------------------------------
 
 _REFERENCE = re.compile(
-    r"(?:(?P<base>.+)/)?(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?"
+    r"(?:(?P<base>.+)/)?(?P<type>[A-Z][A-Za-z]{0,63})/(?P<id>[A-Za-z0-9\-.]{1,64})"
+    r"(?:/_history/[^/]+)?"
 )
 
 
@@ -347,22 +355,31 @@ def _add(rows: IndexRows, parameter: SearchParameter, nodes: list[Node]) -> None
         if kind == "string":
             rows.strings += [(code, normalize(text), text[:MAX_TEXT]) for text in _strings(value)]
         elif kind == "token":
-            rows.tokens += [(code, *token) for token in _tokens(value, key)]
+            rows.tokens += [
+                (code, _text(system), _text(token), folded)
+                for system, token, folded in _tokens(value, key)
+            ]
         elif kind == "uri":
             if isinstance(value, str):
-                rows.tokens.append((code, None, value, None))
+                rows.tokens.append((code, None, cut(value), None))
         elif kind == "date":
             rows.dates += [(code, *span) for span in _dates(value, key)]
         elif kind == "reference":
             target = _reference(value)
             if target is not None:
-                rows.references.append((code, *target))
+                target_type, target_id, url = target
+                rows.references.append((code, target_type, target_id, cut(url)))
         elif kind == "quantity" and isinstance(value, dict):
             number = value.get("value")
             if isinstance(number, int | float) and not isinstance(number, bool):
                 system = value.get("system")
                 unit = value.get("code") or value.get("unit")
-                rows.quantities.append((code, float(number), system, unit))
+                rows.quantities.append((code, float(number), _text(system), _text(unit)))
+
+
+def _text(value: Any) -> str | None:
+    """A string value cut to the index's size; anything else (a malformed value) is no value."""
+    return value[:MAX_TEXT] if isinstance(value, str) else None
 
 
 def _strings(value: Any) -> Iterator[str]:

@@ -9,6 +9,7 @@ not written at all. Reads serve the stored bytes.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -117,12 +118,15 @@ def patient_of(resource: Resource) -> str | None:
         target = resource.get(element)
         if isinstance(target, dict):
             ref = str(target.get("reference", ""))
-            if ref.startswith("Patient/"):
-                return ref.removeprefix("Patient/")
+            patient_id = ref.removeprefix("Patient/")
+            # Only an id that is a FHIR id orders deliveries; anything else is no patient.
+            if ref.startswith("Patient/") and _FHIR_ID.fullmatch(patient_id):
+                return patient_id
     return None
 
 
 _CHUNK = 500
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _CURRENT = select(
     resources.c.resource_type,
     resources.c.id,

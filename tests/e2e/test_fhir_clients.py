@@ -126,8 +126,14 @@ def test_fhirclient_reads_the_capability_statement_and_every_resource_strictly(
         "vread",
         "history-instance",
         "history-type",
+        "search-type",
+        "create",
+        "update",
+        "patch",
     ]
-    assert by_type["Observation"].versioning == "versioned"
+    assert by_type["Observation"].versioning == "versioned-update"
+    assert by_type["Observation"].conditionalCreate is True
+    assert "patient" in [p.name for p in by_type["Observation"].searchParam]
     assert [i.code for i in by_type["StructureDefinition"].interaction] == ["read"]
 
     patient_id = resource_id("patient", records.patient["external_id"])

@@ -468,3 +468,18 @@ def test_matching_ids_for_conditional_interactions(store: Store) -> None:
             matching_ids(uow.connection, "Patient", [("nonsense", "1")], base=BASE)
         with pytest.raises(FhirError):
             matching_ids(uow.connection, "Patient", [("_count", "1")], base=BASE)
+
+
+def test_values_longer_than_the_index_holds_are_stored_and_found_by_their_start(
+    store: Store,
+) -> None:
+    long_value = "V" * 5000
+    (one,) = store.put(
+        patient(
+            identifier=[{"system": "urn:" + "s" * 3000, "value": long_value}],
+            managingOrganization={"reference": "https://ehr.example.org/" + "o" * 4000},
+            name=[{"family": "F" * 4000}],
+        )
+    )
+    assert store.find("Patient", f"family={'f' * 300}") == [one]
+    assert store.find("Patient", f"identifier={long_value[:256]}") == [one]
