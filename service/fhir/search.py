@@ -187,6 +187,7 @@ def parse_search(
     are not allowed.
     """
     query = SearchQuery(resource_type=resource_type)
+    filters: list[tuple[str, str]] = []
     for name, value in params:
         try:
             if name in IGNORED_QUIETLY:
@@ -199,13 +200,41 @@ def parse_search(
                 query.conditions.append(
                     _condition(resource_type, name, value, base=base, subject=resources.c.id)
                 )
+                filters.append((name, value))
             if name != "_page":
                 query.applied.append((name, value))
         except SearchError as error:
             if strict or name == "_page":
                 raise
             query.ignored.append((name, error.diagnostics))
+    # Every condition above probes its index per candidate (EXISTS); the likeliest most selective
+    # one is made the set the candidates come from (IN), so neither database scans every resource
+    # of the type or collects every id a broad parameter (a date, a common code) matches.
+    ranked = [(_selectivity(resource_type, *item), n) for n, item in enumerate(filters)]
+    drivable = [(rank, n) for rank, n in ranked if rank is not None]
+    if drivable:
+        _, chosen = min(drivable)
+        name, value = filters[chosen]
+        query.conditions[chosen] = _condition(
+            resource_type, name, value, base=base, subject=resources.c.id, drive=True
+        )
     return query
+
+
+_SELECTIVITY: Final = {"reference": 1, "token": 2, "uri": 3, "string": 3, "quantity": 4, "date": 4}
+
+
+def _selectivity(resource_type: str, name: str, value: str) -> int | None:
+    """How few resources a parameter likely matches (lower is fewer); None: it cannot drive."""
+    code, _, modifier = name.partition(":")
+    if name.startswith("_has:") or "." in name or modifier in ("not", "missing"):
+        return None
+    if code == "_id":
+        return 0
+    if code == "_lastUpdated":
+        return None
+    found = definitions().parameter(resource_type, code)
+    return None if found is None else _SELECTIVITY.get(found.type)
 
 
 def _result_parameter(query: SearchQuery, name: str, value: str) -> None:
@@ -273,12 +302,20 @@ def _include(resource_type: str, name: str, value: str) -> Include:
 
 
 def _condition(
-    resource_type: str, name: str, value: str, *, base: str, subject: ColumnElement[str]
+    resource_type: str,
+    name: str,
+    value: str,
+    *,
+    base: str,
+    subject: ColumnElement[str],
+    drive: bool = False,
 ) -> ColumnElement[bool]:
     """The condition one parameter puts on `subject`, the column of the ids being searched.
 
     Every index table is used through its own alias, so the sub-selects of chains and `_has`
-    (which search the same tables again) never correlate with an enclosing one.
+    (which search the same tables again) never correlate with an enclosing one. An index
+    condition is an EXISTS probing the index rows of each candidate, or with `drive` the set of
+    matching ids the candidates are taken from.
     """
     if name.startswith("_has:"):
         return _has(resource_type, name, value, base=base, subject=subject)
@@ -329,16 +366,17 @@ def _condition(
     if modifier == "missing":
         if value not in ("true", "false"):
             raise SearchError(name, "takes true or false")
-        present = subject.in_(owned)
+        present = owned.where(table.c.resource_id == subject).exists()
         return not_(present) if value == "true" else present
     matches = [
         _value_match(table, parameter, modifier or None, target_type, item, name, base)
         for item in _values(value, name)
     ]
     subquery = owned.where(or_(*matches))
-    if modifier == "not":
-        return not_(subject.in_(subquery))
-    return subject.in_(subquery)
+    if drive and modifier != "not":
+        return subject.in_(subquery)
+    probe = subquery.where(table.c.resource_id == subject).exists()
+    return not_(probe) if modifier == "not" else probe
 
 
 def _values(value: str, name: str) -> list[str]:

@@ -165,7 +165,14 @@ def _index_table(name: str, *columns: Column[Any], lookup: tuple[str, ...]) -> T
         *columns,
     )
     Index(f"ix_{name}_lookup", table.c.resource_type, table.c.param, *lookup, table.c.resource_id)
-    Index(f"ix_{name}_resource", table.c.resource_type, table.c.resource_id, table.c.param)
+    # Leading with the resource: a search's per-candidate probe reads this index alone.
+    Index(
+        f"ix_{name}_resource",
+        table.c.resource_type,
+        table.c.resource_id,
+        table.c.param,
+        *(table.c[column] for column in lookup),
+    )
     return table
 
 
