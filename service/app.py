@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware import Middleware
 from pydantic import TypeAdapter
 from starlette.responses import JSONResponse
 
@@ -19,7 +20,7 @@ from service.fhir.bundles import build_bundle_router
 from service.fhir.capabilities import build_capability_router
 from service.fhir.export import build_export_router
 from service.fhir.profile_validation import default_profiles_dir
-from service.fhir.reads import build_read_routes
+from service.fhir.reads import FastReads, build_read_routes
 from service.fhir.writes import build_write_router
 from service.problems import RequestIdMiddleware, install_error_handlers
 from service.records.api import build_router
@@ -52,8 +53,10 @@ def create_app(services: Services | None = None) -> FastAPI:
     app.state.conformance = ConformanceResources(
         services.settings.profiles_dir or default_profiles_dir()
     )
-    # read and vread first, as plain Starlette routes: the hot path skips FastAPI's machinery.
+    # read and vread, the hot path, are answered by the innermost middleware (inside the request
+    # id), before FastAPI's exception middleware and routing; the router holds the same routes.
     fast_reads = build_read_routes(reader=services.reader, conformance=app.state.conformance)
+    app.user_middleware.append(Middleware(FastReads, routes=fast_reads))
     app.router.routes[0:0] = fast_reads
     app.include_router(build_capability_router())
     app.include_router(build_export_router())

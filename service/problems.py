@@ -90,16 +90,21 @@ _ISSUE_CODES = {
 }
 
 
+def fhir_error_response(error: FhirError) -> Response:
+    """The OperationOutcome answering a FhirError (the FHIR read path answers its own)."""
+    return outcome_response(
+        error.status,
+        error.code,
+        error.diagnostics,
+        expression=error.expression,
+        headers=error.headers,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def fhir_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, FhirError)
-        return outcome_response(
-            error.status,
-            error.code,
-            error.diagnostics,
-            expression=error.expression,
-            headers=error.headers,
-        )
+        return fhir_error_response(error)
 
     async def service_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, ServiceError)

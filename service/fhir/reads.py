@@ -23,10 +23,12 @@ from email.utils import format_datetime, parsedate_to_datetime
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.fhir.api import CONFORMANCE_TYPES, STORED_TYPES, ConformanceResources, negotiate
-from service.fhir.errors import FHIR_JSON, ResourceGone, ResourceNotFound
+from service.fhir.errors import FHIR_JSON, FhirError, ResourceGone, ResourceNotFound
+from service.problems import fhir_error_response
 from service.store.reads import ResourceReader
 from service.store.resources import StoredResource
 
@@ -82,37 +84,54 @@ def _check_type(resource_type: str) -> None:
         raise ResourceNotFound(f"resource type {resource_type} is not supported here")
 
 
-def build_read_routes(
-    *, reader: ResourceReader, conformance: ConformanceResources
-) -> list[BaseRoute]:
-    """read and vread, to be mounted ahead of the FastAPI routes."""
+class _ReadEndpoint:
+    """read (or vread) as a raw ASGI endpoint: it answers its own errors as OperationOutcomes."""
 
-    async def read(request: Request) -> Response:
-        await negotiate(request)
-        resource_type: str = request.path_params["resource_type"]
-        resource_id: str = request.path_params["resource_id"]
+    def __init__(
+        self, *, reader: ResourceReader, conformance: ConformanceResources, vread: bool
+    ) -> None:
+        self._reader = reader
+        self._conformance = conformance
+        self._vread = vread
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope)
+        try:
+            await negotiate(request)
+            params = scope["path_params"]
+            if self._vread:
+                response = await self._version(
+                    request, params["resource_type"], params["resource_id"], params["version_id"]
+                )
+            else:
+                response = await self._current(
+                    request, params["resource_type"], params["resource_id"]
+                )
+        except FhirError as error:
+            response = fhir_error_response(error)
+        await response(scope, receive, send)
+
+    async def _current(self, request: Request, resource_type: str, resource_id: str) -> Response:
         _check_type(resource_type)
         if resource_type in CONFORMANCE_TYPES:
-            raw = conformance.by_key.get((resource_type, resource_id))
+            raw = self._conformance.by_key.get((resource_type, resource_id))
             if raw is None:
                 raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
             return Response(raw, media_type=FHIR_JSON)
-        stored = await reader.current(resource_type, resource_id)
+        stored = await self._reader.current(resource_type, resource_id)
         if stored is None:
             raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
         if stored.deleted:
             raise ResourceGone(resource_type, resource_id, stored.version)
         return resource_response(request, stored)
 
-    async def vread(request: Request) -> Response:
-        await negotiate(request)
-        resource_type: str = request.path_params["resource_type"]
-        resource_id: str = request.path_params["resource_id"]
-        version_id: str = request.path_params["version_id"]
+    async def _version(
+        self, request: Request, resource_type: str, resource_id: str, version_id: str
+    ) -> Response:
         _check_type(resource_type)
         if resource_type not in STORED_TYPES or not version_id.isdigit():
             raise ResourceNotFound(f"{resource_type}/{resource_id}/_history/{version_id}")
-        row = await reader.version(resource_type, resource_id, int(version_id))
+        row = await self._reader.version(resource_type, resource_id, int(version_id))
         if row is None:
             raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id}")
         if row.body is None:
@@ -122,17 +141,43 @@ def build_read_routes(
         )
         return resource_response(request, version)
 
-    routes: list[BaseRoute] = []
-    for path, endpoint, name in (
-        ("/fhir/{resource_type:fhir_name}/{resource_id:fhir_name}", read, "fhir_read"),
+
+def build_read_routes(*, reader: ResourceReader, conformance: ConformanceResources) -> list[Route]:
+    """read and vread as Starlette routes (GET only: HEAD stays a 405, as on every FHIR route)."""
+    routes = []
+    for path, vread, name in (
+        ("/fhir/{resource_type:fhir_name}/{resource_id:fhir_name}", False, "fhir_read"),
         (
             "/fhir/{resource_type:fhir_name}/{resource_id:fhir_name}/_history/{version_id}",
-            vread,
+            True,
             "fhir_vread",
         ),
     ):
+        endpoint = _ReadEndpoint(reader=reader, conformance=conformance, vread=vread)
         route = Route(path, endpoint, methods=["GET"], name=name, include_in_schema=False)
-        # Starlette adds HEAD to a GET route; the facade answers GET only (HEAD stays a 405).
-        route.methods = {"GET"}
+        route.methods = {"GET"}  # Starlette adds HEAD to a GET route
         routes.append(route)
     return routes
+
+
+class FastReads:
+    """ASGI middleware answering GET read and vread before FastAPI's own middleware and routing.
+
+    Install it inside `RequestIdMiddleware` (every response still carries its X-Request-ID) and
+    register the same routes on the router too: anything else they match (another method, a
+    trailing slash to redirect) is left to the router, which answers as it always did.
+    """
+
+    def __init__(self, app: ASGIApp, *, routes: list[Route]) -> None:
+        self.app = app
+        self._routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            for route in self._routes:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    await route.handle(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
