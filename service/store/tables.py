@@ -241,3 +241,35 @@ export_jobs = Table(
     Column("completed_at", UtcDateTime, nullable=True),
 )
 """One row per Bulk Data export; the files are streamed from the store when downloaded."""
+
+# --- security: registered clients, seen client assertions, the token signing key --------------
+
+clients = Table(
+    "clients",
+    metadata,
+    Column("id", String(200), primary_key=True, comment="The client id (iss and sub it signs)."),
+    Column("jwks", Text, nullable=True, comment="The client's public keys, a JWK Set as JSON."),
+    Column("jwks_url", String(2000), nullable=True, comment="Where its JWK Set is published."),
+    Column("scope", Text, nullable=False, comment="Space-separated scopes it may be granted."),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+"""SMART Backend Services clients, registered with `infusion-bridge clients add`."""
+
+client_assertions = Table(
+    "client_assertions",
+    metadata,
+    Column("client_id", String(200), primary_key=True),
+    Column("jti", String(200), primary_key=True),
+    Column("expires_at", UtcDateTime, nullable=False, index=True),
+)
+"""Every client assertion's jti until it expires: the primary key refuses a replay, in any
+process."""
+
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("private_pem", Text, nullable=False, comment="PKCS#8 PEM of the RS384 key."),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+"""The key that signs access tokens when none is configured, shared by every API process."""
