@@ -273,3 +273,103 @@ signing_keys = Table(
     Column("created_at", UtcDateTime, nullable=False),
 )
 """The key that signs access tokens when none is configured, shared by every API process."""
+
+# --- EHR delivery and care-plan sync (service.sync) ---------------------------------------------
+
+sync_destinations = Table(
+    "sync_destinations",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("outbox_cursor", BigInteger, nullable=False, comment="Last outbox id fanned out."),
+    Column("strategies", Text, nullable=True, comment="JSON {type: strategy} last chosen."),
+    Column("capabilities_at", UtcDateTime, nullable=True),
+    Column("care_plan_cursor", String(64), nullable=True, comment="Newest _lastUpdated pulled."),
+    Column("last_pull_at", UtcDateTime, nullable=True),
+    Column("pull_requested", Boolean, nullable=False, comment="A catch-up poll is due."),
+    Column("subscription_events", BigInteger, nullable=True, comment="Last event number seen."),
+    Column("last_notification_at", UtcDateTime, nullable=True),
+    Column("last_success_at", UtcDateTime, nullable=True),
+    Column("last_failure_at", UtcDateTime, nullable=True),
+    Column("last_error", Text, nullable=True, comment="Status and message, no patient data."),
+)
+"""Per destination: how far the outbox is fanned out, the strategies, the care-plan cursors."""
+
+sync_deliveries = Table(
+    "sync_deliveries",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("destination", String(64), nullable=False),
+    Column("lane", String(140), nullable=False, comment="Patient id (or type/id): one order."),
+    Column("outbox_id", BigInteger, nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("resource_id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column(
+        "status",
+        String(16),
+        nullable=False,
+        comment="pending, delivered, dead, skipped, superseded, echo, unsupported",
+    ),
+    Column("strategy", String(32), nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UtcDateTime, nullable=False),
+    Column("written_at", UtcDateTime, nullable=False, comment="When the change was stored."),
+    Column("finished_at", UtcDateTime, nullable=True),
+    Column("latency_ms", Integer, nullable=True, comment="Written to accepted by the EHR."),
+    Column("error", Text, nullable=True),
+    Column("outcome", Text, nullable=True, comment="The EHR's OperationOutcome, as JSON."),
+    UniqueConstraint("destination", "outbox_id"),
+    Index(None, "destination", "lane", "status", "id"),
+    Index(None, "destination", "status", "id"),
+)
+"""One row per outbox change per destination, from fan-out to its end."""
+
+sync_lanes = Table(
+    "sync_lanes",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("lane", String(140), primary_key=True),
+    Column("next_due", UtcDateTime, nullable=True, comment="Its first pending change is due."),
+    Column("leased_until", UtcDateTime, nullable=True),
+    Column("leased_by", String(64), nullable=True),
+    Index(None, "destination", "next_due"),
+)
+"""A patient's changes for one destination, leased by one worker at a time: they stay in order."""
+
+sync_ledger = Table(
+    "sync_ledger",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("resource_type", String(64), primary_key=True),
+    Column("resource_id", String(64), primary_key=True),
+    Column("remote_type", String(64), nullable=False),
+    Column("remote_id", String(64), nullable=False),
+    Column("remote_version", String(64), nullable=True, comment="Its version we wrote or read."),
+    Column("pushed_version", Integer, nullable=True, comment="Our version the EHR holds."),
+    Column("origin_version", Integer, nullable=True, comment="Our version pulled from the EHR."),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index(None, "destination", "remote_type", "remote_id"),
+)
+"""Which EHR resource each of ours is (the matched Patient too): no create is repeated."""
+
+sync_conflicts = Table(
+    "sync_conflicts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("destination", String(64), nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("resource_id", String(64), nullable=False),
+    Column("record_kind", String(16), nullable=False),
+    Column("record_id", String(64), nullable=False),
+    Column("field", String(200), nullable=False),
+    Column("clinic_value", Text, nullable=True, comment="JSON"),
+    Column("ehr_value", Text, nullable=True, comment="JSON"),
+    Column("base_value", Text, nullable=True, comment="JSON: the value both last agreed on."),
+    Column("remote_version", String(64), nullable=True),
+    Column("status", String(16), nullable=False, comment="open or resolved"),
+    Column("detected_at", UtcDateTime, nullable=False),
+    Column("resolved_at", UtcDateTime, nullable=True),
+    Index(None, "status", "id"),
+)
+"""Fields both the clinic and the EHR changed since they last agreed: kept, never overwritten."""

@@ -1,0 +1,255 @@
+"""What one EHR receives for a stored resource: pure functions, no database and no HTTP.
+
+- `translate`: the stored resource with the service's version metadata removed and every
+  reference pointing where the EHR can resolve it: the EHR's Patient found by identifier, the
+  remote id the ledger holds, a `urn:uuid:` of another entry of the same transaction, or, when
+  the EHR holds no copy of the target, a logical reference by the target's business identifier.
+- `infusion_summary` and `document_reference`: the readable DocumentReference that stands in for
+  a MedicationAdministration or score Observation an EHR cannot take.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
+from typing import Any
+
+from service.records.models import Assessment, InfusionSession, RecordModel
+from service.sync.client import parse_location
+
+Resource = dict[str, Any]
+Key = tuple[str, str]
+
+LOINC = "http://loinc.org"
+SUMMARY_LOINC = "11506-3"  # Progress note
+SUMMARY_TYPE_TEXT = "Ketamine infusion summary"
+
+
+class UnresolvedPatient(Exception):
+    """The resource names a Patient the EHR has no match for."""
+
+
+def references(value: Any) -> Iterator[dict[str, Any]]:
+    """Every Reference-like object (a dict with a string `reference`) inside a resource."""
+    if isinstance(value, dict):
+        if isinstance(value.get("reference"), str):
+            yield value
+        for key, item in value.items():
+            if key != "contained":
+                yield from references(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from references(item)
+
+
+def relative_key(reference: str) -> Key | None:
+    parts = reference.split("/")
+    if len(parts) == 2 and parts[0][:1].isupper() and parts[1]:
+        return parts[0], parts[1]
+    return None
+
+
+def referenced_keys(resource: Resource) -> set[Key]:
+    return {k for ref in references(resource) if (k := relative_key(ref["reference"])) is not None}
+
+
+def business_identifier(resource: Resource, site_system: str) -> dict[str, str] | None:
+    """The resource's identifier in the site's own systems (`{site_system}/{kind}`), if any."""
+    prefix = site_system.rstrip("/") + "/"
+    for identifier in resource.get("identifier") or []:
+        if not isinstance(identifier, dict):
+            continue
+        system, value = identifier.get("system"), identifier.get("value")
+        if isinstance(system, str) and system.startswith(prefix) and isinstance(value, str):
+            return {"system": system, "value": value}
+    return None
+
+
+def translate(
+    resource: Resource,
+    *,
+    remote_id: str | None,
+    remote_of: Callable[[Key], str | None],
+    identifier_of: Callable[[Key], dict[str, str] | None],
+    in_bundle: frozenset[Key] = frozenset(),
+) -> Resource:
+    """The resource as this EHR receives it (see the module docstring); a new dict.
+
+    `remote_of` gives the EHR's id of a target (the Patient match included; a Patient with none
+    raises `UnresolvedPatient`), `identifier_of` a target's business identifier.
+    """
+    out: Resource = _copy(resource)
+    meta = dict(out.get("meta") or {})
+    for name in ("versionId", "lastUpdated", "source"):
+        meta.pop(name, None)
+    if meta:
+        out["meta"] = meta
+    else:
+        out.pop("meta", None)
+    if remote_id is None:
+        out.pop("id", None)
+    else:
+        out["id"] = remote_id
+    for ref in references(out):
+        key = relative_key(ref["reference"])
+        if key is None:
+            continue
+        if key in in_bundle:
+            ref["reference"] = f"urn:uuid:{_urn(key)}"
+            continue
+        found = remote_of(key)
+        if found is not None:
+            ref["reference"] = f"{key[0]}/{found}"
+            continue
+        if key[0] == "Patient":
+            raise UnresolvedPatient(key[1])
+        del ref["reference"]
+        identifier = ref.get("identifier") or identifier_of(key)
+        if identifier is not None:
+            ref["identifier"] = identifier
+            ref.setdefault("type", key[0])
+        if not ref.get("identifier") and not ref.get("display"):
+            ref["display"] = f"{key[0]} kept by the infusion clinic"
+    return out
+
+
+def _urn(key: Key) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{key[0]}/{key[1]}"))
+
+
+def bundle_full_url(key: Key) -> str:
+    return f"urn:uuid:{_urn(key)}"
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+# --- the DocumentReference fallback -----------------------------------------------------------
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M %z") if value else "-"
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def infusion_summary(record: RecordModel) -> str:
+    """A readable summary of an infusion session (or a standalone rating-scale assessment)."""
+    if isinstance(record, InfusionSession):
+        return _session_summary(record)
+    if isinstance(record, Assessment):
+        lines = [
+            f"Rating-scale assessment {record.external_id}",
+            f"Instrument: {record.instrument.value.upper()}   timing: {record.timing.value}",
+            f"Administered: {_when(record.administered_at)}",
+            f"Total score: {record.total}",
+        ]
+        if record.items:
+            lines.append("Items: " + ", ".join(str(i) for i in record.items))
+        return "\n".join(lines) + "\n"
+    raise ValueError(f"no summary for a {record.kind} record")
+
+
+def _session_summary(session: InfusionSession) -> str:
+    lines = [
+        f"Ketamine infusion session {session.external_id} (course {session.course})",
+        f"Status: {session.status.value}"
+        + (f" ({session.status_reason})" if session.status_reason else ""),
+        f"Scheduled: {_when(session.scheduled_start)}   started: {_when(session.started_at)}"
+        f"   ended: {_when(session.ended_at)}",
+    ]
+    if session.total_dose_mg is not None:
+        dose = f"Dose: {session.total_dose_mg:g} mg IV"
+        if session.dose_mg_per_kg is not None:
+            dose += f" ({session.dose_mg_per_kg:g} mg/kg"
+            dose += f" at {session.weight_kg:g} kg)" if session.weight_kg else ")"
+        if session.rate_mg_per_hour is not None:
+            dose += f", rate {session.rate_mg_per_hour:g} mg/h"
+        lines.append(dose)
+    if session.site is not None:
+        lines.append(f"Site: {session.site.value.replace('_', ' ')}")
+    if session.vitals:
+        lines += ["", "Vital signs", "time              phase   BP mmHg   HR/min  RR/min  SpO2 %"]
+        for v in sorted(session.vitals, key=lambda v: v.taken_at):
+            bp = f"{v.systolic}/{v.diastolic}" if v.systolic and v.diastolic else "-"
+            lines.append(
+                f"{v.taken_at.strftime('%Y-%m-%d %H:%M')}  {v.phase.value:<6}  {bp:<8}  "
+                f"{_cell(v.heart_rate):<6}  {_cell(v.resp_rate):<6}  {_cell(v.spo2)}"
+            )
+    if session.assessments:
+        lines += ["", "Scores"]
+        for a in session.assessments:
+            lines.append(
+                f"{a.instrument.value.upper()} {a.timing.value.replace('_', '-')}: {a.total}"
+                f" ({_when(a.administered_at)})"
+            )
+    lines += ["", "Adverse events"]
+    if not session.adverse_events:
+        lines.append("none recorded")
+    for event in session.adverse_events:
+        text = f"{event.kind.value} ({event.severity.value}"
+        text += ", serious)" if event.serious else ")"
+        text += f", onset {_when(event.onset_at)}, action {event.action.value.replace('_', ' ')}"
+        text += f", resolved {_when(event.resolved_at)}" if event.resolved_at else ", unresolved"
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def document_reference(
+    *,
+    record: RecordModel,
+    identifier: dict[str, str],
+    subject: dict[str, Any],
+    encounter: dict[str, Any] | None,
+    author_display: str,
+) -> Resource:
+    """The DocumentReference carrying `infusion_summary(record)` as plain text."""
+    text = infusion_summary(record)
+    when = record.scheduled_start if isinstance(record, InfusionSession) else None
+    if isinstance(record, Assessment):
+        when = record.administered_at
+    resource: Resource = {
+        "resourceType": "DocumentReference",
+        "identifier": [identifier],
+        "status": "current",
+        "docStatus": "final",
+        "type": {
+            "coding": [{"system": LOINC, "code": SUMMARY_LOINC, "display": "Progress note"}],
+            "text": SUMMARY_TYPE_TEXT,
+        },
+        "subject": subject,
+        "description": text.splitlines()[0],
+        "author": [{"display": author_display}],
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain; charset=utf-8",
+                    "data": base64.b64encode(text.encode()).decode(),
+                    "title": text.splitlines()[0],
+                }
+            }
+        ],
+    }
+    if when is not None:
+        resource["date"] = when.isoformat()
+    if encounter is not None:
+        resource["context"] = {"encounter": [encounter]}
+    return resource
+
+
+def summary_identifier(site_system: str, kind: str, external_id: str) -> dict[str, str]:
+    return {"system": f"{site_system.rstrip('/')}/{kind}", "value": f"{external_id}/summary"}
+
+
+def remote_version(entry_response: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(id, version) from a transaction response entry's `location` and `etag`."""
+    return parse_location(entry_response.get("location"), None, entry_response.get("etag"))
