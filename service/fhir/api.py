@@ -1,4 +1,6 @@
-"""The FHIR R4 facade at /fhir, read side: metadata, read, vread and history.
+"""The FHIR R4 facade at /fhir, read side: metadata, history, search and $validate.
+
+read and vread, the hot path, are plain routes in `service.fhir.reads`.
 
 Reads serve the stored bytes of each resource version as they are; nothing is re-mapped or
 re-parsed on the way out. History Bundles are assembled around those bytes. The conformance
@@ -12,7 +14,6 @@ import base64
 import binascii
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -23,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service.bootstrap import Services
-from service.fhir.errors import FHIR_JSON, FhirError, NotAcceptable, ResourceGone, ResourceNotFound
+from service.fhir.errors import FHIR_JSON, FhirError, NotAcceptable, ResourceNotFound
 from service.fhir.search import (
     Row,
     SearchError,
@@ -34,7 +35,7 @@ from service.fhir.search import (
     run_search,
 )
 from service.fhir.search_parameters import definitions
-from service.store.resources import ResourceRepository, StoredResource, VersionRow
+from service.store.resources import ResourceRepository, VersionRow
 
 STORED_TYPES = (
     "AdverseEvent",
@@ -138,36 +139,6 @@ def _base(request: Request) -> str:
 def _check_type(resource_type: str) -> None:
     if resource_type not in STORED_TYPES and resource_type not in CONFORMANCE_TYPES:
         raise ResourceNotFound(f"resource type {resource_type} is not supported here")
-
-
-def _not_modified(request: Request, stored: StoredResource) -> bool:
-    """Conditional read: If-None-Match names this version, or If-Modified-Since is not older."""
-    if_none_match = request.headers.get("if-none-match")
-    if if_none_match is not None:
-        wanted = {tag.strip().removeprefix("W/").strip('"') for tag in if_none_match.split(",")}
-        return "*" in wanted or str(stored.version) in wanted
-    if_modified_since = request.headers.get("if-modified-since")
-    if if_modified_since is not None:
-        try:
-            since = parsedate_to_datetime(if_modified_since)
-        except (TypeError, ValueError):
-            return False  # an unreadable date is ignored, as RFC 9110 says
-        if since.tzinfo is None:
-            since = since.replace(tzinfo=UTC)
-        # HTTP dates have whole seconds: compare at that precision.
-        return stored.last_updated.replace(microsecond=0) <= since
-    return False
-
-
-def _resource_response(request: Request, stored: StoredResource) -> Response:
-    headers = {
-        "ETag": f'W/"{stored.version}"',
-        "Last-Modified": format_datetime(stored.last_updated, usegmt=True),
-        "Content-Location": f"{stored.resource_type}/{stored.id}/_history/{stored.version}",
-    }
-    if _not_modified(request, stored):
-        return Response(status_code=304, headers=headers)
-    return Response(stored.body, media_type=FHIR_JSON, headers=headers)
 
 
 def _history_bundle(request: Request, rows: Sequence[VersionRow], next_url: str | None) -> bytes:
@@ -467,64 +438,6 @@ def build_router() -> APIRouter:
         page: Page = None,
     ) -> Response:
         return await _history(request, services, resource_type, None, count, since, page)
-
-    @router.get("/{resource_type}/{resource_id}", summary="Read", response_class=Response)
-    async def read(
-        request: Request,
-        resource_type: str,
-        resource_id: str,
-        services: ServicesDep,
-        conformance: ConformanceDep,
-    ) -> Response:
-        _check_type(resource_type)
-        if resource_type in CONFORMANCE_TYPES:
-            raw = conformance.by_key.get((resource_type, resource_id))
-            if raw is None:
-                raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
-            return Response(raw, media_type=FHIR_JSON)
-
-        def load() -> StoredResource | None:
-            with services.database.unit_of_work(write=False) as uow:
-                return ResourceRepository(uow.connection).read(resource_type, resource_id)
-
-        stored = await run_in_threadpool(load)
-        if stored is None:
-            raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
-        if stored.deleted:
-            raise ResourceGone(resource_type, resource_id, stored.version)
-        return _resource_response(request, stored)
-
-    @router.get(
-        "/{resource_type}/{resource_id}/_history/{version_id}",
-        summary="Version read",
-        response_class=Response,
-    )
-    async def vread(
-        request: Request,
-        resource_type: str,
-        resource_id: str,
-        version_id: str,
-        services: ServicesDep,
-    ) -> Response:
-        _check_type(resource_type)
-        if resource_type not in STORED_TYPES or not version_id.isdigit():
-            raise ResourceNotFound(f"{resource_type}/{resource_id}/_history/{version_id}")
-
-        def load() -> VersionRow | None:
-            with services.database.unit_of_work(write=False) as uow:
-                return ResourceRepository(uow.connection).version(
-                    resource_type, resource_id, int(version_id)
-                )
-
-        row = await run_in_threadpool(load)
-        if row is None:
-            raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id}")
-        if row.body is None:
-            raise ResourceGone(resource_type, resource_id, row.version)
-        version = StoredResource(
-            row.resource_type, row.id, row.version, row.last_updated, False, row.body
-        )
-        return _resource_response(request, version)
 
     @router.get(
         "/{resource_type}/{resource_id}/_history",

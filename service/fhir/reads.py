@@ -26,7 +26,13 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.fhir.api import CONFORMANCE_TYPES, STORED_TYPES, ConformanceResources, negotiate
+from service.fhir.api import (
+    CONFORMANCE_TYPES,
+    STORED_TYPES,
+    ConformanceResources,
+    _check_type,
+    negotiate,
+)
 from service.fhir.errors import FHIR_JSON, FhirError, ResourceGone, ResourceNotFound
 from service.problems import fhir_error_response
 from service.store.reads import ResourceReader
@@ -77,11 +83,6 @@ def resource_response(request: Request, stored: StoredResource) -> Response:
     if not_modified(request, stored):
         return Response(status_code=304, headers=headers)
     return Response(stored.body, media_type=FHIR_JSON, headers=headers)
-
-
-def _check_type(resource_type: str) -> None:
-    if resource_type not in STORED_TYPES and resource_type not in CONFORMANCE_TYPES:
-        raise ResourceNotFound(f"resource type {resource_type} is not supported here")
 
 
 class _ReadEndpoint:
