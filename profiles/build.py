@@ -244,12 +244,17 @@ def _core_data(core: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
     profiles = [_vital_sign_profile(definitions, name) for name in VITAL_SIGN_PROFILES]
     value_sets = _required_value_sets(core, profiles)
+    bindings = {
+        resource_type: _required_bindings(core, definitions, resource_type, value_sets)
+        for resource_type in RESOURCE_TYPES
+    }
     return {
         "description": "R4 4.0.1 core constraints for service.fhir.profile_validation, extracted "
         f"from the official definitions in npm {EXAMPLES} by profiles/build.py. Do not edit.",
         "fhirVersion": "4.0.1",
         "excluded": EXCLUDED,
         "constraints": constraints,
+        "bindings": bindings,
         "profiles": profiles,
         "valueSets": value_sets,
     }
@@ -401,6 +406,29 @@ def _required_value_sets(
             codes = _expand(by_url, url)
             if codes is not None:
                 out[url] = sorted([system, code] for system, code in codes)
+    return out
+
+
+def _required_bindings(
+    core: dict[str, dict[str, Any]],
+    definitions: dict[str, Any],
+    resource_type: str,
+    value_sets: dict[str, list[list[str]]],
+) -> list[dict[str, str]]:
+    """The base resource's required bindings whose ValueSets can be enumerated (their code lists
+    are added to `value_sets`): status, intent, gender and the like, checked on every resource."""
+    by_url = {r["url"]: r for r in core.values() if "url" in r}
+    out = []
+    for element in definitions[FHIR_BASE + resource_type]["snapshot"]["element"]:
+        binding = element.get("binding", {})
+        if binding.get("strength") != "required" or "valueSet" not in binding:
+            continue
+        url = binding["valueSet"].split("|")[0]
+        codes = _expand(by_url, url)
+        if codes is None:
+            continue
+        value_sets[url] = sorted([system, code] for system, code in codes)
+        out.append({"path": element["path"], "valueSet": url})
     return out
 
 

@@ -227,7 +227,9 @@ class ProfileValidator:
         self._definitions = {d["url"]: d for d in definitions}
         self._trees = {d["url"]: self._compile(d) for d in definitions}
         self._core = {
-            resource_type: self._compile_core(resource_type, sites)
+            resource_type: self._compile_core(
+                resource_type, sites, core.get("bindings", {}).get(resource_type, ())
+            )
             for resource_type, sites in core["constraints"].items()
         }
         self._resolved: dict[tuple[str, tuple[str, ...]], tuple[list[_Tree], list[Issue]]] = {}
@@ -361,10 +363,21 @@ class ProfileValidator:
             if "expression" in constraint:
                 node.invariants.append(_invariant(constraint, context, url))
 
-    def _compile_core(self, resource_type: str, sites: Iterable[Mapping[str, str]]) -> _Tree:
-        """The core invariants of a resource type, as a tree keyed by their element paths."""
+    def _compile_core(
+        self,
+        resource_type: str,
+        sites: Iterable[Mapping[str, str]],
+        bindings: Iterable[Mapping[str, str]] = (),
+    ) -> _Tree:
+        """The core invariants and required bindings of a resource type, as a tree keyed by
+        their element paths."""
         root = _Node(resource_type, resource_type)
         source = FHIR_BASE + resource_type
+        for bound in bindings:
+            node = root
+            for name in bound["path"].split(".")[1:]:
+                node = node.child(name)
+            node.binding = self._binding(bound["valueSet"])
         for site in sites:
             node = root
             for name, type_ in _OF_TYPE_STEP.findall(site["path"]):
