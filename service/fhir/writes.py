@@ -61,7 +61,6 @@ from service.fhir.errors import (
     UnsupportedMediaType,
 )
 from service.fhir.search import matching_ids
-from service.fhir.search_index import extract
 from service.fhir.validation import ResourceValidator
 from service.records.materialize import Materializer
 from service.records.models import Diagnosis, Patient, RecordModel, TreatmentCourse
@@ -715,38 +714,17 @@ def _apply_patch(document: dict[str, Any], operations: list[dict[str, Any]]) -> 
         ) from None
 
 
-MAX_INDEXED_BYTES = 2000
-"""Longest code plus system (or reference URL) the search index takes: PostgreSQL refuses index
-entries over ~2.7 kB, so a longer value is refused here rather than failing the write later."""
 _RELATIVE = re.compile(r"(?P<type>[A-Z][A-Za-z]+)/(?P<id>[^/]*)(?:/_history/[^/]*)?")
 
 
 def _storability_issues(resource: dict[str, Any]) -> list[dict[str, Any]]:
-    """What a structurally valid resource holds that the store cannot keep (or index)."""
+    """What a structurally valid resource holds that the store cannot keep.
+
+    Long values are kept: the search index holds their first characters (see
+    `service.fhir.search_index.MAX_TEXT`).
+    """
     resource_type = str(resource["resourceType"])
     issues = []
-    rows = extract(resource)
-    for param, system, code, _text in rows.tokens:
-        size = len((system or "").encode()) + len((code or "").encode())
-        if size > MAX_INDEXED_BYTES:
-            issues.append(
-                _issue(
-                    "too-long",
-                    f"a value of search parameter {param} is {size} bytes long; this server "
-                    f"indexes at most {MAX_INDEXED_BYTES}",
-                    resource_type,
-                )
-            )
-    for param, _type, _id, url in rows.references:
-        if url is not None and len(url.encode()) > MAX_INDEXED_BYTES:
-            issues.append(
-                _issue(
-                    "too-long",
-                    f"a reference of search parameter {param} is longer than "
-                    f"{MAX_INDEXED_BYTES} bytes",
-                    resource_type,
-                )
-            )
     # A relative reference names a resource by its id: one that cannot be an id is no reference.
     stack: list[tuple[Any, str]] = [(resource, resource_type)]
     while stack:
