@@ -167,8 +167,10 @@ def _history_bundle(request: Request, rows: Sequence[VersionRow], next_url: str 
     links = [{"relation": "self", "url": str(request.url)}]
     if next_url is not None:
         links.append({"relation": "next", "url": next_url})
-    head = orjson.dumps({"resourceType": "Bundle", "type": "history", "link": links})[:-1]
-    return head + b',"entry":[' + b",".join(parts) + b"]}"
+    head = orjson.dumps({"resourceType": "Bundle", "type": "history", "link": links})
+    if not parts:
+        return head  # FHIR JSON has no empty arrays: an empty page has no `entry`
+    return head[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
 
 
 def _cursor(row: VersionRow) -> str:

@@ -152,3 +152,13 @@ def test_published_conformance_resources_are_searchable_by_url(client: TestClien
     bundle = get(client, f"/fhir/StructureDefinition?url={url}")
     assert [e["resource"]["url"] for e in bundle["entry"]] == [url]
     assert get(client, "/fhir/StructureDefinition?url=http://nowhere.example")["total"] == 0
+
+
+def test_empty_pages_have_no_entry_array(client: TestClient) -> None:
+    empty_search = get(client, "/fhir/Patient?_id=nobody")
+    assert "entry" not in empty_search
+    assert empty_search["total"] == 0
+    history = client.get("/fhir/Patient/_history?_since=2999-01-01T00:00:00Z")
+    assert history.status_code == 200
+    assert "entry" not in history.json()
+    assert r4_errors(history.json()) == []
