@@ -12,12 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from mappings.context import MappingContext
 from mappings.terminology import load_terminology
 from service.config import Settings
 from service.fhir.profile_validation import ProfileValidator, default_validator
 from service.fhir.validation import ResourceValidator
 from service.records.materialize import Materializer
+from service.security.access import Limits
+from service.security.audit import AuditWriter
+from service.security.authorization import (
+    Authenticator,
+    ClientRegistry,
+    ExternalIssuer,
+    JwksCache,
+    KeyRing,
+    TokenService,
+)
 from service.store.db import Database
 from service.store.reads import ResourceReader, resource_reader
 
@@ -32,12 +44,77 @@ class Services:
     materializer: Materializer
     reader: ResourceReader
     """Point reads for the FHIR read path (the app's lifespan opens and closes it)."""
+    security: Security
 
     def close(self) -> None:
+        self.security.http.close()
         self.database.dispose()
 
 
-def bootstrap(settings: Settings | None = None, *, database: Database | None = None) -> Services:
+@dataclass
+class Security:
+    """The authorization server, the token check, the audit trail and the request limits."""
+
+    clients: ClientRegistry
+    tokens: TokenService
+    authenticator: Authenticator | None
+    """None when AUTH_DISABLED: every request acts as the all-scopes `local` client."""
+    audit: AuditWriter
+    limits: Limits
+    keys: KeyRing
+    http: httpx.Client
+
+
+def security(
+    settings: Settings, *, database: Database, http: httpx.Client | None = None
+) -> Security:
+    """The security parts from settings; `http` fetches JWK Sets (tests give a mock transport)."""
+    http = http or httpx.Client(follow_redirects=False)
+    keys = KeyRing(database=database, key_file=settings.auth_signing_key_file)
+    jwks = JwksCache(http)
+    clients = ClientRegistry(database)
+    external: tuple[ExternalIssuer, ...] = ()
+    if settings.auth_external_issuer:
+        assert settings.auth_external_jwks_url
+        assert settings.auth_external_audience
+        external = (
+            ExternalIssuer(
+                issuer=settings.auth_external_issuer,
+                jwks_url=settings.auth_external_jwks_url,
+                audience=settings.auth_external_audience,
+            ),
+        )
+    return Security(
+        clients=clients,
+        tokens=TokenService(
+            database=database,
+            registry=clients,
+            jwks=jwks,
+            keys=keys,
+            issuer=settings.auth_issuer,
+            lifetime_seconds=settings.auth_token_lifetime_seconds,
+        ),
+        authenticator=None
+        if settings.auth_disabled
+        else Authenticator(issuer=settings.auth_issuer, keys=keys, jwks=jwks, external=external),
+        audit=AuditWriter(database),
+        limits=Limits(
+            max_body_bytes=settings.max_body_bytes,
+            request_timeout_seconds=settings.request_timeout_seconds,
+            rate_per_minute=settings.rate_limit_per_minute,
+            burst=settings.rate_limit_burst,
+        ),
+        keys=keys,
+        http=http,
+    )
+
+
+def bootstrap(
+    settings: Settings | None = None,
+    *,
+    database: Database | None = None,
+    http: httpx.Client | None = None,
+) -> Services:
     settings = settings or Settings()
     logging.basicConfig(
         level=settings.log_level,
@@ -51,6 +128,7 @@ def bootstrap(settings: Settings | None = None, *, database: Database | None = N
         validator=validator,
         materializer=materializer(settings, validator=validator),
         reader=resource_reader(database.url, pool_size=settings.database_pool_size),
+        security=security(settings, database=database, http=http),
     )
 
 

@@ -27,6 +27,7 @@ from service.records.service import (
     import_ndjson,
     parse_record,
 )
+from service.security.cli import clients_app
 
 app = typer.Typer(
     name="infusion-bridge",
@@ -36,8 +37,23 @@ app = typer.Typer(
 )
 
 
+app.add_typer(clients_app, name="clients")
+
+
 def _services() -> Services:
     return bootstrap()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (or localhost), where auth may be turned off."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @app.command()
@@ -48,6 +64,15 @@ def serve(
 ) -> None:
     """Serve the intake API (and health checks) over HTTP."""
     services = _services()
+    if services.settings.auth_disabled and not is_loopback(host):
+        typer.secho(
+            f"AUTH_DISABLED=true is refused on {host}: authentication may be off only for a "
+            "server bound to a loopback address (--host 127.0.0.1).",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        services.close()
+        raise typer.Exit(2)
     applied, newest = services.database.migration_state()
     if applied != newest:
         typer.secho(
@@ -67,6 +92,12 @@ def serve(
         f"  FHIR           curl {base}/fhir/metadata\n"
         f"  FHIR history   curl '{base}/fhir/Encounter/_history?_count=2'\n"
         f"  readiness      curl {base}/readyz\n"
+        + (
+            "  authentication OFF (AUTH_DISABLED=true, loopback only)\n"
+            if services.settings.auth_disabled
+            else "  a token        export TOKEN=$(.venv/bin/infusion-bridge clients token demo "
+            "--key var/demo-client-key.pem)   (send: -H \"Authorization: Bearer $TOKEN\")\n"
+        )
     )
     uvicorn.run(
         "service.app:create_app",
@@ -75,6 +106,7 @@ def serve(
         port=port,
         workers=workers,
         log_level=services.settings.log_level.lower(),
+        access_log=False,  # its lines carry URLs (ids, queries); service.access logs each request
     )
 
 

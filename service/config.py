@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/infusion-bridge.db"
@@ -50,6 +50,75 @@ class Settings(BaseSettings):
     )
     import_batch_size: int = Field(
         default=500, ge=1, le=10_000, description="Intake import lines committed per transaction."
+    )
+
+    # --- security -------------------------------------------------------------------------------
+    auth_disabled: bool = Field(
+        default=False,
+        description="Turn authentication off; `serve` refuses unless bound to a loopback address.",
+    )
+    auth_issuer: str = Field(
+        default="infusion-bridge",
+        min_length=1,
+        description="iss (and aud) of the access tokens this server issues.",
+    )
+    auth_signing_key_file: Path | None = Field(
+        default=None,
+        description="PEM RSA private key signing access tokens; unset: one kept in the database.",
+    )
+    auth_token_lifetime_seconds: int = Field(default=300, ge=30, le=300)
+    auth_external_issuer: str | None = Field(
+        default=None, description="A trusted external authorization server's issuer (iss)."
+    )
+    auth_external_jwks_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    auth_external_audience: str | None = Field(
+        default=None, description="The aud external access tokens must carry (this server)."
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="The server's public URL, for the token URL client assertions name in aud; "
+        "unset: taken from each request.",
+    )
+    audit_reads: bool = Field(
+        default=True, description="Record an AuditEvent for every read and search too."
+    )
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    request_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    rate_limit_per_minute: int = Field(
+        default=1200, ge=0, description="Requests per client per minute and process (0: none)."
+    )
+    rate_limit_burst: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _external_issuer_complete(self) -> Settings:
+        given = (
+            self.auth_external_issuer,
+            self.auth_external_jwks_url,
+            self.auth_external_audience,
+        )
+        if any(given) and not all(given):
+            raise ValueError(
+                "AUTH_EXTERNAL_ISSUER, AUTH_EXTERNAL_JWKS_URL and AUTH_EXTERNAL_AUDIENCE are "
+                "given together"
+            )
+        return self
+
+    worker_concurrency: int = Field(
+        default=4, ge=1, le=64, description="Lanes (patients) one worker delivers at once."
+    )
+    worker_batch_size: int = Field(
+        default=200, ge=1, le=5000, description="Changes of one lane read and sent together."
+    )
+    worker_lease_seconds: float = Field(
+        default=60, gt=0, description="How long a worker holds a lane before another may take it."
+    )
+    worker_retry_base_seconds: float = Field(
+        default=1.0, gt=0, description="First retry delay; doubled per attempt, with jitter."
+    )
+    worker_retry_cap_seconds: float = Field(default=300, gt=0)
+    worker_idle_seconds: float = Field(
+        default=0.5, gt=0, description="Pause between polls of the outbox when it is empty."
     )
 
     @field_validator("database_url")

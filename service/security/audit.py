@@ -1,0 +1,284 @@
+"""The audit trail: an AuditEvent for every FHIR interaction, intake write and sync action.
+
+Each AuditEvent (FHIR R4) says who (the client id, and its network address), what (the
+interaction, the resources or records it touched, the query of a search), when, the outcome
+(`0` success, `4` refused, `8` failed), and which patients. They are stored as FHIR resources
+(version 1, never changed), indexed for search, and readable through the facade by a client with
+`system/AuditEvent.rs`. They never go to the outbox, and reading them is not audited again.
+
+- Writes record their AuditEvent with `record_audit(connection, ...)` on the unit of work of the
+  change, before it commits: the change and its audit commit together or not at all.
+- Everything else (reads, searches, refusals, failed writes) is recorded by the access
+  middleware through `AuditWriter` after the handler answered and before the answer is sent: a
+  request whose audit cannot be written is answered 500, without its data. `AuditWriter` commits
+  the events of concurrent requests together (one transaction per batch).
+
+Who is asking comes from `REQUEST_AUDIT`, set per request by the access middleware (a context
+variable, so the threadpool workers that run handlers see it).
+
+This module must not log patient data, and must not decide what is allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import uuid
+from collections.abc import Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Connection, insert
+
+from service.store.db import Database
+from service.store.resources import SearchIndexWriter
+from service.store.tables import resource_versions, resources
+
+AUDIT_TYPE: Final = "AuditEvent"
+SUCCESS, REFUSED, FAILED = "0", "4", "8"
+CLIENT_SYSTEM: Final = "urn:infusion-bridge:client"
+RECORD_SYSTEM: Final = "urn:infusion-bridge:record"
+_ACTIONS: Final = {"create": "C", "read": "R", "vread": "R", "update": "U", "patch": "U"}
+
+
+@dataclass
+class RequestAudit:
+    """What the audit of one request needs to know; set by the access middleware."""
+
+    client_id: str
+    request_id: str
+    address: str | None = None
+    recorded: bool = False
+    """A handler wrote the request's AuditEvent with its change (the middleware writes none)."""
+
+
+REQUEST_AUDIT: ContextVar[RequestAudit | None] = ContextVar("request_audit", default=None)
+
+
+@dataclass
+class AuditRecord:
+    """One AuditEvent to write."""
+
+    subtype: str
+    """The FHIR restful interaction (read, search-type, create, ...) or the API operation."""
+    outcome: str = SUCCESS
+    entities: list[str] = field(default_factory=list)
+    """References (`Observation/1/_history/2`) of what was read or written."""
+    records: list[str] = field(default_factory=list)
+    """Intake records (`session/S-901`)."""
+    patients: list[str] = field(default_factory=list)
+    """Patient resource ids."""
+    query: str | None = None
+    description: str | None = None
+    client_id: str | None = None
+    request_id: str | None = None
+    address: str | None = None
+    action: str | None = None
+
+
+def audit_event(record: AuditRecord, *, now: datetime) -> dict[str, Any]:
+    """The AuditEvent resource of one record (without meta: the store adds it)."""
+    rest = record.subtype not in ("intake", "import", "sync", "token")
+    agent: dict[str, Any] = {
+        "type": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
+                    "code": "datacollector" if not rest else "dataprocessor",
+                }
+            ]
+        },
+        "who": {"identifier": {"system": CLIENT_SYSTEM, "value": record.client_id or "unknown"}},
+        "requestor": True,
+    }
+    if record.address:
+        agent["network"] = {"address": record.address[:200], "type": "2"}
+    entities: list[dict[str, Any]] = []
+    for patient in dict.fromkeys(record.patients):
+        entities.append(
+            {
+                "what": {"reference": f"Patient/{patient}"},
+                "type": _coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "1"),
+                "role": _coding("http://terminology.hl7.org/CodeSystem/object-role", "1"),
+            }
+        )
+    for reference in dict.fromkeys(record.entities):
+        entities.append(
+            {
+                "what": {"reference": reference},
+                "type": _coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "2"),
+                "role": _coding("http://terminology.hl7.org/CodeSystem/object-role", "4"),
+            }
+        )
+    for key in dict.fromkeys(record.records):
+        kind, _, external_id = key.partition("/")
+        entities.append(
+            {
+                "what": {"identifier": {"system": f"{RECORD_SYSTEM}:{kind}", "value": external_id}},
+                "type": _coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "2"),
+                "role": _coding("http://terminology.hl7.org/CodeSystem/object-role", "4"),
+            }
+        )
+    if record.query is not None:
+        entities.append(
+            {
+                "type": _coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "2"),
+                "role": _coding("http://terminology.hl7.org/CodeSystem/object-role", "24"),
+                "query": base64.b64encode(record.query.encode()).decode(),
+            }
+        )
+    if record.request_id:
+        entities.append(
+            {
+                "type": _coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "4"),
+                "detail": [{"type": "request-id", "valueString": record.request_id}],
+            }
+        )
+    event: dict[str, Any] = {
+        "resourceType": AUDIT_TYPE,
+        "id": str(uuid.uuid4()),
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest" if rest else "110100",
+            "display": "RESTful Operation" if rest else "Application Activity",
+        },
+        "subtype": [
+            {
+                "system": "http://hl7.org/fhir/restful-interaction"
+                if rest
+                else "urn:infusion-bridge:operation",
+                "code": record.subtype,
+            }
+        ],
+        "action": record.action or _ACTIONS.get(record.subtype, "E"),
+        "recorded": now.isoformat(),
+        "outcome": record.outcome,
+        "agent": [agent],
+        "source": {
+            "observer": {"display": "Infusion Bridge"},
+            "type": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                    "code": "4",
+                }
+            ],
+        },
+    }
+    if record.description:
+        event["outcomeDesc"] = record.description[:500]
+    if entities:
+        event["entity"] = entities
+    return event
+
+
+def _coding(system: str, code: str) -> dict[str, str]:
+    return {"system": system, "code": code}
+
+
+def store_events(connection: Connection, events: list[dict[str, Any]], *, now: datetime) -> None:
+    """Insert AuditEvents as version 1 of new resources, indexed, on the caller's connection."""
+    if not events:
+        return
+    current, versions, stored = [], [], []
+    for event in events:
+        meta = {"versionId": "1", "lastUpdated": now.isoformat()}
+        resource = {"resourceType": AUDIT_TYPE, "id": event["id"], "meta": meta} | {
+            k: v for k, v in event.items() if k not in ("resourceType", "id")
+        }
+        body = orjson.dumps(resource).decode()
+        digest = hashlib.sha256(orjson.dumps(event)).hexdigest()
+        row = {"resource_type": AUDIT_TYPE, "id": event["id"], "version": 1}
+        row |= {"last_updated": now, "deleted": False, "body": body}
+        current.append(row | {"content_hash": digest})
+        versions.append(row)
+        stored.append(resource)
+    connection.execute(insert(resources), current)
+    connection.execute(insert(resource_versions), versions)
+    SearchIndexWriter(connection).insert(stored)
+
+
+def _with_context(record: AuditRecord) -> AuditRecord:
+    context = REQUEST_AUDIT.get()
+    if context is not None:
+        record.client_id = record.client_id or context.client_id
+        record.request_id = record.request_id or context.request_id
+        record.address = record.address or context.address
+    return record
+
+
+def record_audit(
+    connection: Connection,
+    *,
+    subtype: str,
+    entities: Iterable[str] = (),
+    records: Iterable[str] = (),
+    patients: Iterable[str | None] = (),
+    actor: str | None = None,
+    description: str | None = None,
+    action: str | None = None,
+) -> None:
+    """Write the AuditEvent of a change on the change's own connection (before its commit).
+
+    The request's client comes from the access middleware's context; `actor` names who acts
+    where there is no request (the CLI's imports).
+    """
+    record = _with_context(
+        AuditRecord(
+            subtype=subtype,
+            entities=list(entities),
+            records=list(records),
+            patients=[p for p in patients if p],
+            description=description,
+            client_id=None if REQUEST_AUDIT.get() is not None else actor,
+            action=action,
+        )
+    )
+    store_events(connection, [audit_event(record, now=datetime.now(UTC))], now=datetime.now(UTC))
+    context = REQUEST_AUDIT.get()
+    if context is not None:
+        context.recorded = True
+
+
+class AuditWriter:
+    """Writes the AuditEvents of reads and refusals, those of concurrent requests in one commit."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._flushing = False
+
+    async def write(self, record: AuditRecord) -> None:
+        """Return once the record is committed; raise when it could not be."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((audit_event(record, now=datetime.now(UTC)), future))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await run_in_threadpool(self._insert, [event for event, _ in batch])
+                except Exception as error:  # every waiter learns its audit failed
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self._flushing = False
+
+    def _insert(self, events: list[dict[str, Any]]) -> None:
+        with self._database.unit_of_work(write=True) as uow:
+            store_events(uow.connection, events, now=datetime.now(UTC))
+            uow.commit()
