@@ -1,18 +1,19 @@
 """FHIR read and vread (`GET /fhir/{type}/{id}`, `.../_history/{vid}`): the facade's hot path.
 
-Two plain Starlette routes mounted ahead of the FastAPI routes: no dependency resolution, no
-request models, no threadpool hop. Each request is one point read on a `ResourceReader` (the
+Two plain Starlette routes with raw ASGI endpoints: no dependency resolution, no request
+models, no threadpool hop. Each request is one point read on a `ResourceReader` (the
 driver, not SQLAlchemy) and answers the stored bytes with `ETag`, `Last-Modified` and
-`Content-Location`, or 304 to a conditional read. Errors are raised as `FhirError`s, so the
-app's handlers answer them as OperationOutcomes like every other /fhir error.
+`Content-Location`, or 304 to a conditional read. A `FhirError` is answered with the
+OperationOutcome the app's handler gives every other /fhir error (`fhir_error_response`);
+anything unexpected goes up to the app's 500 handler.
 
 Nothing here caches a resource: every request reads the database (several API processes may
 serve one PostgreSQL database). Conformance resources (profiles/) are served from memory; they
 change only with a new release.
 
-The routes take only types and ids that do not start with `_` or `$` (FHIR types and ids never
-do): those paths (`_history`, `_search`, `$export`, `$export-status/...`, operations) fall
-through to the FastAPI routes.
+`FastReads` answers them from the innermost middleware, ahead of FastAPI's exception middleware
+and routing, for the paths no other route can take; the same routes sit in the router for the
+rest (see `FastReads`).
 """
 
 from __future__ import annotations
@@ -144,19 +145,28 @@ class _ReadEndpoint:
 
 
 def build_read_routes(*, reader: ResourceReader, conformance: ConformanceResources) -> list[Route]:
-    """read and vread as Starlette routes (GET only: HEAD stays a 405, as on every FHIR route)."""
+    """read and vread as Starlette routes, for the router where the FastAPI routes were.
+
+    GET only: Starlette would add HEAD, which the facade answers with a 405 like every route.
+    """
+    return _routes(reader=reader, conformance=conformance, segment="")
+
+
+def _routes(
+    *, reader: ResourceReader, conformance: ConformanceResources, segment: str
+) -> list[Route]:
     routes = []
     for path, vread, name in (
-        ("/fhir/{resource_type:fhir_name}/{resource_id:fhir_name}", False, "fhir_read"),
+        (f"/fhir/{{resource_type{segment}}}/{{resource_id{segment}}}", False, "fhir_read"),
         (
-            "/fhir/{resource_type:fhir_name}/{resource_id:fhir_name}/_history/{version_id}",
+            f"/fhir/{{resource_type{segment}}}/{{resource_id{segment}}}/_history/{{version_id}}",
             True,
             "fhir_vread",
         ),
     ):
         endpoint = _ReadEndpoint(reader=reader, conformance=conformance, vread=vread)
         route = Route(path, endpoint, methods=["GET"], name=name, include_in_schema=False)
-        route.methods = {"GET"}  # Starlette adds HEAD to a GET route
+        route.methods = {"GET"}
         routes.append(route)
     return routes
 
@@ -164,14 +174,19 @@ def build_read_routes(*, reader: ResourceReader, conformance: ConformanceResourc
 class FastReads:
     """ASGI middleware answering GET read and vread before FastAPI's own middleware and routing.
 
-    Install it inside `RequestIdMiddleware` (every response still carries its X-Request-ID) and
-    register the same routes on the router too: anything else they match (another method, a
-    trailing slash to redirect) is left to the router, which answers as it always did.
+    Install it inside `RequestIdMiddleware`, so every response still carries its X-Request-ID.
+    It answers only paths no other route can take: types and ids not starting with `_` or `$`
+    (`_history`, `$export`, `$export-status/...` are other routes'). Everything else goes on to
+    the router, where `build_read_routes` sit in the FastAPI routes' old place, so other methods
+    (405 with `Allow: GET`), trailing slashes (a redirect) and odd ids (`Patient/_x`, 404) are
+    answered as they always were.
     """
 
-    def __init__(self, app: ASGIApp, *, routes: list[Route]) -> None:
+    def __init__(
+        self, app: ASGIApp, *, reader: ResourceReader, conformance: ConformanceResources
+    ) -> None:
         self.app = app
-        self._routes = routes
+        self._routes = _routes(reader=reader, conformance=conformance, segment=":fhir_name")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":

@@ -43,6 +43,10 @@ _PG_CURRENT, _PG_VERSION = _CURRENT.format("%s"), _VERSION.format("%s")
 _SQLITE_CURRENT, _SQLITE_VERSION = _CURRENT.format("?"), _VERSION.format("?")
 
 
+READER_APPLICATION_NAME = "infusion-bridge fhir-read"
+"""How the read pool's PostgreSQL sessions show in pg_stat_activity."""
+
+
 class ResourceReader(Protocol):
     """Reads the current version or one version of a resource; None when there is none."""
 
@@ -71,6 +75,7 @@ def resource_reader(database_url: str, *, pool_size: int = 10) -> ResourceReader
         "password": url.password,
         "dbname": url.database,
     }
+    params["application_name"] = READER_APPLICATION_NAME  # unless the URL names one
     params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
     conninfo = make_conninfo("", **{k: v for k, v in params.items() if v is not None})
     return PostgresReader(conninfo, pool_size=pool_size)
@@ -111,16 +116,21 @@ class PostgresReader:
             await self.open()
         assert self._pool is not None
         # No check per checkout: a connection that died while idle (a server restart, an idle
-        # timeout) fails its query, the pool discards it on return, and the read is retried once.
-        for attempt in (1, 2):
-            try:
-                async with self._pool.connection() as connection:
-                    cursor = await connection.execute(query, params)
-                    return await cursor.fetchone()
-            except psycopg.OperationalError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        # timeout) fails its query and the pool discards it; then the pool checks the others
+        # and the read is tried once more.
+        try:
+            return await self._fetch_once(self._pool, query, params)
+        except psycopg.OperationalError:
+            await self._pool.check()
+        return await self._fetch_once(self._pool, query, params)
+
+    @staticmethod
+    async def _fetch_once(
+        pool: AsyncConnectionPool, query: str, params: tuple[Any, ...]
+    ) -> tuple[Any, ...] | None:
+        async with pool.connection() as connection:
+            cursor = await connection.execute(query, params)
+            return await cursor.fetchone()
 
     async def current(self, resource_type: str, resource_id: str) -> StoredResource | None:
         row = await self._fetch(_PG_CURRENT, (resource_type, resource_id))
