@@ -25,6 +25,8 @@ from service.fhir.writes import build_write_router
 from service.problems import RequestIdMiddleware, install_error_handlers
 from service.records.api import build_router
 from service.records.models import RECORD_TYPES
+from service.security.access import AccessMiddleware
+from service.security.api import build_auth_router, smart_configuration
 
 VERSION = "0.1.0"
 
@@ -36,6 +38,8 @@ def create_app(services: Services | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await services.reader.open()
+        if services.security.authenticator is not None:
+            await run_in_threadpool(services.security.keys.get)  # load (or create) it once
         yield
         await services.reader.close()
         services.close()
@@ -48,7 +52,20 @@ def create_app(services: Services | None = None) -> FastAPI:
     )
     app.state.services = services
     app.add_middleware(RequestIdMiddleware)
+    # Inside the request id, in front of everything else (the FHIR read path included).
+    app.user_middleware.append(
+        Middleware(
+            AccessMiddleware,
+            authenticator=services.security.authenticator,
+            audit=services.security.audit,
+            limits=services.security.limits,
+            audit_reads=services.settings.audit_reads,
+            discovery=smart_configuration,
+            public_base_url=services.settings.public_base_url,
+        )
+    )
     install_error_handlers(app)
+    app.include_router(build_auth_router())
     app.include_router(build_router())
     app.state.conformance = ConformanceResources(
         services.settings.profiles_dir or default_profiles_dir()
