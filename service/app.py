@@ -27,6 +27,7 @@ from service.records.api import build_router
 from service.records.models import RECORD_TYPES
 from service.security.access import AccessMiddleware
 from service.security.api import build_auth_router, smart_configuration
+from service.sync.api import build_sync_router
 
 VERSION = "0.1.0"
 
@@ -80,6 +81,7 @@ def create_app(services: Services | None = None) -> FastAPI:
     app.router.routes.extend(build_read_routes(**read_parts))
     app.include_router(build_write_router())
     app.include_router(build_bundle_router())
+    app.include_router(build_sync_router(services))
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:

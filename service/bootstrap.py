@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,9 @@ from service.security.authorization import (
 )
 from service.store.db import Database
 from service.store.reads import ResourceReader, resource_reader
+from service.sync.client import EhrClient
+from service.sync.destinations import Destination, load_destinations
+from service.sync.worker import DeliveryWorker, WorkerSettings
 
 
 @dataclass
@@ -45,6 +50,11 @@ class Services:
     reader: ResourceReader
     """Point reads for the FHIR read path (the app's lifespan opens and closes it)."""
     security: Security
+
+    @cached_property
+    def destinations(self) -> tuple[Destination, ...]:
+        """The EHR destinations of `DESTINATIONS_FILE` (read once; DestinationsError if bad)."""
+        return load_destinations(self.settings.destinations_file)
 
     def close(self) -> None:
         self.security.http.close()
@@ -162,3 +172,44 @@ def _read_overrides(path: Path | None) -> list[dict[str, Any]]:
     if isinstance(data, dict) and data.get("resourceType") == "Bundle":
         return [entry["resource"] for entry in data.get("entry", [])]
     return data if isinstance(data, list) else [data]
+
+
+def ehr_clients(
+    destinations: Sequence[Destination], *, transport: httpx.BaseTransport | None = None
+) -> dict[str, EhrClient]:
+    """One FHIR client per destination (tests pass a transport of their own)."""
+    return {d.name: EhrClient(d, transport=transport) for d in destinations}
+
+
+def delivery_worker(
+    services: Services,
+    *,
+    clients: dict[str, EhrClient] | None = None,
+    only: Sequence[str] = (),
+) -> DeliveryWorker:
+    """The outbox worker and its care-plan sync, on the destinations of `services`."""
+    from service.sync.care_plans import CarePlanSync
+
+    settings = services.settings
+    # httpx logs every URL at INFO, and a search URL can carry a patient's identifier.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    destinations = [d for d in services.destinations if not only or d.name in only]
+    clients = clients or ehr_clients(destinations)
+    return DeliveryWorker(
+        database=services.database,
+        destinations=destinations,
+        clients=clients,
+        site_system=settings.site_identifier_system,
+        settings=WorkerSettings(
+            batch_size=settings.worker_batch_size,
+            concurrency=settings.worker_concurrency,
+            lease_seconds=settings.worker_lease_seconds,
+            retry_base_seconds=settings.worker_retry_base_seconds,
+            retry_cap_seconds=settings.worker_retry_cap_seconds,
+            idle_seconds=settings.worker_idle_seconds,
+        ),
+        care_plans=CarePlanSync(
+            database=services.database,
+            materializer=services.materializer,
+        ),
+    )

@@ -329,5 +329,176 @@ def validate(
         raise typer.Exit(1)
 
 
+# --- EHR delivery (service.sync) --------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    once: Annotated[
+        bool, typer.Option("--once", help="One round over the destinations, then exit.")
+    ] = False,
+    destination: Annotated[
+        list[str] | None, typer.Option(help="Only this destination (repeatable).")
+    ] = None,
+) -> None:
+    """Deliver the outbox to the EHR destinations and pull care plans back (DESTINATIONS_FILE)."""
+    import signal
+    import threading
+
+    from service.bootstrap import delivery_worker
+    from service.sync.destinations import DestinationsError
+
+    services = _services()
+    try:
+        runner = delivery_worker(services, only=destination or ())
+    except DestinationsError as error:
+        typer.secho(str(error), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if not runner.destinations:
+        typer.secho("No destinations (DESTINATIONS_FILE).", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        if once:
+            typer.echo(f"{runner.tick()} changes ended")
+        else:
+            typer.echo(f"worker {runner.worker_id}: {len(runner.destinations)} destination(s)")
+            runner.run(stop)
+    finally:
+        runner.close()
+        for client in runner.clients.values():
+            client.close()
+        services.close()
+
+
+sync_app = typer.Typer(help="Delivery status, dead letters and care-plan pulls.")
+app.add_typer(sync_app, name="sync")
+
+
+def _echo_json(data: object) -> None:
+    typer.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+@sync_app.command("status")
+def sync_status(
+    dead_letters: Annotated[bool, typer.Option("--dead-letters", help="List them too.")] = False,
+) -> None:
+    """Per destination: queue depth, oldest pending, last success, failures, dead letters."""
+    from datetime import UTC, datetime
+
+    from service.sync import ledger
+
+    services = _services()
+    with services.database.unit_of_work(write=False) as uow:
+        data: dict[str, object] = {
+            "destinations": ledger.status(
+                uow.connection, services.destinations, now=datetime.now(UTC)
+            )
+        }
+        if dead_letters:
+            data["dead_letters"] = ledger.dead_letters(uow.connection, limit=1000)
+    services.close()
+    _echo_json(data)
+
+
+def _dead_letter_action(delivery_id: int, action: str) -> None:
+    from datetime import UTC, datetime
+
+    from service.sync import ledger
+
+    services = _services()
+    with services.database.unit_of_work(write=True) as uow:
+        act = ledger.retry_dead if action == "retry" else ledger.skip_dead
+        done = act(uow.connection, delivery_id, now=datetime.now(UTC))
+        uow.commit()
+    services.close()
+    if not done:
+        typer.secho(f"no dead letter {delivery_id}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"dead letter {delivery_id}: {'queued again' if action == 'retry' else 'skipped'}")
+
+
+@sync_app.command("retry")
+def sync_retry(delivery_id: Annotated[int, typer.Argument(help="The dead letter's id.")]) -> None:
+    """Queue a dead letter again (it is delivered in its lane's order)."""
+    _dead_letter_action(delivery_id, "retry")
+
+
+@sync_app.command("skip")
+def sync_skip(delivery_id: Annotated[int, typer.Argument(help="The dead letter's id.")]) -> None:
+    """Give a dead letter up."""
+    _dead_letter_action(delivery_id, "skip")
+
+
+@sync_app.command("pull")
+def sync_pull(name: Annotated[str, typer.Argument(help="The destination.")]) -> None:
+    """Pull the destination's changed care plans now."""
+    from service.bootstrap import ehr_clients
+    from service.sync.care_plans import CarePlanSync
+
+    services = _services()
+    found = [d for d in services.destinations if d.name == name]
+    if not found:
+        typer.secho(f"no destination named {name!r}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    clients = ehr_clients(found)
+    try:
+        changed = CarePlanSync(database=services.database, materializer=services.materializer).poll(
+            found[0], clients[name]
+        )
+    finally:
+        clients[name].close()
+        services.close()
+    typer.echo(f"{changed} course(s) changed from {name}")
+
+
+@app.command()
+def destinations(
+    check: Annotated[
+        bool, typer.Option("--check", help="Read each EHR's CapabilityStatement now.")
+    ] = False,
+) -> None:
+    """List the EHR destinations of DESTINATIONS_FILE and the strategy per resource type."""
+    from service.bootstrap import ehr_clients
+    from service.sync import ledger
+    from service.sync.client import DeliveryError
+    from service.sync.strategy import plan
+
+    services = _services()
+    with services.database.unit_of_work(write=False) as uow:
+        states = {
+            d.name: ledger.destination_state(uow.connection, d.name) for d in services.destinations
+        }
+    out = []
+    for destination in services.destinations:
+        state = states.get(destination.name)
+        strategies: object = orjson.loads(state.strategies) if state and state.strategies else {}
+        if check:
+            client = ehr_clients([destination])[destination.name]
+            try:
+                strategies = plan(destination, client.capabilities()).as_json()
+            except DeliveryError as error:
+                strategies = {"error": error.message}
+            finally:
+                client.close()
+        out.append(
+            {
+                "name": destination.name,
+                "base_url": destination.base,
+                "auth": destination.auth.type,
+                "send": list(destination.send) or "all",
+                "patients": destination.patients.model_dump(),
+                "overrides": {k: v.value for k, v in destination.strategy.items()},
+                "care_plan_sync": destination.care_plan_sync.model_dump()
+                if destination.care_plan_sync
+                else None,
+                "rate_limit_per_second": destination.rate_limit_per_second,
+                "strategies": strategies,
+            }
+        )
+    services.close()
+    _echo_json(out)
 def main() -> None:
     app()

@@ -293,7 +293,7 @@ class EhrClient:
         try:
             response = self._http.request(
                 method,
-                url.lstrip("/"),
+                url.lstrip("/") or self.base,
                 params=httpx.QueryParams([(k, v) for k, v in params]) if params else None,
                 content=content,
                 headers=send_headers,

@@ -30,6 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from service.store.tables import (
     outbox,
+    record_resources,
     resource_versions,
     resources,
     sync_conflicts,
@@ -185,14 +186,16 @@ def claim_lanes(
 
 
 def release_lane(connection: Connection, destination: str, lane: str, *, worker: str) -> None:
-    """End the lease; the lane is due again when its first pending change is."""
+    """End the lease; the lane is due again when its first pending change (by order) is."""
     first_due = (
-        select(func.min(sync_deliveries.c.next_attempt_at))
+        select(sync_deliveries.c.next_attempt_at)
         .where(
             sync_deliveries.c.destination == destination,
             sync_deliveries.c.lane == lane,
             sync_deliveries.c.status == PENDING,
         )
+        .order_by(sync_deliveries.c.id)
+        .limit(1)
         .scalar_subquery()
     )
     connection.execute(
@@ -216,6 +219,7 @@ class Delivery:
     deleted: bool
     attempts: int
     written_at: datetime
+    next_attempt_at: datetime
 
     @property
     def key(self) -> Key:
@@ -244,7 +248,7 @@ def pending(connection: Connection, destination: str, lane: str, *, limit: int) 
         .order_by(sync_deliveries.c.id)
         .limit(limit)
     ).all()
-    return [Delivery(*row[:8]) for row in rows]
+    return [Delivery(*row) for row in rows]
 
 
 def first_due(connection: Connection, destination: str, lane: str) -> datetime | None:
@@ -684,3 +688,25 @@ def _loads(value: str | None) -> Any:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def records_of(connection: Connection, keys: Iterable[Key]) -> dict[Key, tuple[str, str]]:
+    """The (record kind, external id) each resource was materialized from."""
+    wanted = sorted(set(keys))
+    out: dict[Key, tuple[str, str]] = {}
+    for start in range(0, len(wanted), 500):
+        rows = connection.execute(
+            select(
+                record_resources.c.resource_type,
+                record_resources.c.resource_id,
+                record_resources.c.record_kind,
+                record_resources.c.record_id,
+            ).where(
+                tuple_(record_resources.c.resource_type, record_resources.c.resource_id).in_(
+                    wanted[start : start + 500]
+                )
+            )
+        )
+        for row in rows:
+            out[(row.resource_type, row.resource_id)] = (row.record_kind, row.record_id)
+    return out
