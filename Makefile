@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/infusion-bridge migrate
 	$(BIN)/infusion-bridge demo --if-empty
+	$(BIN)/infusion-bridge clients demo
 	$(BIN)/infusion-bridge serve
 
 lint: $(STAMP)

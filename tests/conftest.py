@@ -21,6 +21,10 @@ from service.store.db import Database
 
 DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
+# Apps and servers the tests build run with authentication off (as on a developer's loopback),
+# unless a test asks for it: the security tests build theirs with `auth_disabled=False`.
+os.environ.setdefault("AUTH_DISABLED", "true")
+
 
 def postgres_base_url() -> str:
     return os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)

@@ -39,6 +39,7 @@ from service.store.resources import ResourceRepository, VersionRow
 
 STORED_TYPES = (
     "AdverseEvent",
+    "AuditEvent",
     "CarePlan",
     "Condition",
     "Encounter",
@@ -52,7 +53,8 @@ STORED_TYPES = (
     "Provenance",
     "QuestionnaireResponse",
 )
-"""Resource types the store holds (materialized from the clinic's records)."""
+"""Resource types the store holds (materialized from the clinic's records, and the audit trail:
+AuditEvent, written by `service.security.audit`, read-only here)."""
 
 CONFORMANCE_TYPES = ("CodeSystem", "ConceptMap", "Questionnaire", "StructureDefinition", "ValueSet")
 """Resource types of the package in profiles/, read-only."""

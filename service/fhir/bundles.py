@@ -47,6 +47,8 @@ from service.fhir.writes import (
     resource_body,
     run_write,
 )
+from service.security.access import authorize_entries
+from service.security.audit import audit_facade_writes
 
 MAX_ENTRIES = 10000
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -311,6 +313,7 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry]) -> None:
     for entry in entries:
         if entry.resource is not None:
             entry.resource = _rewrite(copy.deepcopy(entry.resource), targets)
+    outcomes: list[Written | Deleted | None] = []
     for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
         try:
             if entry.method == "POST" and entry.if_none_exist is not None:
@@ -324,6 +327,8 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry]) -> None:
         except FhirError as error:
             raise EntryFailed(entry.index, entry.method, entry.url, error) from None
         _record(entry, writer.base, outcome)
+        outcomes.append(outcome)
+    audit_facade_writes(writer.connection, outcomes, subtype="transaction")
 
 
 def run_batch(
@@ -394,6 +399,10 @@ async def _services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(_services)]
 
 
+def _entry_check(entry: Entry) -> tuple[int, str, str, bool]:
+    return entry.index, entry.method, entry.resource_type, bool(entry.query or entry.if_none_exist)
+
+
 def build_bundle_router() -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiate)])
 
@@ -405,6 +414,8 @@ def build_bundle_router() -> APIRouter:
     ) -> Response:
         check_media_type(request.headers.get("content-type"))
         kind, entries = parse_bundle(parse_json(await request.body()))
+        # Each entry needs the scope its interaction would need alone.
+        authorize_entries(request.scope, [_entry_check(e) for e in entries])
         base = str(request.base_url).rstrip("/") + "/fhir"
         request_id = getattr(request.state, "request_id", None)
         run: Callable[..., None] = transaction if kind == "transaction" else run_batch

@@ -140,9 +140,13 @@ def parse_instant(value: str, name: str) -> datetime:
 
 
 def parse_types(value: str | None, *, allowed: Sequence[str], name: str = "_type") -> list[str]:
-    """The resource types of a comma list, each checked against `allowed`."""
+    """The resource types of a comma list, each checked against `allowed`.
+
+    Without a list, every allowed type but the audit trail: AuditEvents are exported only when
+    named (and to a client with the audit scope).
+    """
     if value is None:
-        return list(allowed)
+        return [t for t in allowed if t != "AuditEvent"]
     wanted = list(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
     if not wanted:
         raise FhirError(400, "invalid", f"{name} names no resource type", name)
@@ -328,7 +332,7 @@ def everything_parameters(params: Mapping[str, str]) -> dict[str, Any]:
     return {
         "count": count,
         "since": None if since_text is None else parse_instant(since_text, "_since"),
-        "types": None if type_text is None else parse_types(type_text, allowed=STORED_TYPES),
+        "types": parse_types(type_text, allowed=STORED_TYPES),
         "after": _decode_page_token(params.get("_page")),
     }
 

@@ -66,6 +66,7 @@ from service.records.materialize import Materializer
 from service.records.models import Diagnosis, Patient, RecordModel, TreatmentCourse
 from service.records.repository import RecordRepository, RecordVersion
 from service.records.service import Outcome, load, repository_lookup, write_record
+from service.security.audit import audit_facade_writes
 from service.store.resources import ResourceRepository, StoredResource
 
 WRITE_INTERACTIONS = ("create", "update", "patch", "delete")
@@ -86,10 +87,15 @@ UNDELETABLE_TYPES = tuple(sorted(RECORD_KINDS))
 
 def write_interactions(resource_type: str) -> tuple[str, ...]:
     """The write interactions of one stored type, for its CapabilityStatement entry."""
+    if resource_type in READ_ONLY_TYPES:
+        return ()
     if resource_type in UNDELETABLE_TYPES:
         return tuple(code for code in WRITE_INTERACTIONS if code != "delete")
     return WRITE_INTERACTIONS
 
+
+READ_ONLY_TYPES = ("AuditEvent",)
+"""Stored types no client writes: the audit trail is the service's own record."""
 
 ACTOR = "fhir"
 """Who record changes made through the facade are attributed to."""
@@ -156,7 +162,7 @@ class Deleted:
 
 def check_writable(resource_type: str) -> None:
     """404 for a type the facade does not know, 405 for the read-only conformance types."""
-    if resource_type in CONFORMANCE_TYPES:
+    if resource_type in CONFORMANCE_TYPES or resource_type in READ_ONLY_TYPES:
         raise FhirError(405, "not-supported", f"{resource_type} resources are read-only here")
     if resource_type not in STORED_TYPES:
         raise ResourceNotFound(f"resource type {resource_type} is not supported here")
@@ -670,6 +676,7 @@ def run_write(
             request_id=request_id,
         )
         result = action(writer)
+        audit_facade_writes(uow.connection, [result])  # with the change, in its transaction
         uow.commit()
     return result
 

@@ -42,6 +42,7 @@ from service.records.repository import (
     RecordVersion,
     StoredRecord,
 )
+from service.security.audit import audit_record_writes
 from service.store.db import Database, UnitOfWork
 
 if TYPE_CHECKING:  # the materializer maps records; importing it here would load every mapping
@@ -397,6 +398,8 @@ def put_record(
             [RecordVersion(record, result.stored, result.previous)],
             now=result.stored.updated_at,
         )
+        keys = [(record.kind, record.external_id)]
+        audit_record_writes(uow.connection, keys, subtype="intake", actor=actor)
     uow.commit()
     return result
 
@@ -526,6 +529,12 @@ def import_ndjson(
         batch = parsed[start : start + batch_size]
         with database.unit_of_work(write=True) as uow:
             results = _import_batch(uow, materializer, batch, rejected_keys, actor, request_id)
+            written = [
+                (str(r.kind), str(r.external_id))
+                for r in results
+                if r.status in (LineStatus.created, LineStatus.updated)
+            ]
+            audit_record_writes(uow.connection, written, subtype="import", actor=actor)
             uow.commit()
         yield results
 

@@ -33,11 +33,12 @@ from typing import Any, Final
 
 import orjson
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, insert, select, tuple_
 
+from mappings.context import resource_id
 from service.store.db import Database
-from service.store.resources import SearchIndexWriter
-from service.store.tables import resource_versions, resources
+from service.store.resources import SearchIndexWriter, patient_of
+from service.store.tables import records, resource_versions, resources
 
 AUDIT_TYPE: Final = "AuditEvent"
 SUCCESS, REFUSED, FAILED = "0", "4", "8"
@@ -242,6 +243,59 @@ def record_audit(
     context = REQUEST_AUDIT.get()
     if context is not None:
         context.recorded = True
+
+
+def audit_facade_writes(
+    connection: Connection, outcomes: Iterable[Any], *, subtype: str | None = None
+) -> None:
+    """The AuditEvent of facade writes (`Written` or `Deleted` results; None is skipped).
+
+    One event per call: a single interaction, or every entry of a transaction (`subtype`).
+    """
+    entities: list[str] = []
+    patients: list[str | None] = []
+    kinds: list[str] = []
+    for outcome in outcomes:
+        stored = getattr(outcome, "stored", None)
+        if stored is not None:  # Written
+            entities.append(f"{stored.resource_type}/{stored.id}/_history/{stored.version}")
+            patients.append(patient_of(orjson.loads(stored.body)))
+            kinds.append("create" if getattr(outcome, "created", False) else "update")
+        elif getattr(outcome, "id", None) is not None:  # Deleted
+            entities.append(f"{outcome.resource_type}/{outcome.id}/_history/{outcome.version}")
+            patients.append(outcome.id if outcome.resource_type == "Patient" else None)
+            kinds.append("delete")
+    if not kinds:
+        return
+    chosen = subtype or kinds[0]
+    action = {"create": "C", "update": "U", "delete": "D"}.get(chosen, "E")
+    record_audit(connection, subtype=chosen, entities=entities, patients=patients, action=action)
+
+
+def audit_record_writes(
+    connection: Connection, keys: Iterable[tuple[str, str]], *, subtype: str, actor: str
+) -> None:
+    """The AuditEvent of intake writes: the records (kind, external id) and their patients."""
+    wanted = list(dict.fromkeys(keys))
+    if not wanted:
+        return
+    patients: list[str | None] = []
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        rows = connection.execute(
+            select(records.c.patient_id)
+            .where(tuple_(records.c.kind, records.c.external_id).in_(chunk))
+            .distinct()
+        )
+        patients += [resource_id("patient", row.patient_id) for row in rows if row.patient_id]
+    record_audit(
+        connection,
+        subtype=subtype,
+        records=[f"{kind}/{external_id}" for kind, external_id in wanted],
+        patients=patients,
+        actor=actor,
+        action="U" if subtype == "intake" else "E",
+    )
 
 
 class AuditWriter:
