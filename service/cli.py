@@ -354,14 +354,15 @@ def worker(
     except DestinationsError as error:
         typer.secho(str(error), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    if not runner.destinations:
-        typer.secho("No destinations (DESTINATIONS_FILE).", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        if once:
+        if not runner.destinations:
+            typer.echo("no destinations (DESTINATIONS_FILE): nothing to deliver", err=True)
+            if not once:
+                stop.wait()
+        elif once:
             typer.echo(f"{runner.tick()} changes ended")
         else:
             typer.echo(f"worker {runner.worker_id}: {len(runner.destinations)} destination(s)")
