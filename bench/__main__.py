@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from bench import fhir_read, intake, mapping
+from bench import fhir_ingest, fhir_read, fhir_search, intake, mapping
 
 
 def main() -> None:
     intake.main()
     mapping.main()
     fhir_read.main()
+    fhir_search.main()
+    fhir_ingest.main()
 
 
 if __name__ == "__main__":
