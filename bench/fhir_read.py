@@ -57,6 +57,8 @@ SECONDS = 5.0
 WARMUP = 1.0
 LOADGEN = os.environ.get("BENCH_LOADGEN", "wrk" if shutil.which("wrk") else "python")
 CEILING_ENV = "BENCH_CEILING_RESPONSES"
+AUTHORIZATION_ENV = "BENCH_AUTHORIZATION"
+"""The Authorization header every load generator sends (the ceiling ignores it)."""
 COPIED_HEADERS = ("etag", "last-modified", "content-location")
 UVICORN_LOG_LEVEL = "warning"
 
@@ -94,6 +96,8 @@ WRK_SCRIPT = """
 local paths = {}
 for line in io.lines(os.getenv("BENCH_PATHS")) do paths[#paths + 1] = line end
 wrk.headers["Accept"] = "application/fhir+json"
+local authorization = os.getenv("BENCH_AUTHORIZATION")
+if authorization and authorization ~= "" then wrk.headers["Authorization"] = authorization end
 local requests, i = nil, 0
 request = function()
   if requests == nil then
@@ -176,7 +180,9 @@ async def _python_load(
 ) -> dict[str, Any]:
     parsed = httpx.URL(url)
     host, port = parsed.host, parsed.port or 80
-    headers = f"Host: {host}:{port}\r\nAccept: application/fhir+json\r\n\r\n"
+    authorization = os.environ.get(AUTHORIZATION_ENV)
+    headers = f"Host: {host}:{port}\r\nAccept: application/fhir+json\r\n"
+    headers += f"Authorization: {authorization}\r\n\r\n" if authorization else "\r\n"
     requests = [f"GET {path} HTTP/1.1\r\n{headers}".encode() for path in paths]
     latencies: list[float] = []
     errors: list[int] = []
@@ -290,6 +296,23 @@ def _load_clinic(env: dict[str, str]) -> None:
             raise RuntimeError(f"infusion-bridge {args[0]} failed: {done.stderr.decode()}")
 
 
+@contextlib.contextmanager
+def _demo_client(env: dict[str, str], folder: Path) -> Iterator[dict[str, str]]:
+    """The demo client's bearer token, sent by the load generators (BENCH_AUTHORIZATION) too."""
+    key = folder / "demo-client.pem"
+    command = [_cli(), "clients", "demo", "--key", str(key)]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, timeout=120)
+    found = re.search(rb"export TOKEN=(\S+)", done.stdout)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"infusion-bridge clients demo failed: {done.stderr.decode()}")
+    authorization = f"Bearer {found[1].decode()}"
+    os.environ[AUTHORIZATION_ENV] = authorization
+    try:
+        yield {"Accept": "application/fhir+json", "Authorization": authorization}
+    finally:
+        os.environ.pop(AUTHORIZATION_ENV, None)
+
+
 def _targets(database_url: str) -> list[tuple[str, str]]:
     """~IDS (path, stored body) pairs, the resource types taken in turn."""
     engine = create_engine(database_url)
@@ -318,12 +341,12 @@ def _targets(database_url: str) -> list[tuple[str, str]]:
     return chosen
 
 
-def _check(base: str, responses: Path) -> None:
+def _check(base: str, responses: Path, headers: dict[str, str]) -> None:
     """Every path answers 200 with the facade's bytes and headers."""
     with httpx.Client(base_url=base, timeout=10) as client, responses.open() as lines:
         for line in lines:
             item = json.loads(line)
-            response = client.get(item["path"], headers={"Accept": "application/fhir+json"})
+            response = client.get(item["path"], headers=headers)
             assert response.status_code == 200, (base, item["path"], response.status_code)
             assert response.content == item["body"].encode(), f"{base}{item['path']}: other bytes"
             assert response.headers["content-type"] == FHIR_JSON
@@ -331,8 +354,33 @@ def _check(base: str, responses: Path) -> None:
                 assert response.headers[name] == value, (base, item["path"], name)
 
 
-def _bench_store(database_url: str, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    env = _environment(database_url)
+def _record(
+    facade: str, targets: list[tuple[str, str]], headers: dict[str, str], responses: Path
+) -> None:
+    """The facade serves the stored bytes; the ceiling will serve those and the same headers."""
+    with httpx.Client(base_url=facade, timeout=10) as client, responses.open("w") as out:
+        for path, body in targets:
+            response = client.get(path, headers=headers)
+            assert response.status_code == 200, (path, response.status_code)
+            assert response.content == body.encode(), f"{path}: not the stored bytes"
+            copied = {name: response.headers[name] for name in COPIED_HEADERS}
+            out.write(json.dumps({"path": path, "body": body, "headers": copied}) + "\n")
+
+
+FACADES = (
+    ("facade: token, reads audited", {}),
+    ("facade: token, reads not audited", {"AUDIT_READS": "false"}),
+    ("facade: auth off, not audited", {"AUTH_DISABLED": "true", "AUDIT_READS": "false"}),
+)
+"""The facade as shipped (a bearer token checked and an AuditEvent committed per read), and
+without those, to show what the read path itself costs."""
+
+
+def _bench_store(
+    database_url: str, folder: Path
+) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
+    # One client at full speed: its per-client rate limit would answer most requests 429.
+    env = _environment(database_url) | {"RATE_LIMIT_PER_MINUTE": "0"}
     _load_clinic(env)
     targets = _targets(database_url)
     assert {path.split("/")[2] for path, _ in targets} == set(STORED_TYPES)
@@ -342,22 +390,18 @@ def _bench_store(database_url: str, folder: Path) -> tuple[dict[str, Any], dict[
     facade = f"http://127.0.0.1:{facade_port}"
     ceiling = f"http://127.0.0.1:{ceiling_port}"
     serve = [_cli(), "serve", "--port", str(facade_port)]
-    with _process(serve, env, facade + "/readyz", folder / "facade.log"):
-        # The facade serves the stored bytes; the ceiling will serve those and the same headers.
-        responses = folder / "responses.ndjson"
-        with httpx.Client(base_url=facade, timeout=10) as client, responses.open("w") as out:
-            for path, body in targets:
-                response = client.get(path, headers={"Accept": "application/fhir+json"})
-                assert response.status_code == 200, (path, response.status_code)
-                assert response.content == body.encode(), f"{path}: not the stored bytes"
-                copied = {name: response.headers[name] for name in COPIED_HEADERS}
-                out.write(json.dumps({"path": path, "body": body, "headers": copied}) + "\n")
+    responses = folder / "responses.ndjson"
+    measured: list[tuple[str, dict[str, Any]]] = []
+    with _demo_client(env, folder) as headers:
+        for label, settings in FACADES:
+            with _process(serve, env | settings, facade + "/readyz", folder / "facade.log"):
+                _record(facade, targets, headers, responses)
+                measured.append((label, _measure(facade, paths_file, folder)))
         uvicorn = [sys.executable, "-m", "uvicorn", "bench.fhir_read:ceiling_app"]
         uvicorn += ["--port", str(ceiling_port), "--workers", "1", "--log-level", UVICORN_LOG_LEVEL]
         ceiling_env = env | {CEILING_ENV: str(responses)}
         with _process(uvicorn, ceiling_env, ceiling + targets[0][0], folder / "ceiling.log"):
-            _check(ceiling, responses)
-            measured = _measure(facade, paths_file, folder)
+            _check(ceiling, responses, headers)
             baseline = _measure(ceiling, paths_file, folder)
     return measured, baseline
 
@@ -370,7 +414,7 @@ def main() -> None:
         f"({generator}), {SECONDS:g} s after a {WARMUP:g} s warm-up\neach server: uvicorn, "
         f"1 worker, log level {UVICORN_LOG_LEVEL}; ratio = facade / ceiling"
     )
-    results: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    results: list[tuple[str, list[tuple[str, dict[str, Any]]], dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         url = f"sqlite:///{folder / 'bench.db'}"
@@ -379,16 +423,15 @@ def main() -> None:
         if postgres_url is not None:
             with tempfile.TemporaryDirectory() as name:
                 results.append(("PostgreSQL", *_bench_store(postgres_url, Path(name))))
-    print(f"{'store':<32} {'server':<32} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'ratio':>6}")
-    for store, measured, baseline in results:
-        ratio = _rate(measured) / _rate(baseline)
-        for label, server, result, shown in (
-            (store, "facade (infusion-bridge serve)", measured, ratio),
-            ("", "ceiling: bare Starlette, memory", baseline, 1.0),
-        ):
+    print(f"{'store':<32} {'server':<34} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'ratio':>6}")
+    for store, facades, baseline in results:
+        rows = [(label, result) for label, result in facades]
+        rows.append(("ceiling: bare Starlette, memory", baseline))
+        for index, (server, result) in enumerate(rows):
             print(
-                f"{label:<32} {server:<32} {_rate(result):>8,.0f} {result['p50'] * 1000:>7.1f} "
-                f"{result['p95'] * 1000:>7.1f} {shown:>6.2f}"
+                f"{store if index == 0 else '':<32} {server:<34} {_rate(result):>8,.0f} "
+                f"{result['p50'] * 1000:>7.1f} {result['p95'] * 1000:>7.1f} "
+                f"{_rate(result) / _rate(baseline):>6.2f}"
             )
 
 

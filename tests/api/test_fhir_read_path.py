@@ -200,7 +200,7 @@ def test_every_read_sees_what_another_process_committed(
     """Two API processes on one database: the second never serves a version it has not read."""
     records = load(client)["records"]
     patient_id = resource_id("patient", records.patient["external_id"])
-    other_services = bootstrap(Settings(database_url=database_url))
+    other_services = bootstrap(Settings(database_url=database_url, auth_disabled=True))
     with TestClient(create_app(other_services)) as other:
         url = f"/fhir/Patient/{patient_id}"
         assert other.get(url).headers["etag"] == 'W/"1"'
