@@ -213,8 +213,9 @@ def _migrate(env: dict[str, str]) -> None:
 def _bench_store(
     facade_url: str, ceiling_url: str, bundles: list[bytes], folder: Path
 ) -> tuple[dict[str, Any], float]:
-    # Token checks are off (loopback only): this measures ingest, not authentication.
-    env = _environment(facade_url) | {"AUTH_DISABLED": "true"}
+    # Token checks and the per-client rate limit are off (loopback only): this measures
+    # ingest, not authentication or throttling of one client.
+    env = _environment(facade_url) | {"AUTH_DISABLED": "true", "RATE_LIMIT_PER_MINUTE": "0"}
     _migrate(env)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"

@@ -335,8 +335,9 @@ def _bench_store(
     database_url: str, rows_file: Path, paths: list[str], folder: Path
 ) -> tuple[float, int, dict[str, Any], dict[str, Any]]:
     loading = _load(database_url, rows_file)
-    # Token checks are off (loopback only): this measures search, not authentication.
-    env = _environment(database_url) | {"AUTH_DISABLED": "true"}
+    # Token checks and the per-client rate limit are off (loopback only): this measures
+    # search, not authentication or throttling of one client.
+    env = _environment(database_url) | {"AUTH_DISABLED": "true", "RATE_LIMIT_PER_MINUTE": "0"}
     paths_file = folder / "paths.txt"
     paths_file.write_text("".join(path + "\n" for path in paths))
     facade_port, ceiling_port = _free_port(), _free_port()
