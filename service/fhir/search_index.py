@@ -240,12 +240,16 @@ class Program:
     def __init__(self, expression: str) -> None:
         self.expression = expression
         self._parts: list[list[Step]] | None = []
+        roots: set[str] = set()
         for part in (p.strip() for p in expression.split(" | ")):
             steps = _compile_part(part)
             if steps is None:
                 self._parts = None
                 break
             self._parts.append(steps)
+            roots.add(_ROOT.match(part.lstrip("("))[1])  # type: ignore[index]
+        self.roots: frozenset[str] | None = None if self._parts is None else frozenset(roots)
+        """The top-level elements the expression starts from: absent ones select nothing."""
         self._fhirpath: Callable[[Resource], list[Any]] | None = None
         if self._parts is None:
             import fhirpathpy  # only for expressions outside the hand-evaluated subset
@@ -275,6 +279,17 @@ class Program:
 
     def values(self, resource: Resource) -> list[Any]:
         return _unwrap(self.nodes(resource))
+
+
+_ROOT = re.compile(r"[A-Za-z]+\.([A-Za-z]+)")
+_CHOICE_SUFFIX = re.compile(r"[A-Z].*")
+
+
+@cache
+def _element_of(key: str) -> str:
+    """The choice element a JSON key may belong to: `effectiveDateTime` is `effective`
+    (for `managingOrganization` it gives `managing`, which no program starts from)."""
+    return _CHOICE_SUFFIX.sub("", key)
 
 
 def _compile_part(part: str) -> list[Step] | None:
@@ -338,7 +353,13 @@ def extract(resource: Resource, catalogue: Definitions | None = None) -> IndexRo
             if p.code not in RESOURCE_COLUMNS
         )
     )
+    # Most of a type's parameters start from elements a given resource does not have: skip
+    # those programs outright (choice elements count by their base name, effective[x]).
+    present = set(resource)
+    present.update(_element_of(key) for key in resource)
     for parameter, program in parameter_programs:
+        if program.roots is not None and program.roots.isdisjoint(present):
+            continue
         nodes = program.nodes(resource)
         if not nodes:
             continue
