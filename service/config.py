@@ -86,9 +86,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     request_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
     rate_limit_per_minute: int = Field(
-        default=1200, ge=0, description="Requests per client per minute and process (0: none)."
+        default=6000, ge=0, description="Requests per client per minute and process (0: none)."
     )
-    rate_limit_burst: int = Field(default=200, ge=1)
+    rate_limit_burst: int = Field(default=600, ge=1)
 
     @model_validator(mode="after")
     def _external_issuer_complete(self) -> Settings:

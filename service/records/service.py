@@ -104,7 +104,7 @@ def parse_record(
                 [Problem((name,), "mismatch", f"{given!r} does not match the URL's {expected!r}")]
             )
     record_kind = body.get("kind")
-    if record_kind not in RECORD_TYPES:
+    if not isinstance(record_kind, str) or record_kind not in RECORD_TYPES:
         known = ", ".join(RECORD_TYPES)
         problem = (
             Problem(("kind",), "missing", f"every record needs a kind: one of {known}")
