@@ -1,19 +1,17 @@
 """FHIR read and vread (`GET /fhir/{type}/{id}`, `.../_history/{vid}`): the facade's hot path.
 
-Two plain Starlette routes with raw ASGI endpoints: no dependency resolution, no request
-models, no threadpool hop. Each request is one point read on a `ResourceReader` (the
-driver, not SQLAlchemy) and answers the stored bytes with `ETag`, `Last-Modified` and
-`Content-Location`, or 304 to a conditional read. A `FhirError` is answered with the
-OperationOutcome the app's handler gives every other /fhir error (`fhir_error_response`);
-anything unexpected goes up to the app's 500 handler.
+Two Starlette routes with raw ASGI endpoints: no dependency resolution, no request models, no
+threadpool hop. Each request is one point read on a `ResourceReader` (the driver, not
+SQLAlchemy) and answers the stored bytes with `ETag`, `Last-Modified` and `Content-Location`,
+or 304 to a conditional read. A `FhirError` is answered with the OperationOutcome the app's
+handler gives every other /fhir error (`fhir_error_response`); anything unexpected goes up to
+the app's 500 handler. `FastReads`, the innermost middleware (after the request id and access
+control), answers them ahead of FastAPI's exception middleware and routing; the same routes sit
+in the router for whatever it leaves (see `FastReads`).
 
 Nothing here caches a resource: every request reads the database (several API processes may
 serve one PostgreSQL database). Conformance resources (profiles/) are served from memory; they
-change only with a new release.
-
-`FastReads` answers them from the innermost middleware, ahead of FastAPI's exception middleware
-and routing, for the paths no other route can take; the same routes sit in the router for the
-rest (see `FastReads`).
+change only with a release.
 """
 
 from __future__ import annotations
@@ -174,8 +172,8 @@ def _routes(
 class FastReads:
     """ASGI middleware answering GET read and vread before FastAPI's own middleware and routing.
 
-    Install it inside `RequestIdMiddleware`, so every response still carries its X-Request-ID.
-    It answers only paths no other route can take: types and ids not starting with `_` or `$`
+    Install it last (innermost): every read still gets its X-Request-ID and access control
+    first. It answers only paths no other route can take: types and ids not starting with `_` or `$`
     (`_history`, `$export`, `$export-status/...` are other routes'). Everything else goes on to
     the router, where `build_read_routes` sit in the FastAPI routes' old place, so other methods
     (405 with `Allow: GET`), trailing slashes (a redirect) and odd ids (`Patient/_x`, 404) are
