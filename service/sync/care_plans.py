@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from mappings.care_plan import course_from_care_plan
 from mappings.context import resource_id
@@ -35,9 +35,11 @@ from service.records.models import TreatmentCourse
 from service.records.repository import RecordRepository, RecordVersion
 from service.records.service import load, repository_lookup, write_record
 from service.store.db import Database
+from service.store.tables import search_token
 from service.sync import ledger as store
 from service.sync.client import EhrClient
 from service.sync.destinations import Destination
+from service.sync.outbound import references, relative_key
 
 log = logging.getLogger("service.sync.care_plans")
 
@@ -305,7 +307,8 @@ class CarePlanSync:
                 )
 
             try:
-                theirs = course_from_care_plan(remote, current=current, context=context)
+                local = _localize(connection, name, remote)
+                theirs = course_from_care_plan(local, current=current, context=context)
             except UnsupportedContent as error:
                 self._conflict(
                     connection,
@@ -437,6 +440,53 @@ class CarePlanSync:
             remote_version=remote_version,
             detected_at=now,
         )
+
+
+def _localize(connection: Connection, destination: str, remote: Resource) -> Resource:
+    """The pulled plan with its references pointing at our resources again.
+
+    A reference to the EHR's copy of one of ours becomes ours (the ledger knows both ids); a
+    logical reference by one of our business identifiers (what the worker sends for a target
+    the EHR holds no copy of) becomes a literal reference to the resource with it.
+    """
+    local: Resource = orjson.loads(orjson.dumps(remote))
+    for ref in references(local):
+        key = relative_key(ref["reference"])
+        if key is None:
+            continue
+        found = store.by_remote(connection, destination, key[0], key[1])
+        if found is not None:
+            ref["reference"] = f"{found[0][0]}/{found[0][1]}"
+    for ref in _logical(local):
+        identifier = ref["identifier"]
+        target = connection.execute(
+            select(search_token.c.resource_id).where(
+                search_token.c.resource_type == ref["type"],
+                search_token.c.param == "identifier",
+                search_token.c.system == identifier.get("system"),
+                search_token.c.code == identifier.get("value"),
+            )
+        ).first()
+        if target is not None:
+            ref["reference"] = f"{ref['type']}/{target.resource_id}"
+    return local
+
+
+def _logical(value: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if isinstance(value, dict):
+        if (
+            "reference" not in value
+            and isinstance(value.get("type"), str)
+            and isinstance(value.get("identifier"), dict)
+        ):
+            out.append(value)
+        for item in value.values():
+            out += _logical(item)
+    elif isinstance(value, list):
+        for item in value:
+            out += _logical(item)
+    return out
 
 
 def _instant(value: str) -> datetime:

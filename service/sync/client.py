@@ -94,6 +94,9 @@ def _outcome(response: httpx.Response) -> Resource | None:
 def check(response: httpx.Response) -> httpx.Response:
     """The response if it succeeded; otherwise the domain error its status means."""
     status = response.status_code
+    if 300 <= status < 400:
+        # A redirect means a wrong base URL (or a trailing slash): a person has to fix it.
+        raise PermanentFailure(f"{response.request.method} answered {status}", status=status)
     if status < 400:
         return response
     what = f"{response.request.method} {response.request.url.path} answered {status}"

@@ -58,7 +58,9 @@ def referenced_keys(resource: Resource) -> set[Key]:
 def business_identifier(resource: Resource, site_system: str) -> dict[str, str] | None:
     """The resource's identifier in the site's own systems (`{site_system}/{kind}`), if any."""
     prefix = site_system.rstrip("/") + "/"
-    for identifier in resource.get("identifier") or []:
+    found = resource.get("identifier") or []
+    # AdverseEvent (among others) has one identifier, not a list.
+    for identifier in [found] if isinstance(found, dict) else found:
         if not isinstance(identifier, dict):
             continue
         system, value = identifier.get("system"), identifier.get("value")

@@ -25,11 +25,22 @@ class TypeSupport:
 
     interactions: frozenset[str] = frozenset()
     conditional_update: bool = False
-    search_params: frozenset[str] = frozenset()
+    search_params: frozenset[str] | None = None
+    """None: the statement lists none (then `identifier`, common to most types, is assumed)."""
+    update_create: bool = False
 
     @property
     def writable(self) -> bool:
         return bool({"create", "update"} & self.interactions)
+
+    @property
+    def identifier_search(self) -> bool:
+        return self.search_params is None or "identifier" in self.search_params
+
+    @property
+    def idempotent_put(self) -> bool:
+        """A PUT of our own id creates or updates: safe to repeat."""
+        return self.update_create and "update" in self.interactions
 
 
 @dataclass(frozen=True)
@@ -57,13 +68,17 @@ def read_capabilities(statement: dict[str, Any]) -> Capabilities:
             codes = frozenset(
                 str(i.get("code")) for i in resource.get("interaction") or [] if isinstance(i, dict)
             )
-            params = frozenset(
-                str(p.get("name")) for p in resource.get("searchParam") or [] if isinstance(p, dict)
+            listed = resource.get("searchParam")
+            params = (
+                frozenset(str(p.get("name")) for p in listed if isinstance(p, dict))
+                if isinstance(listed, list) and listed
+                else None
             )
             types[resource["type"]] = TypeSupport(
                 interactions=codes,
                 conditional_update=resource.get("conditionalUpdate") is True,
                 search_params=params,
+                update_create=resource.get("updateCreate") is True,
             )
     return Capabilities(types=types, transaction=transaction)
 
@@ -75,8 +90,12 @@ def choose(
     if resource_type in overrides:
         return overrides[resource_type]
     support = capabilities.of(resource_type)
-    if support.conditional_update and "update" in support.interactions:
-        return Strategy.transaction if capabilities.transaction else Strategy.conditional_update
+    by_identifier = support.conditional_update and support.identifier_search
+    if "update" in support.interactions and (by_identifier or support.update_create):
+        if capabilities.transaction:
+            return Strategy.transaction
+        if by_identifier:
+            return Strategy.conditional_update
     if support.writable:
         return Strategy.ledger
     if resource_type in FALLBACK_TYPES and capabilities.of("DocumentReference").writable:

@@ -675,12 +675,16 @@ class _LaneRun:
     def _bundle_entry(self, item: _Work, resource: Resource) -> Resource:
         key = item.delivery.key
         entry = self.remote.get(key)
+        support = self.plan.capabilities.of(key[0])
         identifier = business_identifier(item.body or {}, self.worker.site_system)
-        if identifier is not None:
+        if entry is not None:
+            request = {"method": "PUT", "url": f"{key[0]}/{entry.remote_id}"}
+        elif identifier is not None and support.conditional_update and support.identifier_search:
             query = urlencode({"identifier": f"{identifier['system']}|{identifier['value']}"})
             request = {"method": "PUT", "url": f"{key[0]}?{query}"}
-        elif entry is not None:
-            request = {"method": "PUT", "url": f"{key[0]}/{entry.remote_id}"}
+        elif support.idempotent_put:
+            resource = {**resource, "id": key[1]}
+            request = {"method": "PUT", "url": f"{key[0]}/{key[1]}"}
         else:
             request = {"method": "POST", "url": key[0]}
         return {"fullUrl": bundle_full_url(key), "resource": resource, "request": request}
@@ -716,14 +720,26 @@ class _LaneRun:
         """Write one resource the way `strategy` says; (remote id, remote version)."""
         support = self.plan.capabilities.of(resource_type)
         entry = self.remote.get(key)
+        by_identifier = identifier is not None and support.identifier_search
         try:
-            if strategy in (Strategy.transaction, Strategy.conditional_update) and identifier:
+            if (
+                strategy in (Strategy.transaction, Strategy.conditional_update)
+                and identifier is not None
+                and by_identifier
+                and support.conditional_update
+            ):
                 response = self.client.conditional_update(resource, identifier)
                 return location_id(response, _json_or_none(response))
             remote_id = entry.remote_id if entry else None
-            if remote_id is None and identifier is not None:
+            if remote_id is None and identifier is not None and by_identifier:
                 found = self._search_identifier(resource_type, identifier)
                 remote_id = found[0] if found else None
+            if (
+                remote_id is None
+                and support.idempotent_put
+                and resource_type != "DocumentReference"
+            ):
+                remote_id = key[1]  # our own id: repeating the PUT cannot duplicate
             if remote_id is not None:
                 if "update" not in support.interactions:
                     return remote_id, entry.remote_version if entry else None

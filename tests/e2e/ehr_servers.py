@@ -20,7 +20,9 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import jwt
@@ -39,7 +41,9 @@ FHIR = "application/fhir+json"
 @contextmanager
 def serve_in_thread(app: Any) -> Iterator[str]:
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", interface="asgi3"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -51,6 +55,10 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _outcome(status: int, text: str, code: str = "processing") -> JSONResponse:
@@ -79,9 +87,20 @@ READ_SEARCH = [{"code": "read"}, {"code": "search-type"}]
 class RestrictedEhr:
     """See the module docstring. `store[type][id]` holds what arrived; `creates` counts POSTs."""
 
-    def __init__(self, *, smart: bool = False, public_key: Any = None, client_id: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        smart: bool = False,
+        public_key: Any = None,
+        client_id: str = "",
+        writable: frozenset[str] = frozenset({"Observation", "DocumentReference"}),
+        updatable: frozenset[str] = frozenset(),
+    ) -> None:
+        self.writable = writable
+        self.updatable = updatable
         self.store: dict[str, dict[str, dict[str, Any]]] = {}
         self.creates: dict[str, int] = {}
+        self.updates: dict[str, int] = {}
         self.smart = smart
         self.public_key = public_key
         self.client_id = client_id
@@ -104,9 +123,23 @@ class RestrictedEhr:
         """An EHR-side resource (a Patient, an Encounter) that exists before delivery."""
         with self.lock:
             resource = {**resource, "id": resource.get("id") or uuid.uuid4().hex[:16]}
-            resource["meta"] = {"versionId": "1", "lastUpdated": "2026-01-01T00:00:00Z"}
+            resource["meta"] = {"versionId": "1", "lastUpdated": _now()}
             self.store.setdefault(resource["resourceType"], {})[resource["id"]] = resource
             return resource
+
+    def change(self, resource_type: str, resource_id: str, **changes: Any) -> dict[str, Any]:
+        """An edit made in the EHR: a new version with a new lastUpdated."""
+        with self.lock:
+            current = self.store[resource_type][resource_id]
+            version = int(current["meta"]["versionId"]) + 1
+            time.sleep(0.002)
+            changed = {
+                **current,
+                **changes,
+                "meta": {"versionId": str(version), "lastUpdated": _now()},
+            }
+            self.store[resource_type][resource_id] = changed
+            return changed
 
     def of(self, resource_type: str) -> list[dict[str, Any]]:
         return list(self.store.get(resource_type, {}).values())
@@ -122,7 +155,7 @@ class RestrictedEhr:
         )
 
     async def token(self, request: Request) -> JSONResponse:
-        form = await request.form()
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
         self.token_requests += 1
         if form.get("grant_type") != "client_credentials" or form.get("client_assertion_type") != (
             "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -155,14 +188,16 @@ class RestrictedEhr:
         return header.startswith("Bearer ") and header[7:] in self.tokens
 
     async def metadata(self, request: Request) -> JSONResponse:
-        resources = [
-            {"type": "Patient", "interaction": READ_SEARCH},
-            {"type": "Encounter", "interaction": READ_SEARCH},
-            {"type": "MedicationAdministration", "interaction": READ_SEARCH},
-            {"type": "CarePlan", "interaction": READ_SEARCH},
-            {"type": "Observation", "interaction": [{"code": "create"}, *READ_SEARCH]},
-            {"type": "DocumentReference", "interaction": [{"code": "create"}, *READ_SEARCH]},
-        ]
+        names = ["Patient", "Encounter", "MedicationAdministration", "CarePlan"]
+        names += ["Observation", "DocumentReference"]
+        resources: list[dict[str, Any]] = []
+        for name in names:
+            codes = list(READ_SEARCH)
+            if name in self.writable:
+                codes.append({"code": "create"})
+            if name in self.updatable:
+                codes.append({"code": "update"})
+            resources.append({"type": name, "interaction": codes})
         for resource in resources:
             resource["searchParam"] = [{"name": "identifier", "type": "token"}]
         return JSONResponse(
@@ -203,6 +238,8 @@ class RestrictedEhr:
                         if (r.get("subject") or {}).get("reference") == value
                         or (r.get("subject") or {}).get("reference") == f"Patient/{value}"
                     ]
+                elif name == "_lastUpdated" and value.startswith("ge"):
+                    found = [r for r in found if r["meta"]["lastUpdated"] >= value[2:]]
                 elif name == "date":
                     found = [
                         r
@@ -210,16 +247,19 @@ class RestrictedEhr:
                         if str((r.get("period") or {}).get("start", "")).startswith(value)
                     ]
             return _bundle(found)
-        if resource_type not in ("Observation", "DocumentReference"):
+        if resource_type not in self.writable:
             return _outcome(405, f"{resource_type} is read-only here", "not-supported")
         resource = orjson.loads(await request.body())
-        if resource_type == "Observation":
+        if (
+            resource_type == "Observation"
+            and "vital-signs" in orjson.dumps(resource.get("category")).decode()
+        ):
             encounter = (resource.get("encounter") or {}).get("reference", "")
             if encounter.removeprefix("Encounter/") not in self.store.get("Encounter", {}):
                 return _outcome(422, "vital signs are filed against an existing encounter")
         with self.lock:
             stored = {**resource, "id": uuid.uuid4().hex[:16]}
-            stored["meta"] = {"versionId": "1", "lastUpdated": "2026-01-01T00:00:00Z"}
+            stored["meta"] = {"versionId": "1", "lastUpdated": _now()}
             self.store.setdefault(resource_type, {})[stored["id"]] = stored
             self.creates[resource_type] = self.creates.get(resource_type, 0) + 1
         return JSONResponse(
@@ -232,6 +272,16 @@ class RestrictedEhr:
     async def read(self, request: Request) -> Response:
         if not self._authorized(request):
             return _outcome(401, "a bearer token is needed", "login")
+        resource_type, resource_id = request.path_params["type"], request.path_params["id"]
+        if request.method == "PUT" and resource_type in self.updatable:
+            if resource_id not in self.store.get(resource_type, {}):
+                return _outcome(404, "update of an unknown id", "not-found")
+            body = orjson.loads(await request.body())
+            changed = self.change(resource_type, resource_id, **body)
+            self.updates[resource_type] = self.updates.get(resource_type, 0) + 1
+            return JSONResponse(
+                changed, media_type=FHIR, headers={"ETag": f'W/"{changed["meta"]["versionId"]}"'}
+            )
         if request.method != "GET":
             return _outcome(405, "read-only", "not-supported")
         found = self.store.get(request.path_params["type"], {}).get(request.path_params["id"])
