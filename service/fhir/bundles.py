@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -312,9 +311,37 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry]) -> None:
             raise EntryFailed(entry.index, entry.method, entry.url, error) from None
     for entry in entries:
         if entry.resource is not None:
-            entry.resource = _rewrite(copy.deepcopy(entry.resource), targets)
+            entry.resource = _rewrite(entry.resource, targets)  # a copy: _rewrite builds anew
     outcomes: list[Written | Deleted | None] = []
+    # Plain creates, checked and waiting to be written together: before any other entry runs,
+    # they are written, so every entry sees the store as if each had been written in turn.
+    pending: list[tuple[Entry, dict[str, Any]]] = []
+
+    def write_pending() -> None:
+        if not pending:
+            return
+        try:
+            written = writer.create_new([resource for _, resource in pending])
+        except FhirError as error:
+            entry = pending[0][0]
+            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+        for (entry, _), outcome in zip(pending, written, strict=True):
+            _record(entry, writer.base, outcome)
+            outcomes.append(outcome)
+        pending.clear()
+
     for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
+        try:
+            if _plain_create(entry):
+                assert entry.planned_id is not None
+                check_writable(entry.resource_type)
+                resource = resource_body(entry.resource, entry.resource_type, None)
+                resource = writer.new_resource(entry.resource_type, resource, entry.planned_id)
+                pending.append((entry, resource))
+                continue
+        except FhirError as error:
+            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+        write_pending()
         try:
             if entry.method == "POST" and entry.if_none_exist is not None:
                 criteria = parse_criteria(entry.resource_type, entry.if_none_exist)
@@ -328,7 +355,18 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry]) -> None:
             raise EntryFailed(entry.index, entry.method, entry.url, error) from None
         _record(entry, writer.base, outcome)
         outcomes.append(outcome)
+    write_pending()
     audit_facade_writes(writer.connection, outcomes, subtype="transaction")
+
+
+def _plain_create(entry: Entry) -> bool:
+    """A POST of a stored-as-sent type whose new id is planned: nothing to look up or lock."""
+    return (
+        entry.method == "POST"
+        and entry.if_none_exist is None
+        and entry.planned_id is not None
+        and entry.resource_type not in RECORD_KINDS
+    )
 
 
 def run_batch(

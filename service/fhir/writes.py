@@ -67,7 +67,7 @@ from service.records.models import Diagnosis, Patient, RecordModel, TreatmentCou
 from service.records.repository import RecordRepository, RecordVersion
 from service.records.service import Outcome, load, repository_lookup, write_record
 from service.security.audit import audit_facade_writes
-from service.store.resources import ResourceRepository, StoredResource
+from service.store.resources import ResourceRepository, StoredResource, WrittenResource
 
 WRITE_INTERACTIONS = ("create", "update", "patch", "delete")
 """CapabilityStatement `TypeRestfulInteraction` codes this module implements for stored types."""
@@ -494,10 +494,35 @@ class FacadeWriter:
         if before is not None:
             self._check_not_maintained(before)
         self._check_valid(resource)
-        self.resources.write([resource], now=datetime.now(UTC))
-        stored = self.resources.read(resource_type, resource_id)
-        assert stored is not None  # written in this transaction
+        written = self.resources.write([resource], now=datetime.now(UTC))
+        # Nothing written: the content is the current version's, which `before` holds.
+        stored = _stored(written[0]) if written else before
+        assert stored is not None  # written, or current and unchanged
         return Written(stored, created=before is None or before.deleted)
+
+    def new_resource(
+        self, resource_type: str, resource: dict[str, Any], resource_id: str
+    ) -> dict[str, Any]:
+        """A create's resource with `resource_id`, a new uuid, checked as a create checks it.
+
+        For `create_new`: each resource of a batch of creates is checked before any is written.
+        """
+        if resource_type in RECORD_KINDS:
+            raise ValueError(f"{resource_type} is record-backed: create it with `create`")
+        resource = {**resource, "id": resource_id}
+        self._check_valid(resource)
+        return resource
+
+    def create_new(self, resources: Sequence[dict[str, Any]]) -> list[Written]:
+        """Store resources `new_resource` checked, in one write: 201 each.
+
+        No lock is needed: the ids are new uuids, so no other writer can name them yet.
+        """
+        now = datetime.now(UTC)
+        written = self.resources.write(resources, now=now)
+        if len(written) != len(resources) or any(w.version != 1 for w in written):
+            raise ResourceConflict("a new resource's id is taken")
+        return [Written(_stored(w), created=True) for w in written]
 
     def _check_valid(self, resource: dict[str, Any]) -> None:
         issues = self.validator.issues(resource)
@@ -679,6 +704,18 @@ def run_write(
         audit_facade_writes(uow.connection, [result])  # with the change, in its transaction
         uow.commit()
     return result
+
+
+def _stored(written: WrittenResource) -> StoredResource:
+    assert written.body is not None  # a write, not a deletion
+    return StoredResource(
+        written.resource_type,
+        written.id,
+        written.version,
+        written.last_updated,
+        written.deleted,
+        written.body,
+    )
 
 
 def criteria_key(resource_type: str, criteria: Params) -> str:

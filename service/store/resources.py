@@ -50,12 +50,14 @@ Key = tuple[str, str]
 
 @dataclass(frozen=True, slots=True)
 class WrittenResource:
-    """A resource version the store wrote."""
+    """A resource version the store wrote, as a read now returns it (`body` None if deleted)."""
 
     resource_type: str
     id: str
     version: int
     deleted: bool
+    last_updated: datetime
+    body: str | None
 
     @property
     def key(self) -> Key:
@@ -200,7 +202,7 @@ class ResourceRepository:
                 changed_rows.append({"b_type": key[0], "b_id": key[1], **row})
             versions.append({"resource_type": key[0], "id": key[1], **row})
             queued.append(_queued(key, version, False, patient_of(resource), now))
-            written.append(WrittenResource(key[0], key[1], version, False))
+            written.append(WrittenResource(key[0], key[1], version, False, now, body))
         self._apply(new_rows, changed_rows, versions, queued)
         self._index.remove(w.key for w in written if w.version > 1)
         self._index.insert(indexed)
@@ -217,7 +219,7 @@ class ResourceRepository:
             changed_rows.append({"b_type": key[0], "b_id": key[1], "content_hash": digest} | row)
             versions.append({"resource_type": key[0], "id": key[1], "body": None} | row)
             queued.append(_queued(key, version + 1, True, None, now))
-            written.append(WrittenResource(key[0], key[1], version + 1, True))
+            written.append(WrittenResource(key[0], key[1], version + 1, True, now, None))
         self._apply([], changed_rows, versions, queued)
         self._index.remove(w.key for w in written)
         return written

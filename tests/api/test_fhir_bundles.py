@@ -161,6 +161,67 @@ def test_conditional_create_in_a_transaction_points_references_at_the_match(
     assert found(client, a) == [existing["id"]]
 
 
+def test_transaction_creates_answer_what_a_read_then_serves(client: TestClient) -> None:
+    values = [uuid.uuid4().hex for _ in range(5)]
+    entries = [
+        {
+            "fullUrl": f"urn:uuid:{value}",
+            "resource": observation(value, hasMember=[{"reference": f"urn:uuid:{values[0]}"}]),
+            "request": {"method": "POST", "url": "Observation"},
+        }
+        for value in values[:4]
+    ]
+    # Run after the creates before it: it finds the first one, written in this transaction.
+    entries.insert(
+        2,
+        {
+            "resource": observation(values[4]),
+            "request": {
+                "method": "POST",
+                "url": "Observation",
+                "ifNoneExist": f"identifier=urn:ehr:obs|{values[0]}",
+            },
+        },
+    )
+    result = client.post("/fhir", json=bundle("transaction", *entries)).json()
+    statuses = [e["response"]["status"] for e in result["entry"]]
+    assert statuses == ["201 Created", "201 Created", "200 OK", "201 Created", "201 Created"]
+    first = result["entry"][0]["resource"]
+    assert result["entry"][2]["resource"] == first
+    for entry in result["entry"]:
+        resource, response = entry["resource"], entry["response"]
+        read = client.get(f"/fhir/Observation/{resource['id']}")
+        assert read.json() == resource
+        assert resource["hasMember"] == [{"reference": f"Observation/{first['id']}"}] or (
+            resource["identifier"][0]["value"] == values[0]
+        )
+        assert response == {
+            "status": response["status"],
+            "location": f"http://testserver/fhir/Observation/{resource['id']}/_history/1",
+            "etag": 'W/"1"',
+            "lastModified": resource["meta"]["lastUpdated"],
+        }
+        assert read.headers["ETag"] == 'W/"1"'
+
+
+def test_a_failing_create_among_many_names_its_entry(client: TestClient) -> None:
+    values = [uuid.uuid4().hex for _ in range(4)]
+    entries = [
+        {"resource": observation(value), "request": {"method": "POST", "url": "Observation"}}
+        for value in values
+    ]
+    del entries[2]["resource"]["status"]
+    entries.append({"resource": observation("x"), "request": {"method": "POST", "url": "Nope"}})
+    response = client.post("/fhir", json=bundle("transaction", *entries))
+    assert response.status_code == 422, response.text
+    assert {issue["expression"][0] for issue in response.json()["issue"]} == {"Bundle.entry[2]"}
+    del entries[2]
+    response = client.post("/fhir", json=bundle("transaction", *entries))
+    assert response.status_code == 404, response.text
+    assert response.json()["issue"][0]["expression"] == ["Bundle.entry[3]"]
+    assert all(found(client, value) == [] for value in values)
+
+
 def test_batch_entries_are_independent(client: TestClient) -> None:
     a, b = uuid.uuid4().hex, uuid.uuid4().hex
     broken = observation(b)
