@@ -145,6 +145,9 @@ def _plan(templates: list[list[dict[str, Any]]]) -> list[tuple[int, int]]:
 class _RecordingConnection:
     """Stands in for a Connection: selects find nothing, INSERTs are kept (table, rows)."""
 
+    class dialect:  # noqa: N801 - stands in for the attribute: no dialect the store speaks
+        name = "recording"
+
     def __init__(self) -> None:
         self.inserted: list[tuple[str, list[dict[str, Any]]]] = []
 
