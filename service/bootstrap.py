@@ -130,6 +130,8 @@ def bootstrap(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # httpx logs every URL it calls at INFO (JWK Sets, EHR resources by id): not in our logs.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     database = database or Database(settings.database_url, pool_size=settings.database_pool_size)
     validator = resource_validator(settings)
     return Services(

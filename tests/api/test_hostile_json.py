@@ -86,7 +86,7 @@ def hostile_documents(draw: st.DrawFn) -> bytes:
             value = draw(st.sampled_from(HOSTILE_SCALARS))
         elif choice == 1:
             value = nested(
-                draw(st.sampled_from([70, 2000, 200_000])), draw(st.sampled_from(["list", "dict"]))
+                draw(st.sampled_from([70, 2000, 20_000])), draw(st.sampled_from(["list", "dict"]))
             )
         elif choice == 2:
             value = orjson.dumps(
@@ -127,7 +127,7 @@ def decode_record(raw: bytes) -> None:
 
 
 @given(raw=hostile_documents())
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_record_parser_refuses_hostile_input_with_its_own_error(raw: bytes) -> None:
     decode_record(raw)
 
@@ -143,7 +143,7 @@ def validator() -> Any:
 
 
 @given(raw=hostile_documents())
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_fhir_parser_refuses_hostile_input_with_its_own_error(raw: bytes) -> None:
     try:
         resource = resource_body(parse_json(raw), "Observation", None)
@@ -155,7 +155,7 @@ def test_the_fhir_parser_refuses_hostile_input_with_its_own_error(raw: bytes) ->
     assert 400 <= status < 500
 
 
-@pytest.mark.parametrize("depth", [65, 5000, 500_000])
+@pytest.mark.parametrize("depth", [65, 5000, 100_000])
 def test_deep_nesting_is_refused_not_a_crash(depth: int) -> None:
     for kind in ("list", "dict"):
         raw = b'{"resourceType":"Observation","x":' + nested(depth, kind) + b"}"

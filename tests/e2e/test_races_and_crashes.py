@@ -81,7 +81,7 @@ def test_kill_during_a_transaction_leaves_all_of_it_or_none(server: Server) -> N
     entries = 300
     outcomes = []
     rng = random.Random(7)
-    for attempt in range(4):
+    for attempt in range(3):
         marker = uuid.uuid4().hex
         bundle = {
             "resourceType": "Bundle",
@@ -105,7 +105,7 @@ def test_kill_during_a_transaction_leaves_all_of_it_or_none(server: Server) -> N
 
         sender = threading.Thread(target=send)
         sender.start()
-        time.sleep(0.05 + rng.random() * (0.6 if attempt < 3 else 3.0))
+        time.sleep(0.05 + rng.random() * (0.6 if attempt < 2 else 2.0))
         server.kill()
         sender.join(60)
         server.start()
