@@ -112,6 +112,10 @@ def build_capability_router() -> APIRouter:
     async def metadata(request: Request, conformance: ConformanceDep) -> Response:
         base = str(request.base_url).rstrip("/") + "/fhir"
         body = capability_statement(base, conformance)
+        if request.app.state.services.settings.auth_disabled is False:
+            from service.security.api import rest_security
+
+            body["rest"][0]["security"] = rest_security(base.removesuffix("/fhir"))
         return Response(orjson.dumps(body), media_type=FHIR_JSON)
 
     return router

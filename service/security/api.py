@@ -63,6 +63,30 @@ def smart_configuration(base: str) -> dict[str, Any]:
     }
 
 
+def rest_security(base: str) -> dict[str, Any]:
+    """CapabilityStatement.rest.security: SMART on FHIR, with the token endpoint's URL."""
+    return {
+        "extension": [
+            {
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": f"{base}/auth/token"}],
+            }
+        ],
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ]
+            }
+        ],
+        "description": "SMART Backend Services: client_credentials with a private_key_jwt "
+        "assertion (RS384 or ES384) at the token endpoint; bearer access tokens.",
+    }
+
+
 def build_auth_router() -> APIRouter:
     router = APIRouter(tags=["security"])
 

@@ -28,6 +28,7 @@ from service.config import Settings
 from tests.api.conftest import TOKEN_URL, SecureApi, secure_settings
 from tests.factory import clinic
 from tests.factory import path_of as url
+from tests.fhir_check import assert_valid_r4
 from tests.smart import ClientKey, token_form
 
 INTAKE = "system/intake.read system/intake.write"
@@ -152,6 +153,10 @@ def test_smart_discovery_describes_the_token_endpoint(secure: SecureApi) -> None
     assert "system/AuditEvent.rs" in document["scopes_supported"]
     keys = secure.http.get("/auth/jwks").json()["keys"]
     assert keys[0]["alg"] == "RS384"
+    statement = secure.http.get("/fhir/metadata").json()
+    security = statement["rest"][0]["security"]
+    assert security["extension"][0]["extension"] == [{"url": "token", "valueUri": TOKEN_URL}]
+    assert_valid_r4(statement)
 
 
 # --- bearer tokens ----------------------------------------------------------------------------
