@@ -32,6 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from service.fhir.search_index import IndexRows, extract
 from service.store.tables import (
@@ -505,9 +506,15 @@ def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, A
         return
     raw = connection.connection.driver_connection
     assert raw is not None
-    with raw.cursor() as cursor, cursor.copy(statement) as copy:
-        for value in values:
-            copy.write_row(value)
+    driver_error = dialect.loaded_dbapi.Error
+    try:
+        with raw.cursor() as cursor, cursor.copy(statement) as copy:
+            for value in values:
+                copy.write_row(value)
+    except driver_error as error:
+        # As SQLAlchemy raises it for an INSERT (IntegrityError, OperationalError, ...), so
+        # callers that look at the error (a deadlock retried, say) see what they would.
+        raise DBAPIError.instance(statement, None, error, driver_error) from error
 
 
 @functools.lru_cache(maxsize=512)
