@@ -579,9 +579,12 @@ class AccessMiddleware:
         status = 0
         started = asyncio.Event()
         passing = False
+        dropping = False  # the audit failed: a 500 went out instead, the rest is dropped
 
         async def guarded_send(message: Message) -> None:
-            nonlocal status, passing
+            nonlocal status, passing, dropping
+            if dropping:
+                return
             if passing:
                 await send(message)
                 return
@@ -590,13 +593,13 @@ class AccessMiddleware:
                 started.set()
                 held.append(message)
                 if not (need.buffer and status == 200):
-                    await self._release(held, send, need, context, status, audit, fhir)
-                    passing = True
+                    sent = await self._release(held, send, need, context, status, audit, fhir)
+                    passing, dropping = sent, not sent
                 return
             held.append(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                await self._release(held, send, need, context, status, audit, fhir)
-                passing = True
+                sent = await self._release(held, send, need, context, status, audit, fhir)
+                passing, dropping = sent, not sent
 
         task = asyncio.ensure_future(self.app(scope, receive, guarded_send))
         if scope["method"] in ("GET", "HEAD") and not need.write:
@@ -638,7 +641,8 @@ class AccessMiddleware:
         status: int,
         audit: bool,
         fhir: bool,
-    ) -> None:
+    ) -> bool:
+        """Audit, then send the held messages; False when a 500 was sent in their place."""
         # A failed request's own audit, if a handler wrote one, was rolled back with its work.
         if audit and (not context.recorded or status >= 400):
             if need.buffer and status == 200:
@@ -656,9 +660,10 @@ class AccessMiddleware:
                     context.request_id,
                 )
                 await response({"type": "http"}, _no_body, send)
-                return
+                return False
         for message in held:
             await send(message)
+        return True
 
     async def _audit(
         self, need: Requirement, context: RequestAudit, outcome: str, description: str | None

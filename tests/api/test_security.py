@@ -541,3 +541,32 @@ def test_jwks_registration_refuses_private_keys(secure: SecureApi) -> None:
         secure.services.security.clients.add(
             client_id="leaky", scope="system/Patient.rs", jwks={"keys": [private | {"kid": "k"}]}
         )
+
+
+def test_a_read_whose_audit_cannot_be_written_is_500_without_its_data(
+    secure: SecureApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, patient_id = load_patient(secure)
+    headers = secure.headers("system/Patient.rs")
+
+    def broken(events: list[dict[str, Any]]) -> None:
+        raise RuntimeError("the audit store is down")
+
+    monkeypatch.setattr(secure.services.security.audit, "_insert", broken)
+    read = secure.http.get(f"/fhir/Patient/{patient_id}", headers=headers)
+    assert read.status_code == 500
+    assert read.json()["resourceType"] == "OperationOutcome"
+    assert patient_id not in read.text.replace(read.headers["x-request-id"], "")
+    search = secure.http.get(f"/fhir/Patient?_id={patient_id}", headers=headers)
+    assert search.status_code == 500
+    assert "entry" not in search.text
+
+
+def test_a_read_that_takes_too_long_is_503(database_url: str) -> None:
+    services = bootstrap(secure_settings(database_url, request_timeout_seconds=0.000_001))
+    with TestClient(create_app(services)) as http:
+        api = SecureApi(http=http, services=services)
+        slow = http.get("/fhir/Patient?name=x", headers=api.headers("system/Patient.rs"))
+    assert slow.status_code == 503
+    assert slow.headers["retry-after"]
+    assert slow.json()["issue"][0]["code"] == "timeout"
