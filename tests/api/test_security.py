@@ -570,3 +570,29 @@ def test_a_read_that_takes_too_long_is_503(database_url: str) -> None:
     assert slow.status_code == 503
     assert slow.headers["retry-after"]
     assert slow.json()["issue"][0]["code"] == "timeout"
+
+
+def test_a_client_may_publish_its_keys_at_a_jwks_url(database_url: str) -> None:
+    key = ClientKey(alg="ES384")
+    fetched: list[str] = []
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        fetched.append(str(request.url))
+        return httpx.Response(200, json=key.jwks)
+
+    services = bootstrap(
+        secure_settings(database_url), http=httpx.Client(transport=httpx.MockTransport(serve))
+    )
+    client_id = f"client-{uuid.uuid4().hex[:8]}"
+    services.security.clients.add(
+        client_id=client_id, scope="system/Patient.rs", jwks_url="https://ehr.example.org/jwks"
+    )
+    with TestClient(create_app(services)) as http:
+        for _ in range(2):
+            form = token_form(key.assertion(client_id, TOKEN_URL), "system/Patient.rs")
+            assert http.post("/auth/token", data=form).status_code == 200
+        rotated = ClientKey(alg="ES384")  # a key the published set does not hold
+        form = token_form(rotated.assertion(client_id, TOKEN_URL), "system/Patient.rs")
+        oauth_error(http.post("/auth/token", data=form), "invalid_client")
+    assert fetched[0] == "https://ehr.example.org/jwks"
+    assert len(fetched) <= 2  # cached; an unknown kid refetches at most once
