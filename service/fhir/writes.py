@@ -767,6 +767,8 @@ def _storability_issues(resource: dict[str, Any]) -> list[dict[str, Any]]:
     Long values are kept: the search index holds their first characters (see
     `service.fhir.search_index.MAX_TEXT`).
     """
+    if not _has_bad_reference(resource):
+        return []  # the common case, found without building every element's path
     resource_type = str(resource["resourceType"])
     issues = []
     # A relative reference names a resource by its id: one that cannot be an id is no reference.
@@ -785,6 +787,23 @@ def _storability_issues(resource: dict[str, Any]) -> list[dict[str, Any]]:
         elif isinstance(value, list):
             stack.extend((item, f"{path}[{index}]") for index, item in enumerate(value))
     return issues
+
+
+def _has_bad_reference(resource: dict[str, Any]) -> bool:
+    """Whether a relative reference anywhere in the resource has an id that is not a FHIR id."""
+    stack: list[Any] = [resource]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            reference = value.get("reference")
+            if isinstance(reference, str):
+                match = _RELATIVE.fullmatch(reference)
+                if match is not None and not _ID.fullmatch(match["id"]):
+                    return True
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def _identifiers(resource: Any) -> list[dict[str, Any]]:
