@@ -187,8 +187,20 @@ def parse_search(
     are not allowed.
     """
     query = SearchQuery(resource_type=resource_type)
-    filters: list[tuple[str, str]] = []
-    for name, value in params:
+    # Every condition probes its index per candidate (EXISTS) but one: the likeliest most
+    # selective parameter is the set the candidates come from (IN), so neither database scans
+    # every resource of the type or collects every id a broad parameter (a date, a common code)
+    # matches. It is chosen before the conditions are built, each built once.
+    ranked = sorted(
+        (rank, n)
+        for n, (name, value) in enumerate(params)
+        if name not in RESULT_PARAMETERS and name not in IGNORED_QUIETLY
+        for rank in [_selectivity(resource_type, name, value)]
+        if rank is not None
+    )
+    drivers = [n for _, n in ranked]
+    driving = drivers.pop(0) if drivers else None
+    for n, (name, value) in enumerate(params):
         try:
             if name in IGNORED_QUIETLY:
                 continue
@@ -198,26 +210,25 @@ def parse_search(
                 _result_parameter(query, name, value)
             else:
                 query.conditions.append(
-                    _condition(resource_type, name, value, base=base, subject=resources.c.id)
+                    _condition(
+                        resource_type,
+                        name,
+                        value,
+                        base=base,
+                        subject=resources.c.id,
+                        drive=n == driving,
+                    )
                 )
-                filters.append((name, value))
             if name != "_page":
                 query.applied.append((name, value))
         except SearchError as error:
             if strict or name == "_page":
                 raise
             query.ignored.append((name, error.diagnostics))
-    # Every condition above probes its index per candidate (EXISTS); the likeliest most selective
-    # one is made the set the candidates come from (IN), so neither database scans every resource
-    # of the type or collects every id a broad parameter (a date, a common code) matches.
-    ranked = [(_selectivity(resource_type, *item), n) for n, item in enumerate(filters)]
-    drivable = [(rank, n) for rank, n in ranked if rank is not None]
-    if drivable:
-        _, chosen = min(drivable)
-        name, value = filters[chosen]
-        query.conditions[chosen] = _condition(
-            resource_type, name, value, base=base, subject=resources.c.id, drive=True
-        )
+            if n == driving:  # left out: the next likeliest drives (it has not been built yet,
+                # or was built as a probe, which stays correct, only slower)
+                later = [d for d in drivers if d > n]
+                driving = later[0] if later else None
     return query
 
 
@@ -333,13 +344,16 @@ def _condition(
     if code == "_lastUpdated":
         if modifier:
             raise SearchError(name, f"modifier :{modifier} is not supported on _lastUpdated")
-        own = resources.alias()
+        top = subject is resources.c.id
+        own = resources if top else resources.alias()
         when = or_(
             *(
                 _date_match(item, own.c.last_updated, own.c.last_updated, name)
                 for item in _values(value, name)
             )
         )
+        if top:
+            return when  # the searched resources' own column
         return subject.in_(
             select(own.c.id).where(
                 own.c.resource_type == resource_type, own.c.deleted.is_(false()), when
@@ -353,7 +367,9 @@ def _condition(
     shared = _TABLES.get(parameter.type)
     if shared is None:
         raise SearchError(name, f"{parameter.type} parameters are not supported")
-    table = shared.alias()
+    # Aliases only where a sub-select nests in another over the same table (chains, _has):
+    # building an alias's column collection costs more than the rest of the condition.
+    table = shared if subject is resources.c.id else shared.alias()
     target_type: str | None = None
     if modifier and modifier not in _MODIFIERS[parameter.type]:
         if parameter.type == "reference" and modifier in parameter.targets:
