@@ -174,7 +174,7 @@ class CarePlanSync:
     def poll(self, destination: Destination, client: EhrClient) -> int:
         """Pull CarePlans changed since the cursor; how many changed a course."""
         with self.database.unit_of_work(write=True) as uow:
-            store.ensure_destinations(uow.connection, [destination.name])
+            store.ensure_destinations(uow.connection, [destination])
             state = store.destination_state(uow.connection, destination.name)
             uow.commit()
         cursor = state.care_plan_cursor if state is not None else None
@@ -219,7 +219,7 @@ class CarePlanSync:
         note = parse_notification(bundle)
         now = self.clock()
         with self.database.unit_of_work(write=True) as uow:
-            store.ensure_destinations(uow.connection, [destination.name])
+            store.ensure_destinations(uow.connection, [destination])
             state = store.destination_state(uow.connection, destination.name)
             last = state.subscription_events if state is not None else None
             gap = False

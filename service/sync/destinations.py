@@ -95,6 +95,8 @@ class Destination(_Strict):
     care_plan_sync: CarePlanSync | None = None
     rate_limit_per_second: float | None = Field(default=None, gt=0)
     timeout_seconds: float = Field(default=30, gt=0)
+    backfill: bool = True
+    """A new destination gets every change stored so far; false: only changes from now on."""
     max_attempts: int = Field(default=12, ge=1)
     """Transient failures in a row after which a change becomes a dead letter."""
 

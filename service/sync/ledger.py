@@ -61,8 +61,13 @@ def _insert_ignore(connection: Connection, table: Any) -> Any:
     return dialect.insert(table).on_conflict_do_nothing()
 
 
-def ensure_destinations(connection: Connection, names: Iterable[str]) -> None:
-    rows = [{"name": n, "outbox_cursor": 0, "pull_requested": False} for n in names]
+def ensure_destinations(connection: Connection, destinations: Iterable[Destination]) -> None:
+    """Register destinations not seen before: from the outbox's start, or its end (no backfill)."""
+    newest = connection.execute(select(func.max(outbox.c.id))).scalar() or 0
+    rows = [
+        {"name": d.name, "outbox_cursor": 0 if d.backfill else newest, "pull_requested": False}
+        for d in destinations
+    ]
     if rows:
         connection.execute(_insert_ignore(connection, sync_destinations), rows)
 

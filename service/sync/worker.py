@@ -158,9 +158,10 @@ class DeliveryWorker:
         self.plans: dict[str, Plan] = {}
         self._planned_at: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency))
+        self._stop = threading.Event()
         self.on_delivered: Callable[[str, Sequence[Delivery], datetime], None] | None = None
         with database.unit_of_work(write=True) as uow:
-            store.ensure_destinations(uow.connection, [d.name for d in self.destinations])
+            store.ensure_destinations(uow.connection, self.destinations)
             uow.commit()
 
     def close(self) -> None:
@@ -170,6 +171,7 @@ class DeliveryWorker:
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker started", extra={"worker": self.worker_id})
+        self._stop = stop
         while not stop.is_set():
             try:
                 done = self.tick()
@@ -184,6 +186,8 @@ class DeliveryWorker:
         """One round over every destination; how many changes ended."""
         done = 0
         for destination in self.destinations:
+            if self._stop.is_set():
+                break
             current = self.plan_for(destination)
             if current is None:
                 continue
