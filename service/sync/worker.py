@@ -640,8 +640,11 @@ class _LaneRun:
             if len(ready) == 1:
                 self._send_single(ready[0], Strategy.conditional_update)
                 return
+            outcome = getattr(error, "outcome", None) or {}
             log.info(
-                "transaction refused: sending its entries one by one",
+                "transaction refused (%s %s): sending its entries one by one",
+                error.status,
+                [i.get("expression") for i in outcome.get("issue", [])][:3],
                 extra={"destination": self.name, "status": error.status},
             )
             for item in ready:

@@ -336,11 +336,9 @@ class FaultProxy:
                 raise ConnectionAbortedError("fault: dropped")
             if name == "slow":
                 await asyncio.sleep(float(arg or 0.5))
-        url = (
-            self.upstream
-            + path
-            + ("?" + scope["query_string"].decode() if scope["query_string"] else "")
-        )
+        query = scope["query_string"].decode()
+        # POST [base] arrives as "/": the upstream's base has no trailing slash.
+        url = self.upstream + (path if path != "/" else "") + (f"?{query}" if query else "")
         headers = {
             k.decode(): v.decode()
             for k, v in scope["headers"]
