@@ -193,7 +193,8 @@ class PostgresReader:
             name="fhir-read",
         )
         self._pool = pool
-        await pool.open(wait=True)
+        # Not waiting for connections: the app starts, and /readyz says so, with the database down.
+        await pool.open(wait=False)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
