@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import fhir_ingest, fhir_read, fhir_search, intake, mapping
+from bench import fhir_delivery, fhir_ingest, fhir_read, fhir_search, intake, mapping
 
 
 def main() -> None:
@@ -11,6 +11,7 @@ def main() -> None:
     fhir_read.main()
     fhir_search.main()
     fhir_ingest.main()
+    fhir_delivery.main()
 
 
 if __name__ == "__main__":
