@@ -3,10 +3,11 @@ beside the EHR's own ingest rate for the same resources posted directly (ceiling
 
 The EHR is a second `infusion-bridge serve` (uvicorn, one worker, SQLite, its own identifier
 systems, auth off) that knows the demo clinic's patients by their EHR identifiers. The clinic is
-a BENCH_DELIVERY_PATIENTS-patient (default 10, about 2,300 resources) demo clinic in a SQLite file; the delivery worker
-runs in this process (BENCH_DELIVERY_CONCURRENCY lanes at once, default 4) and sends the
-Encounters, MedicationAdministrations, Observations, AdverseEvents and QuestionnaireResponses
-as transaction Bundles of conditional updates, as it chooses from the EHR's CapabilityStatement.
+a BENCH_DELIVERY_PATIENTS-patient (default 10: about 2,300 resources) demo clinic in a SQLite
+file; the delivery worker runs in this process (BENCH_DELIVERY_CONCURRENCY lanes at once,
+default 4) and sends the Encounters, MedicationAdministrations, Observations, AdverseEvents
+and QuestionnaireResponses as transaction Bundles of conditional updates, as it chooses from
+the EHR's CapabilityStatement.
 
 1. Throughput: the clinic's outbox (every resource of those types) delivered from a standing
    start; resources/s = deliveries accepted by the EHR over the wall time until the queue is empty.
