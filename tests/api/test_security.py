@@ -436,7 +436,8 @@ def test_reads_writes_and_refusals_are_audited_with_who_what_and_which_patient(
     assert all(e["outcome"] == "0" for e in mine)
     details = [d for e in mine for ent in e["entity"] for d in ent.get("detail", [])]
     assert {d["valueString"] for d in details} == {auth["X-Request-ID"]}
-    refused = [e for e in audit_events(secure, "outcome=4") if agent_of(e) == client_id]
+    recent = audit_events(secure, "outcome=4&_sort=-_lastUpdated")
+    refused = [e for e in recent if agent_of(e) == client_id]
     assert len(refused) == 1
     assert "system/Observation.s" in refused[0]["outcomeDesc"]
     search = by_kind["search-type"]

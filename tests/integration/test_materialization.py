@@ -40,7 +40,12 @@ def read(database: Database, resource_type: str, *role: str) -> dict[str, Any] |
 
 def counts(database: Database) -> tuple[int, int]:
     with database.unit_of_work(write=False) as uow:
-        versions = uow.connection.execute(select(func.count()).select_from(resource_versions))
+        # AuditEvents are versions too, never delivered: the audit trail stays here.
+        versions = uow.connection.execute(
+            select(func.count())
+            .select_from(resource_versions)
+            .where(resource_versions.c.resource_type != "AuditEvent")
+        )
         queued = uow.connection.execute(select(func.count()).select_from(outbox))
         return int(versions.scalar_one()), int(queued.scalar_one())
 
