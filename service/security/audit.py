@@ -125,7 +125,7 @@ def audit_event(record: AuditRecord, *, now: datetime) -> dict[str, Any]:
                 "role": _coding("http://terminology.hl7.org/CodeSystem/object-role", "4"),
             }
         )
-    if record.query is not None:
+    if record.query:  # an empty base64Binary is not allowed
         entities.append(
             {
                 "type": _coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "2"),

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from service.bootstrap import resource_validator
 from service.security.access import RateLimiter, requirement
 from service.security.audit import AuditRecord, audit_event
 from service.security.scopes import InvalidScope, Scopes, parse_scope
@@ -132,3 +133,7 @@ def test_audit_events_are_valid_r4() -> None:
         AuditRecord(subtype="import", records=["patient/P-1"]), now=datetime.now(UTC)
     )
     assert_valid_r4(intake)
+    search = audit_event(AuditRecord(subtype="search-type", query=""), now=datetime.now(UTC))
+    validator = resource_validator()
+    for resource in (event, intake, search):
+        assert validator.errors(resource | {"meta": {"versionId": "1"}}) == []
