@@ -96,7 +96,7 @@ def serve(
             "  authentication OFF (AUTH_DISABLED=true, loopback only)\n"
             if services.settings.auth_disabled
             else "  a token        export TOKEN=$(.venv/bin/infusion-bridge clients token demo "
-            "--key var/demo-client-key.pem)   (send: -H \"Authorization: Bearer $TOKEN\")\n"
+            '--key var/demo-client-key.pem)   (send: -H "Authorization: Bearer $TOKEN")\n'
         )
     )
     uvicorn.run(
