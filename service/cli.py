@@ -501,5 +501,7 @@ def destinations(
         )
     services.close()
     _echo_json(out)
+
+
 def main() -> None:
     app()

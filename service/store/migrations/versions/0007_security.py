@@ -33,9 +33,7 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("client_id", "jti", name=op.f("pk_client_assertions")),
     )
-    op.create_index(
-        op.f("ix_client_assertions_expires_at"), "client_assertions", ["expires_at"]
-    )
+    op.create_index(op.f("ix_client_assertions_expires_at"), "client_assertions", ["expires_at"])
     op.create_table(
         "signing_keys",
         sa.Column("kid", sa.String(64), nullable=False),
