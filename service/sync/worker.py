@@ -33,9 +33,11 @@ from urllib.parse import urlencode
 
 import httpx
 import orjson
+from sqlalchemy import Connection
 
 from service.records.repository import RecordRepository
 from service.records.service import load
+from service.security.audit import record_audit
 from service.store.db import Database
 from service.sync import ledger as store
 from service.sync.client import (
@@ -334,6 +336,7 @@ class DeliveryWorker:
                     until=until,
                     error=results.postpone_error or "",
                 )
+            _audit_deliveries(connection, name, lane, results)
             store.release_lane(connection, name, lane, worker=self.worker_id)
             failure = results.postpone_error or (results.dead[0][1] if results.dead else None)
             if results.delivered or failure:
@@ -868,3 +871,23 @@ def _json_or_none(response: httpx.Response) -> Resource | None:
     except orjson.JSONDecodeError:
         return None
     return data if isinstance(data, dict) else None
+
+
+def _audit_deliveries(
+    connection: Connection, destination: str, lane: str, results: _Results
+) -> None:
+    """Delivery is a sync action: its AuditEvent commits with the ledger's record of it."""
+    delivered = [d for work, _ in results.delivered for d in work.covers]
+    dead = [d for deliveries, _, _ in results.dead for d in deliveries]
+    if not delivered and not dead:
+        return
+    record_audit(
+        connection,
+        subtype="sync",
+        entities=[
+            f"{d.resource_type}/{d.resource_id}/_history/{d.version}" for d in delivered + dead
+        ],
+        patients=[None if "/" in lane else lane],
+        actor="worker",
+        description=f"delivered {len(delivered)} to {destination}; {len(dead)} dead letters",
+    )

@@ -12,10 +12,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from sqlalchemy import select
 
 from service.bootstrap import Services, bootstrap
 from service.config import Settings
 from service.records.service import parse_record, put_record
+from service.store.tables import resources
 from service.sync import ledger
 from service.sync.client import EhrClient
 from service.sync.destinations import Destination, parse_destinations
@@ -145,6 +147,20 @@ def test_two_workers_deliver_each_change_once_and_each_patient_in_order(
         # Referenced types first: the Encounter before what is filed on it.
         assert mine[0] == "Encounter"
         assert "MedicationAdministration" in mine
+    # Every delivery is audited, in the transaction that records it, naming what went.
+    with services.database.unit_of_work(write=False) as uow:
+        bodies = uow.connection.execute(
+            select(resources.c.body).where(resources.c.resource_type == "AuditEvent")
+        ).scalars()
+        audited = [
+            event
+            for event in map(orjson.loads, bodies)
+            if event["subtype"][0]["code"] == "sync"
+            and event["agent"][0]["who"]["identifier"]["value"] == "worker"
+        ]
+    assert audited
+    named = {e["what"]["reference"] for event in audited for e in event.get("entity", [])}
+    assert any(reference.startswith("Encounter/") for reference in named)
 
 
 def ledger_now() -> Any:
