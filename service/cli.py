@@ -85,19 +85,21 @@ def serve(
         count = RecordRepository(uow.connection).count()
     services.close()
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    auth = "" if services.settings.auth_disabled else ' -H "Authorization: Bearer $TOKEN"'
     typer.echo(
         f"\nInfusion Bridge is serving {count} records on {base}\n"
-        f"  API docs       {base}/docs\n"
-        f"  a patient      curl {base}/api/v1/patients?limit=5\n"
-        f"  FHIR           curl {base}/fhir/metadata\n"
-        f"  FHIR history   curl '{base}/fhir/Encounter/_history?_count=2'\n"
-        f"  readiness      curl {base}/readyz\n"
         + (
             "  authentication OFF (AUTH_DISABLED=true, loopback only)\n"
             if services.settings.auth_disabled
             else "  a token        export TOKEN=$(.venv/bin/infusion-bridge clients token demo "
-            '--key var/demo-client-key.pem)   (send: -H "Authorization: Bearer $TOKEN")\n'
+            "--key var/demo-client-key.pem)\n"
         )
+        + f"  API docs       {base}/docs\n"
+        f"  a patient      curl{auth} '{base}/api/v1/patients?limit=5'\n"
+        f"  FHIR           curl {base}/fhir/metadata\n"
+        f"  FHIR search    curl{auth} '{base}/fhir/Observation?code=http://loinc.org|8867-4"
+        "&_count=2'\n"
+        f"  readiness      curl {base}/readyz\n"
     )
     uvicorn.run(
         "service.app:create_app",
