@@ -34,25 +34,10 @@ from service.fhir.search import (
     query_string,
     run_search,
 )
-from service.fhir.search_parameters import definitions
+from service.fhir.search_parameters import INDEXED_TYPES, definitions
 from service.store.resources import ResourceRepository, VersionRow
 
-STORED_TYPES = (
-    "AdverseEvent",
-    "AuditEvent",
-    "CarePlan",
-    "Condition",
-    "Encounter",
-    "Goal",
-    "MedicationAdministration",
-    "MedicationRequest",
-    "Observation",
-    "Organization",
-    "Patient",
-    "Practitioner",
-    "Provenance",
-    "QuestionnaireResponse",
-)
+STORED_TYPES = INDEXED_TYPES
 """Resource types the store holds (materialized from the clinic's records, and the audit trail:
 AuditEvent, written by `service.security.audit`, read-only here)."""
 

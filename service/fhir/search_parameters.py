@@ -38,7 +38,8 @@ INDEXED_TYPES: Final = (
     "Provenance",
     "QuestionnaireResponse",
 )
-"""Resource types whose parameters are extracted (AuditEvent for the audit trail)."""
+"""Resource types the store holds and indexes: what the clinic's records map to, and AuditEvent
+(the audit trail). `service.fhir.api.STORED_TYPES` is this list."""
 
 COMMON: Final = ("_id", "_lastUpdated", "_profile", "_security", "_source", "_tag")
 """Parameters of every resource (base `Resource`) the facade supports."""
