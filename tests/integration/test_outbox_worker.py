@@ -5,6 +5,7 @@ pulled-back plan is not pushed again."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -125,7 +126,9 @@ def test_two_workers_deliver_each_change_once_and_each_patient_in_order(
     for thread in threads:
         thread.start()
     try:
-        for _ in range(400):
+        # A deadline, not a count of polls: on a loaded machine delivery takes longer.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
             with services.database.unit_of_work(write=False) as uow:
                 (row,) = ledger.status(uow.connection, [target], now=ledger_now())
             if row["queue_depth"] == 0 and row["delivered"]:
