@@ -100,10 +100,18 @@ def fan_out(
     )
     window = outbox.c.id > cursor
     if connection.dialect.name == "postgresql":
+        # Look back only over what this destination has fanned out since it began: a destination
+        # registered without backfill must not pick up the rows before its start.
+        first = (
+            select(func.min(sync_deliveries.c.outbox_id))
+            .where(sync_deliveries.c.destination == name)
+            .scalar_subquery()
+        )
         window = or_(
             window,
             and_(
                 outbox.c.id > cursor - _LOOKBACK_IDS,
+                outbox.c.id > first,
                 outbox.c.created_at > now - _LOOKBACK,
                 ~seen.exists(),
             ),
