@@ -2,11 +2,13 @@
 
 A request's parameters become one SQL statement over `resources`, each search parameter a
 sub-select on its index table (`service.store.tables` search_*), ANDed across parameters and ORed
-across a parameter's comma-separated values. Results are ordered by the `_sort` keys (nulls last)
-and then by resource id, and paged with a cursor of the last row's sort values and id, so a page
-never repeats or skips a resource whose sort values did not change in between, whatever is
-written meanwhile. `_include` / `_revinclude` follow the reference index. Resources are never
-loaded into Python to be filtered; a page's bodies are the stored bytes.
+across a parameter's comma-separated values. A composite parameter's value (`code$value`) is one
+condition on one `search_composite` row, so its parts match on the same element. Results are
+ordered by the `_sort` keys (nulls last) and then by resource id, and paged with a cursor of the
+last row's sort values and id, so a page never repeats or skips a resource whose sort values did
+not change in between, whatever is written meanwhile. `_include` / `_revinclude` follow the
+reference index. Resources are never loaded into Python to be filtered; a page's bodies are the
+stored bytes.
 
     parse_search      parameters -> SearchQuery (or SearchError: what is wrong, where)
     run_search        SearchQuery -> SearchPage (matches, includes, total, next cursor)
@@ -56,6 +58,7 @@ from service.fhir.search_parameters import SearchParameter, definitions
 from service.store.tables import (
     UtcDateTime,
     resources,
+    search_composite,
     search_date,
     search_quantity,
     search_reference,
@@ -96,6 +99,7 @@ _TABLES: Final = {
     "date": search_date,
     "reference": search_reference,
     "quantity": search_quantity,
+    "composite": search_composite,
 }
 _MODIFIERS: Final = {
     "string": ("exact", "contains", "missing"),
@@ -104,6 +108,7 @@ _MODIFIERS: Final = {
     "date": ("missing",),
     "reference": ("missing",),
     "quantity": ("missing",),
+    "composite": ("missing",),
 }
 
 
@@ -232,7 +237,15 @@ def parse_search(
     return query
 
 
-_SELECTIVITY: Final = {"reference": 1, "token": 2, "uri": 3, "string": 3, "quantity": 4, "date": 4}
+_SELECTIVITY: Final = {
+    "reference": 1,
+    "token": 2,
+    "composite": 2,
+    "uri": 3,
+    "string": 3,
+    "quantity": 4,
+    "date": 4,
+}
 
 
 def _selectivity(resource_type: str, name: str, value: str) -> int | None:
@@ -384,10 +397,13 @@ def _condition(
             raise SearchError(name, "takes true or false")
         present = owned.where(table.c.resource_id == subject).exists()
         return not_(present) if value == "true" else present
-    matches = [
-        _value_match(table, parameter, modifier or None, target_type, item, name, base)
-        for item in _values(value, name)
-    ]
+    if parameter.type == "composite":  # its values' escapes (`\$`) matter after the split
+        matches = [_composite_match(table, parameter, item, name) for item in _split(value, ",")]
+    else:
+        matches = [
+            _value_match(table, parameter, modifier or None, target_type, item, name, base)
+            for item in _values(value, name)
+        ]
     subquery = owned.where(or_(*matches))
     if drive and modifier != "not":
         return subject.in_(subquery)
@@ -397,22 +413,36 @@ def _condition(
 
 def _values(value: str, name: str) -> list[str]:
     """Comma-separated values (OR); `\\,` is a literal comma."""
-    items, current, escaped = [], [], False
-    for char in value:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ",":
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    items.append("".join(current))
+    items = [_unescape(item) for item in _split(value, ",")]
     if any(item == "" for item in items):
         raise SearchError(name, "has an empty value")
     return items
+
+
+def _split(value: str, separator: str) -> list[str]:
+    """`value` split on `separator` where it is not escaped (`\\,`, `\\$`); escapes are kept."""
+    items, start, escaped = [], 0, False
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == separator:
+            items.append(value[start:index])
+            start = index + 1
+    items.append(value[start:])
+    return items
+
+
+def _unescape(value: str) -> str:
+    out, escaped = [], False
+    for char in value:
+        if escaped or char != "\\":
+            out.append(char)
+            escaped = False
+        else:
+            escaped = True
+    return "".join(out)
 
 
 def _value_match(
@@ -439,11 +469,11 @@ def _value_match(
     if kind == "token":
         if modifier == "text":
             return _prefix(t.c.text, normalize(value))
-        return _token_match(t, value)
+        return _token_match(t.c.system, t.c.code, value)
     if kind == "date":
         return _date_match(value, t.c.low, t.c.high, name)
     if kind == "quantity":
-        return _quantity_match(t, value, name)
+        return _quantity_match(t.c.value, t.c.system, t.c.code, value, name)
     return _reference_match(t, parameter, target_type, value, name, base)
 
 
@@ -456,15 +486,44 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _token_match(t: FromClause, value: str) -> ColumnElement[bool]:
+def _token_match(
+    system_column: ColumnElement[Any], code_column: ColumnElement[Any], value: str
+) -> ColumnElement[bool]:
     if "|" not in value:
-        return t.c.code == value
+        return code_column == value
     system, code = value.split("|", 1)
     if system == "":
-        return and_(t.c.system.is_(None), t.c.code == code)
+        return and_(system_column.is_(None), code_column == code)
     if code == "":
-        return t.c.system == system
-    return and_(t.c.system == system, t.c.code == code)
+        return system_column == system
+    return and_(system_column == system, code_column == code)
+
+
+def _composite_match(
+    t: FromClause, parameter: SearchParameter, value: str, name: str
+) -> ColumnElement[bool]:
+    """One composite value (`http://loinc.org|8480-6$gt100`): every part on the same row, each
+    part in its own type's syntax."""
+    if value == "":
+        raise SearchError(name, "has an empty value")
+    parts = [_unescape(part) for part in _split(value, "$")]
+    if len(parts) != len(parameter.components):
+        raise SearchError(
+            name, f"{value!r} is not {len(parameter.components)} values separated by $"
+        )
+    if any(part == "" for part in parts):
+        raise SearchError(name, f"{value!r} has an empty part")
+    first, second = parts
+    kind = parameter.components[1].type
+    if kind == "token":
+        other = _token_match(t.c.value_system, t.c.value_code, second)
+    elif kind == "quantity":
+        other = _quantity_match(t.c.value_number, t.c.value_system, t.c.value_code, second, name)
+    elif kind == "date":
+        other = _date_match(second, t.c.value_low, t.c.value_high, name)
+    else:
+        other = _prefix(t.c.value_text, normalize(second))
+    return and_(_token_match(t.c.system, t.c.code, first), other)
 
 
 def _split_prefix(value: str) -> tuple[str, str]:
@@ -507,14 +566,19 @@ def _date_match(
     return and_(low <= wide_end, high >= wide_start)
 
 
-def _quantity_match(t: FromClause, value: str, name: str) -> ColumnElement[bool]:
+def _quantity_match(
+    column: ColumnElement[Any],
+    system_column: ColumnElement[Any],
+    code_column: ColumnElement[Any],
+    value: str,
+    name: str,
+) -> ColumnElement[bool]:
     prefix, text = _split_prefix(value)
     number_text, _, unit = text.partition("|")
     try:
         number, low, high = quantity_number(number_text)
     except ValueError as error:
         raise SearchError(name, str(error)) from None
-    column = t.c.value
     exact, lo, hi = float(number), float(low), float(high)
     comparisons: dict[str, ColumnElement[bool]] = {
         "eq": and_(column >= lo, column < hi),
@@ -534,11 +598,11 @@ def _quantity_match(t: FromClause, value: str, name: str) -> ColumnElement[bool]
     if unit:
         system, _, code = unit.partition("|")
         if code:
-            unit_match = t.c.code == code
+            unit_match = code_column == code
             if system:
-                unit_match = and_(t.c.system == system, unit_match)
+                unit_match = and_(system_column == system, unit_match)
         else:
-            unit_match = t.c.code == system  # `value||code` was split as `|code`
+            unit_match = code_column == system  # `value||code` was split as `|code`
         comparison = and_(comparison, unit_match)
     return comparison
 

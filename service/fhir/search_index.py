@@ -10,6 +10,10 @@ the parameter's kind:
     date       an inclusive [low, high] UTC range from the value's precision, or a Period
     reference  target type and id (relative or this server's), or the absolute URL
     quantity   value with system and code
+    composite  one row per element the composite's expression selects (the resource, or each
+               `Observation.component`) and combination of its parts' values there: a token,
+               then the second part's token, quantity, date range or folded string. Both parts
+               of a row come from the same element, which is what a composite search asks for.
 
 The official expressions use a handful of FHIRPath shapes (paths, choice types with `as`,
 `where(resolve() is Type)`, `where(system='...')`); those are evaluated here by hand because this
@@ -138,6 +142,26 @@ class IndexRows:
     """(param, target type, target id, absolute URL or canonical)"""
     quantities: list[tuple[str, float, str | None, str | None]] = field(default_factory=list)
     """(param, value, system, code)"""
+    composites: list[CompositeRow] = field(default_factory=list)
+    """(param, system, code, then the second part: value system, value code, value number,
+    value low, value high, value text); the second part fills what its type has, so a token
+    has a system and code, a quantity those (its unit) and a number, a date its range and a
+    string its folded text."""
+
+
+Part = tuple[str | None, str | None, float | None, datetime | None, datetime | None, str | None]
+"""A composite's second part as its columns (value system, code, number, low, high, text)."""
+CompositeRow = tuple[
+    str,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    float | None,
+    datetime | None,
+    datetime | None,
+    str | None,
+]
 
 
 # --- path programs ------------------------------------------------------------------------------
@@ -247,9 +271,13 @@ class Program:
                 self._parts = None
                 break
             self._parts.append(steps)
-            roots.add(_ROOT.match(part.lstrip("("))[1])  # type: ignore[index]
-        self.roots: frozenset[str] | None = None if self._parts is None else frozenset(roots)
-        """The top-level elements the expression starts from: absent ones select nothing."""
+            root = _ROOT.match(part.lstrip("("))
+            roots.add(root[1] if root else "")  # "": the resource itself (a composite's)
+        self.roots: frozenset[str] | None = (
+            None if self._parts is None or "" in roots else frozenset(roots)
+        )
+        """The top-level elements the expression starts from: absent ones select nothing
+        (None: the program cannot tell, so it always runs)."""
         self._fhirpath: Callable[[Resource], list[Any]] | None = None
         if self._parts is None:
             import fhirpathpy  # only for expressions outside the hand-evaluated subset
@@ -322,6 +350,23 @@ def programs(resource_type: str) -> tuple[tuple[SearchParameter, Program], ...]:
     )
 
 
+_ELEMENT: Final = "Element"
+"""The stand-in type name a composite component's relative expression is compiled under."""
+
+
+@cache
+def part_program(expression: str) -> Program:
+    """A composite component's expression (`value.as(Quantity)`), run on one selected element.
+
+    Only the hand-evaluated subset: fhirpathpy would need the element's type to read a choice
+    element, and every official component expression is a plain path.
+    """
+    program = Program(" | ".join(f"{_ELEMENT}.{part.strip()}" for part in expression.split("|")))
+    if not program.by_hand:
+        raise ValueError(f"composite component {expression!r} is not a plain path")
+    return program
+
+
 # --- values -------------------------------------------------------------------------------------
 
 _REFERENCE = re.compile(
@@ -390,12 +435,61 @@ def _add(rows: IndexRows, parameter: SearchParameter, nodes: list[Node]) -> None
             if target is not None:
                 target_type, target_id, url = target
                 rows.references.append((code, target_type, target_id, cut(url)))
-        elif kind == "quantity" and isinstance(value, dict):
-            number = value.get("value")
-            if isinstance(number, int | float) and not isinstance(number, bool):
-                system = value.get("system")
-                unit = value.get("code") or value.get("unit")
-                rows.quantities.append((code, float(number), _text(system), _text(unit)))
+        elif kind == "quantity":
+            quantity = _quantity(value)
+            if quantity is not None:
+                rows.quantities.append((code, *quantity))
+        elif kind == "composite" and isinstance(value, dict):
+            rows.composites += _composite(parameter, value)
+
+
+def _quantity(value: Any) -> tuple[float, str | None, str | None] | None:
+    if not isinstance(value, dict):
+        return None
+    number = value.get("value")
+    if not isinstance(number, int | float) or isinstance(number, bool):
+        return None
+    unit = value.get("code") or value.get("unit")
+    return float(number), _text(value.get("system")), _text(unit)
+
+
+def _composite(parameter: SearchParameter, element: dict[str, Any]) -> list[CompositeRow]:
+    """The rows of one element a composite selects: each code with each second-part value."""
+    first, second = parameter.components
+    codes = [
+        (_text(system), _text(token))
+        for node in part_program(first.expression).nodes(element)
+        for system, token, _ in _tokens(node.value, node.key)
+        if token is not None
+    ]
+    if not codes:
+        return []
+    parts = [
+        part
+        for node in part_program(second.expression).nodes(element)
+        for part in _part(second.type, node.value, node.key)
+    ]
+    code = parameter.code
+    return [(code, *token, *part) for token in dict.fromkeys(codes) for part in parts]
+
+
+def _part(kind: str, value: Any, key: str) -> Iterator[Part]:
+    """A composite's second part as its columns, one per value it takes from `value`."""
+    if kind == "token":
+        for system, token, _ in _tokens(value, key):
+            if token is not None:
+                yield _text(system), _text(token), None, None, None, None
+    elif kind == "quantity":
+        quantity = _quantity(value)
+        if quantity is not None:
+            number, system, unit = quantity
+            yield system, unit, number, None, None, None
+    elif kind == "date":
+        for low, high in _dates(value, key):
+            yield None, None, None, low, high, None
+    elif kind == "string":
+        for text in _strings(value):
+            yield None, None, None, None, None, normalize(text)
 
 
 def _text(value: Any) -> str | None:

@@ -44,8 +44,21 @@ INDEXED_TYPES: Final = (
 COMMON: Final = ("_id", "_lastUpdated", "_profile", "_security", "_source", "_tag")
 """Parameters of every resource (base `Resource`) the facade supports."""
 
-INDEXED_KINDS: Final = ("string", "token", "date", "reference", "quantity", "uri")
-"""Parameter types with index rows; composite and special parameters are not supported."""
+INDEXED_KINDS: Final = ("string", "token", "date", "reference", "quantity", "uri", "composite")
+"""Parameter types with index rows; special parameters are not supported."""
+COMPOSITE_PARTS: Final = ("token", "quantity", "date", "string")
+"""What the composite index holds: a token, then one of these (the shape of every composite of
+the indexed types, Observation's `code-value-quantity` and the like). Other composites are left
+out of the definitions."""
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    """One part of a composite parameter: its type, and its expression relative to the element
+    the composite's expression selects."""
+
+    type: str
+    expression: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +70,8 @@ class SearchParameter:
     expression: str
     url: str
     targets: tuple[str, ...] = ()
+    components: tuple[Component, ...] = ()
+    """A composite's parts, in the order its values give them (`code$value`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +97,10 @@ def definitions() -> Definitions:
                     expression=item["expression"],
                     url=item["url"],
                     targets=tuple(item.get("target", ())),
+                    components=tuple(
+                        Component(type=part["type"], expression=part["expression"])
+                        for part in item.get("component", ())
+                    ),
                 )
                 for code, item in parameters.items()
             }
@@ -130,14 +149,34 @@ def _split_union(expression: str) -> list[str]:
     return parts
 
 
+def _components(
+    definition: dict[str, Any], by_url: dict[str, dict[str, Any]]
+) -> list[dict[str, str]] | None:
+    """A composite's parts (type and relative expression), or None when the index cannot
+    hold its shape (a token and one of COMPOSITE_PARTS)."""
+    parts = []
+    for component in definition.get("component", ()):
+        defined = by_url.get(component["definition"])
+        if defined is None:
+            return None
+        parts.append({"type": defined["type"], "expression": component["expression"]})
+    if len(parts) != 2 or parts[0]["type"] != "token" or parts[1]["type"] not in COMPOSITE_PARTS:
+        return None
+    return parts
+
+
 def extract(package: Path) -> dict[str, Any]:
     """The data file's content from the official R4 package folder."""
     bundle = json.loads((package / "Bundle-searchParams.json").read_text(encoding="utf-8"))
+    by_url = {entry["resource"]["url"]: entry["resource"] for entry in bundle["entry"]}
     parameters: dict[str, dict[str, Any]] = {t: {} for t in INDEXED_TYPES}
     for entry in bundle["entry"]:
         definition = entry["resource"]
         kind = definition["type"]
         if kind not in INDEXED_KINDS or not definition.get("expression"):
+            continue
+        components = _components(definition, by_url) if kind == "composite" else []
+        if components is None:
             continue
         bases = set(definition["base"])
         if "Resource" in bases:
@@ -161,6 +200,8 @@ def extract(package: Path) -> dict[str, Any]:
             }
             if definition.get("target"):
                 item["target"] = sorted(definition["target"])
+            if components:
+                item["component"] = components
             parameters[resource_type][definition["code"]] = item
     compartment = json.loads(
         (package / "CompartmentDefinition-patient.json").read_text(encoding="utf-8")

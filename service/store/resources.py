@@ -40,6 +40,7 @@ from service.store.tables import (
     record_resources,
     resource_versions,
     resources,
+    search_composite,
     search_date,
     search_quantity,
     search_reference,
@@ -417,7 +418,7 @@ class SearchIndexWriter:
         wanted = sorted(set(keys))
         for start in range(0, len(wanted), _CHUNK):
             chunk = wanted[start : start + _CHUNK]
-            for table in _INDEX_TABLES:
+            for table in (*_INDEX_TABLES, search_composite):
                 self._connection.execute(
                     delete(table).where(
                         tuple_(table.c.resource_type, table.c.resource_id).in_(chunk)
@@ -430,6 +431,7 @@ class SearchIndexWriter:
         dates: list[dict[str, Any]] = []
         references: list[dict[str, Any]] = []
         quantities: list[dict[str, Any]] = []
+        composites: list[dict[str, Any]] = []
         for resource in batch:
             rows: IndexRows = extract(resource)
             head = {"resource_type": resource["resourceType"], "resource_id": resource["id"]}
@@ -454,12 +456,14 @@ class SearchIndexWriter:
                 head | {"param": p, "value": v, "system": s, "code": c}
                 for p, v, s, c in dict.fromkeys(rows.quantities)
             ]
+            composites += self._composite_values(head, rows)
         for table, values in (
             (search_string, strings),
             (search_token, tokens),
             (search_date, dates),
             (search_reference, references),
             (search_quantity, quantities),
+            (search_composite, composites),
         ):
             if values:
                 insert_rows(self._connection, table, values)
@@ -467,6 +471,33 @@ class SearchIndexWriter:
     def insert_bodies(self, bodies: Sequence[str]) -> None:
         """Index stored resources (a reindex, or the migration that added the index)."""
         self.insert([orjson.loads(body) for body in bodies])
+
+    def insert_composites(self, bodies: Sequence[str]) -> None:
+        """Index stored resources' composite parameters alone (the migration that added them)."""
+        values: list[dict[str, Any]] = []
+        for body in bodies:
+            resource = orjson.loads(body)
+            head = {"resource_type": resource["resourceType"], "resource_id": resource["id"]}
+            values += self._composite_values(head, extract(resource))
+        insert_rows(self._connection, search_composite, values)
+
+    @staticmethod
+    def _composite_values(head: dict[str, Any], rows: IndexRows) -> list[dict[str, Any]]:
+        return [
+            head
+            | {
+                "param": p,
+                "system": s,
+                "code": c,
+                "value_system": vs,
+                "value_code": vc,
+                "value_number": n,
+                "value_low": lo,
+                "value_high": hi,
+                "value_text": t,
+            }
+            for p, s, c, vs, vc, n, lo, hi, t in dict.fromkeys(rows.composites)
+        ]
 
 
 _COPY_FROM = 50

@@ -210,6 +210,21 @@ search_quantity = _index_table(
     Column("code", SearchText, nullable=True),
     lookup=("value",),
 )
+search_composite = _index_table(
+    "search_composite",
+    Column("system", SearchText, nullable=True, comment="The first part, a token."),
+    Column("code", SearchText, nullable=False),
+    Column("value_system", SearchText, nullable=True, comment="A token's or quantity's."),
+    Column("value_code", SearchText, nullable=True, comment="A token's, or a quantity's unit."),
+    Column("value_number", Float(53), nullable=True, comment="A quantity's value."),
+    Column("value_low", UtcDateTime, nullable=True, comment="A date's, inclusive."),
+    Column("value_high", UtcDateTime, nullable=True, comment="A date's, inclusive."),
+    Column("value_text", SearchText, nullable=True, comment="A string's, folded."),
+    lookup=("code", "system"),
+)
+"""Composite parameters (`code-value-quantity`): one row per selected element (the resource or
+an `Observation.component`) and combination of its two parts' values, so both parts of a match
+come from the same element. The second part fills the columns of its type."""
 Index(None, resources.c.resource_type, resources.c.last_updated)
 
 # --- Bulk Data $export jobs: shared by every API process --------------------------------------

@@ -10,14 +10,21 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, insert, text
 
 from service.fhir.errors import FhirError
 from service.fhir.search import matching_ids, parse_search, run_search
-from service.store.db import Database
+from service.store.db import MIGRATIONS, Database
 from service.store.resources import ResourceRepository
+from service.store.tables import resources
+from tests.conftest import postgres_base_url, with_schema
 
 BASE = "http://testserver/fhir"
 TAG_SYSTEM = "urn:test:tag"
@@ -304,6 +311,192 @@ def test_an_update_replaces_the_index_rows(store: Store) -> None:
         uow.commit()
     assert store.find("Patient", "gender=male") == []
     assert store.find("Patient", "gender=female") == [one]
+
+
+# --- composite ----------------------------------------------------------------------------------
+
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+SYSTOLIC, DIASTOLIC = "8480-6", "8462-4"
+
+
+def concept(code: str, system: str = LOINC) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code}]}
+
+
+def blood_pressure(systolic: float, diastolic: float) -> dict[str, Any]:
+    def part(code: str, value: float) -> dict[str, Any]:
+        mmhg = {"value": value, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}
+        return {"code": concept(code), "valueQuantity": mmhg}
+
+    return observation(
+        code=concept("85354-9"),
+        component=[part(SYSTOLIC, systolic), part(DIASTOLIC, diastolic)],
+    )
+
+
+def test_component_composites_match_both_parts_on_the_same_component(store: Store) -> None:
+    normal, low = store.put(blood_pressure(120, 80), blood_pressure(85, 60))
+    find = store.find
+    # The diastolic 80 is below 90, but it is not the systolic component's value.
+    assert find("Observation", f"component-code-value-quantity={LOINC}|{SYSTOLIC}$lt90") == [low]
+    assert find("Observation", f"component-code-value-quantity={SYSTOLIC}$gt100") == [normal]
+    assert find("Observation", f"component-code-value-quantity={DIASTOLIC}$80") == [normal]
+    assert find("Observation", f"component-code-value-quantity={SYSTOLIC}$120|{UCUM}|mm[Hg]") == [
+        normal
+    ]
+    assert find("Observation", f"component-code-value-quantity={SYSTOLIC}$120||kg") == []
+    either = f"component-code-value-quantity={SYSTOLIC}$gt100,{DIASTOLIC}$lt70"
+    assert sorted(find("Observation", either)) == sorted([normal, low])
+    both = f"component-code-value-quantity={SYSTOLIC}$gt100&component-code-value-quantity="
+    assert find("Observation", both + f"{DIASTOLIC}$lt85") == [normal]
+    assert find("Observation", both + f"{DIASTOLIC}$lt70") == []
+    # Observation.code and value[x] are not a component: only combo- looks at both.
+    assert find("Observation", f"code-value-quantity={SYSTOLIC}$gt100") == []
+    assert find("Observation", f"combo-code-value-quantity={SYSTOLIC}$gt100") == [normal]
+    assert find("Observation", f"component-code-value-quantity={SYSTOLIC}$ne120") == [low]
+
+
+def test_code_value_composites_pair_the_code_with_the_value(store: Store) -> None:
+    weight, positive, dated_one, period, text = store.put(
+        observation(code=concept("29463-7"), valueQuantity={"value": 72, "code": "kg"}),
+        observation(code=concept("94500-6"), valueCodeableConcept=concept("10828004", "urn:sct")),
+        observation(code=concept("8665-2"), valueDateTime="2026-03-04"),
+        observation(code=concept("8665-2"), valuePeriod={"start": "2026-05-01"}),
+        observation(code=concept("8251-1"), valueString="Straße Nord"),
+    )
+    find = store.find
+    assert find("Observation", "code-value-quantity=29463-7$gt70") == [weight]
+    assert find("Observation", "code-value-quantity=29463-7$lt70") == []
+    assert find("Observation", "code-value-quantity=8665-2$gt70") == []
+    assert find("Observation", "combo-code-value-quantity=29463-7$72||kg") == [weight]
+    assert find("Observation", f"code-value-concept={LOINC}|94500-6$urn:sct|10828004") == [positive]
+    assert find("Observation", "code-value-concept=94500-6$260385009") == []
+    assert find("Observation", "combo-code-value-concept=94500-6$10828004") == [positive]
+    assert find("Observation", "code-value-date=8665-2$2026-03") == [dated_one]
+    assert find("Observation", "code-value-date=8665-2$ge2026-04") == [period]
+    assert find("Observation", "code-value-date=29463-7$ge2026-04") == []
+    assert find("Observation", "code-value-string=8251-1$strasse") == [text]
+    assert find("Observation", "code-value-string=8251-1$nord") == []
+
+
+def test_composite_values_escape_the_separators(store: Store) -> None:
+    (one,) = store.put(observation(code=concept("8251-1"), valueString="a$b, c"))
+    assert store.find("Observation", "code-value-string=8251-1$a\\$b\\, c") == [one]
+    assert store.find("Observation", "code-value-string=8251-1$a\\$c,8251-1$a\\$") == [one]
+
+
+def test_composite_missing_chaining_and_has(store: Store) -> None:
+    (ana,) = store.put(patient())
+    pressure, weight = store.put(
+        blood_pressure(150, 95) | {"subject": {"reference": f"Patient/{ana}"}},
+        observation(code=concept("29463-7"), valueQuantity={"value": 72, "code": "kg"}),
+    )
+    missing = "component-code-value-quantity:missing"
+    assert store.find("Observation", f"{missing}=true") == [weight]
+    assert store.find("Observation", f"{missing}=false") == [pressure]
+    assert store.find(
+        "Patient", f"_has:Observation:patient:combo-code-value-quantity={SYSTOLIC}$gt140"
+    ) == [ana]
+    assert (
+        store.find(
+            "Patient", f"_has:Observation:patient:combo-code-value-quantity={SYSTOLIC}$lt140"
+        )
+        == []
+    )
+
+
+def test_an_update_replaces_the_composite_rows(store: Store) -> None:
+    (one,) = store.put(blood_pressure(120, 80))
+    with store.database.unit_of_work() as uow:
+        updated = blood_pressure(100, 70) | {"id": one}
+        updated["meta"] = {"tag": [{"system": TAG_SYSTEM, "code": store.tag}]}
+        ResourceRepository(uow.connection).write([updated], now=NOW)
+        uow.commit()
+    assert store.find("Observation", f"component-code-value-quantity={SYSTOLIC}$120") == []
+    assert store.find("Observation", f"component-code-value-quantity={SYSTOLIC}$100") == [one]
+    store.delete("Observation", one)
+    assert store.find("Observation", f"component-code-value-quantity={SYSTOLIC}$100") == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("component-code-value-quantity", SYSTOLIC),
+        ("component-code-value-quantity", f"{SYSTOLIC}$1$2"),
+        ("component-code-value-quantity", f"{SYSTOLIC}$"),
+        ("component-code-value-quantity", "$90"),
+        ("component-code-value-quantity", f"{SYSTOLIC}$high"),
+        ("component-code-value-quantity", f"{SYSTOLIC}$90,"),
+        ("code-value-date", "8665-2$yesterday"),
+        ("component-code-value-quantity:exact", f"{SYSTOLIC}$90"),
+        ("component-code-value-quantity:missing", "maybe"),
+    ],
+)
+def test_malformed_composites_are_errors_naming_the_parameter(name: str, value: str) -> None:
+    with pytest.raises(FhirError) as raised:
+        parse_search("Observation", [(name, value)], base=BASE, strict=True)
+    assert raised.value.status == 400
+    assert name in raised.value.diagnostics
+
+
+def test_sorting_by_a_composite_is_refused() -> None:
+    with pytest.raises(FhirError):
+        parse_search("Observation", [("_sort", "code-value-quantity")], base=BASE, strict=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database of its own with no schema yet, to migrate step by step."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    request.getfixturevalue("postgres_url")  # skips (or fails under CI) when unreachable
+    engine = create_engine(postgres_base_url())
+    schema = f"ib_test_{uuid.uuid4().hex[:12]}"
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield with_schema(postgres_base_url(), schema)
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+def test_the_composite_migration_indexes_resources_stored_before_it(empty_url: str) -> None:
+    database = Database(empty_url)
+    try:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with database.unit_of_work() as uow:
+            config.attributes["connection"] = uow.connection
+            command.upgrade(config, "0010")
+            body = blood_pressure(120, 80) | {"id": "bp-before", "meta": {"versionId": "1"}}
+            uow.connection.execute(
+                insert(resources).values(
+                    resource_type="Observation",
+                    id="bp-before",
+                    version=1,
+                    last_updated=NOW,
+                    deleted=False,
+                    content_hash="0" * 64,
+                    body=orjson.dumps(body).decode(),
+                )
+            )
+            uow.commit()
+        database.migrate()
+        with database.unit_of_work(write=False) as uow:
+            for value, expected in ((f"{SYSTOLIC}$120", ["bp-before"]), (f"{SYSTOLIC}$lt90", [])):
+                query = parse_search(
+                    "Observation",
+                    [("component-code-value-quantity", value)],
+                    base=BASE,
+                    strict=True,
+                )
+                assert [row.id for row in run_search(uow.connection, query).matches] == expected
+    finally:
+        database.dispose()
 
 
 # --- sorting, paging, includes --------------------------------------------------------------------
