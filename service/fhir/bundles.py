@@ -4,7 +4,8 @@ A transaction runs every entry in one unit of work, in the spec's order (DELETE,
 PATCH, then GET), after giving each created resource its id so `urn:uuid:` references between
 entries can be rewritten to `Type/id` first (a conditional create that finds its match points
 those references at the match). Any entry failing rolls back all of them; the OperationOutcome
-names the entry. A batch runs each entry in a unit of work of its own and reports each result.
+names the entry. A PATCH entry carries a FHIRPath Patch (its Parameters resource) or a JSON
+Patch (a Binary). A batch runs each entry in a unit of work of its own and reports each result.
 
 This module must not write any other way than `service.fhir.writes.FacadeWriter` does, so an
 entry behaves exactly as the same request sent alone; it does no searching of its own either.
@@ -41,6 +42,7 @@ from service.fhir.writes import (
     criteria_key,
     derived_id,
     parse_criteria,
+    parse_fhirpath_patch,
     parse_if_match,
     parse_json,
     resource_body,
@@ -166,15 +168,19 @@ def _parse_entry(index: int, raw: Any) -> Entry:
 
 
 def _patch_operations(entry: Entry) -> Any:
-    """A JSON Patch travels in a transaction as a Binary (application/json-patch+json)."""
+    """A PATCH entry's patch: a FHIRPath Patch travels as its Parameters resource, a JSON
+    Patch as a Binary (application/json-patch+json)."""
     resource = entry.resource or {}
+    if resource.get("resourceType") == "Parameters":
+        return parse_fhirpath_patch(resource)
     if resource.get("resourceType") != "Binary" or "json-patch" not in str(
         resource.get("contentType", "")
     ):
         raise FhirError(
             415,
             "not-supported",
-            "a PATCH entry carries a Binary of contentType application/json-patch+json",
+            "a PATCH entry carries a Parameters resource (a FHIRPath Patch) or a Binary of "
+            "contentType application/json-patch+json",
         )
     try:
         raw = base64.b64decode(str(resource.get("data", "")), validate=True)

@@ -74,7 +74,7 @@ def capability_statement(base: str, conformance: ConformanceResources) -> dict[s
         "implementation": {"description": "Infusion Bridge FHIR facade", "url": base},
         "fhirVersion": FHIR_VERSION,
         "format": ["application/fhir+json", "json"],
-        "patchFormat": ["application/json-patch+json"],
+        "patchFormat": list(writes.PATCH_FORMATS),
         "rest": [
             {
                 "mode": "server",

@@ -33,12 +33,16 @@ from email.utils import format_datetime
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
+import fhirkit
+import fhirpathpy
 import jsonpatch
 import jsonpointer
 import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
+from fhirpathpy.engine.nodes import ResourceNode
+from fhirpathpy.models import models as fhirpath_models
 from sqlalchemy import Connection
 from starlette.responses import Response
 
@@ -93,6 +97,11 @@ def write_interactions(resource_type: str) -> tuple[str, ...]:
         return tuple(code for code in WRITE_INTERACTIONS if code != "delete")
     return WRITE_INTERACTIONS
 
+
+JSON_PATCH = "application/json-patch+json"
+FHIRPATH_PATCH_MEDIA = ("application/fhir+json", "application/json+fhir")
+PATCH_FORMATS = (JSON_PATCH, "application/fhir+json")
+"""CapabilityStatement `patchFormat`: JSON Patch, and FHIRPath Patch (a Parameters resource)."""
 
 READ_ONLY_TYPES = ("AuditEvent",)
 """Stored types no client writes: the audit trail is the service's own record."""
@@ -204,21 +213,33 @@ def parse_criteria(resource_type: str, query: str) -> Params:
     return params
 
 
-def check_media_type(content_type: str | None, *, patch: bool = False) -> None:
-    """A resource body is FHIR JSON (or plain JSON); a PATCH body is a JSON Patch."""
+def check_media_type(content_type: str | None) -> None:
+    """A resource body is FHIR JSON (or plain JSON)."""
     media = (content_type or "").split(";")[0].strip().lower()
-    if patch:
-        if media != "application/json-patch+json":
-            raise UnsupportedMediaType(
-                f"PATCH takes a JSON Patch (application/json-patch+json), not {media or 'nothing'}"
-            )
-        return
     if media and media not in (
         "application/fhir+json",
         "application/json",
         "application/json+fhir",
     ):
         raise UnsupportedMediaType(f"send application/fhir+json, not {media}")
+
+
+def check_patch_media_type(content_type: str | None) -> str:
+    """The media type of a PATCH body: a JSON Patch, or a FHIRPath Patch in FHIR JSON."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media != JSON_PATCH and media not in FHIRPATH_PATCH_MEDIA:
+        raise UnsupportedMediaType(
+            f"PATCH takes a JSON Patch ({JSON_PATCH}) or a FHIRPath Patch "
+            f"(application/fhir+json), not {media or 'nothing'}"
+        )
+    return media
+
+
+def parse_patch(content_type: str | None, data: Any) -> Any:
+    """A PATCH body: a JSON Patch as its list of operations, or a parsed `FhirPathPatch`."""
+    if check_patch_media_type(content_type) == JSON_PATCH:
+        return data
+    return parse_fhirpath_patch(data)
 
 
 def parse_json(raw: bytes) -> Any:
@@ -405,8 +426,17 @@ class FacadeWriter:
         *,
         if_match: int | None = None,
     ) -> Written:
-        """Apply a JSON Patch to the current version and write the result as an update."""
-        if not isinstance(operations, list) or not all(isinstance(o, dict) for o in operations):
+        """Apply a patch to the current version and write the result as an update.
+
+        `operations` is a JSON Patch (its list of operations) or a `FhirPathPatch`; either way
+        the result is written exactly as an update with that version's If-Match would be.
+        """
+        apply: Callable[[dict[str, Any]], Any]
+        if isinstance(operations, FhirPathPatch):
+            apply = operations.apply
+        elif isinstance(operations, list) and all(isinstance(o, dict) for o in operations):
+            apply = lambda document: _apply_patch(document, operations)  # noqa: E731
+        else:
             raise FhirError(400, "invalid", "a JSON Patch is an array of operation objects")
         for _attempt in range(5):
             current = self.resources.read(resource_type, resource_id)
@@ -416,7 +446,7 @@ class FacadeWriter:
                 raise ResourceGone(resource_type, resource_id, current.version)
             if if_match is not None and if_match != current.version:
                 raise _stale(resource_type, resource_id, if_match, current.version)
-            patched = _apply_patch(orjson.loads(current.body), operations)
+            patched = apply(orjson.loads(current.body))
             if not isinstance(patched, dict) or patched.get("resourceType") != resource_type:
                 raise InvalidResource(
                     [_issue("processing", "the patch changes the resource's type", "resourceType")]
@@ -533,10 +563,19 @@ class FacadeWriter:
             raise InvalidResource(issues)
 
     def _check_not_maintained(self, stored: StoredResource) -> None:
-        """A resource carrying the site's own business identifier is maintained from a record."""
+        """A resource carrying the site's own business identifier is maintained from a record,
+        and the Provenance of a record change is the service's own account of it."""
         if stored.resource_type in RECORD_KINDS:
             return
         own = self.context.identifier_system.rstrip("/") + "/"
+        if stored.resource_type == "Provenance":
+            kind = self._service_provenance_of(stored, own)
+            if kind is not None:
+                raise ResourceConflict(
+                    f"Provenance/{stored.id} is the service's own record of a change to a clinic "
+                    f"{kind} record; it is not changed or deleted through the facade",
+                    "Provenance.entity",
+                )
         for identifier in _identifiers(orjson.loads(stored.body)):
             system = identifier.get("system")
             if isinstance(system, str) and system.startswith(own):
@@ -545,6 +584,38 @@ class FacadeWriter:
                     f"{system.removeprefix(own)} records; change the record through the intake API",
                     f"{stored.resource_type}.identifier",
                 )
+
+    def _service_provenance_of(self, stored: StoredResource, own: str) -> str | None:
+        """The record kind a Provenance the service wrote is of, or None for a client's.
+
+        The service's Provenance of a record change names that record as its source entity
+        (in the site's identifier system) and has the id derived from the record's kind,
+        external id and version (`mappings.provenance`): a client's Provenance, created with a
+        new uuid or an id of its choosing, does not have such an id.
+        """
+        if not stored.body:
+            return None
+        body = orjson.loads(stored.body)
+        entities = body.get("entity") if isinstance(body, dict) else None
+        for entity in entities if isinstance(entities, list) else []:
+            what = entity.get("what") if isinstance(entity, dict) else None
+            identifier = what.get("identifier") if isinstance(what, dict) else None
+            if not isinstance(identifier, dict):
+                continue
+            system, value = identifier.get("system"), identifier.get("value")
+            if not (isinstance(system, str) and system.startswith(own) and isinstance(value, str)):
+                continue
+            kind, external_id = system.removeprefix(own), value.split("/")[0]
+            record = self.records.get(kind, external_id)
+            if record is None:
+                continue
+            versions = range(1, record.version + 1)
+            if any(
+                resource_id("provenance", kind, external_id, str(version)) == stored.id
+                for version in versions
+            ):
+                return kind
+        return None
 
     # record-backed --------------------------------------------------------------------------
 
@@ -756,6 +827,598 @@ def _apply_patch(document: dict[str, Any], operations: list[dict[str, Any]]) -> 
         raise InvalidResource(
             [_issue("processing", f"the patch does not apply: {error}")]
         ) from None
+
+
+# --- FHIRPath Patch ---------------------------------------------------------------------------
+#
+# A Parameters resource of `operation`s (https://hl7.org/fhir/R4/fhirpatch.html). Paths are
+# evaluated with fhirpathpy on the document as the operations before left it; what they select
+# is found again in the JSON (a complex element by identity, a primitive by the element path
+# fhirpathpy reports), so the operation changes that place and nothing else.
+
+PATCH_OPERATIONS = ("add", "insert", "delete", "replace", "move")
+_PATCH_PARTS: dict[str, frozenset[str]] = {
+    "add": frozenset({"type", "path", "name", "value"}),
+    "insert": frozenset({"type", "path", "value", "index"}),
+    "delete": frozenset({"type", "path"}),
+    "replace": frozenset({"type", "path", "value"}),
+    "move": frozenset({"type", "path", "source", "destination"}),
+}
+"""The parts each operation type takes, all required."""
+_R4_MODEL: dict[str, Any] = fhirpath_models["r4"]
+_CHOICE_TYPES: dict[str, list[str]] = _R4_MODEL["choiceTypePaths"]
+_PATH_TYPES: dict[str, str | None] = _R4_MODEL["path2Type"]
+_DEFINED_ELSEWHERE: dict[str, str] = _R4_MODEL["pathsDefinedElsewhere"]
+_STEP = re.compile(r"(?P<key>[A-Za-z0-9]+)(?:\[(?P<index>\d+)\])?")
+_NOT_A_TYPE = ("BackboneElement", "Element", "Resource")
+_EXTENSION_CALL = re.compile(r"\bextension\(\s*('(?:[^'\\]|\\.)*')\s*\)")
+"""`extension('url')`, which fhirpathpy answers with values it cannot say the place of; it is
+`extension.where(url = 'url')`, whose values it can."""
+
+
+@dataclass(frozen=True, slots=True)
+class PatchValue:
+    """An operation's value: the JSON of its `value[x]` (with the datatype the x names), or a
+    complex value its `part`s build (no datatype)."""
+
+    data: Any
+    datatype: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PatchOperation:
+    """One `operation` parameter of a FHIRPath Patch, as parsed."""
+
+    index: int
+    type: str
+    path: str
+    name: str | None = None
+    value: PatchValue | None = None
+    position: int | None = None
+    source: int | None = None
+    destination: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"operation {self.index} ({self.type} {self.path})"
+
+    def refused(self, diagnostics: str) -> InvalidResource:
+        """422: the operation does not apply to this resource."""
+        return InvalidResource(
+            [
+                _issue(
+                    "processing",
+                    f"{self.label}: {diagnostics}",
+                    f"Parameters.parameter[{self.index}]",
+                )
+            ]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FhirPathPatch:
+    """A FHIRPath Patch: its operations, applied in order."""
+
+    operations: tuple[PatchOperation, ...]
+
+    def apply(self, document: dict[str, Any]) -> dict[str, Any]:
+        """`document` with every operation applied (changed in place); 422 for one that
+        does not apply."""
+        for operation in self.operations:
+            _apply_operation(document, operation)
+        return document
+
+
+def parse_fhirpath_patch(data: Any) -> FhirPathPatch:
+    """The operations of a FHIRPath Patch Parameters resource; 400 for what is malformed."""
+    if not isinstance(data, dict) or data.get("resourceType") != "Parameters":
+        raise FhirError(
+            400, "invalid", "a FHIRPath Patch (application/fhir+json) is a Parameters resource"
+        )
+    parameters = data.get("parameter", [])
+    if not isinstance(parameters, list):
+        raise FhirError(400, "invalid", "Parameters.parameter is a list", "Parameters.parameter")
+    return FhirPathPatch(
+        tuple(_parse_operation(index, item) for index, item in enumerate(parameters))
+    )
+
+
+def _parse_operation(index: int, parameter: Any) -> PatchOperation:
+    where = f"Parameters.parameter[{index}]"
+
+    def malformed(diagnostics: str) -> FhirError:
+        return FhirError(400, "invalid", f"operation {index}: {diagnostics}", where)
+
+    if not isinstance(parameter, dict) or parameter.get("name") != "operation":
+        raise malformed("each parameter of a FHIRPath Patch is named operation")
+    parts: dict[str, dict[str, Any]] = {}
+    for part in parameter.get("part") or []:
+        name = part.get("name") if isinstance(part, dict) else None
+        if not isinstance(name, str):
+            raise malformed("each part has a name")
+        if name in parts:
+            raise malformed(f"the part {name} is given twice")
+        parts[name] = part
+    kind = parts.get("type", {}).get("valueCode")
+    if kind not in PATCH_OPERATIONS:
+        raise malformed(f"the type part is a valueCode, one of {' | '.join(PATCH_OPERATIONS)}")
+    wanted = _PATCH_PARTS[kind]
+    missing = sorted(wanted - parts.keys())
+    if missing:
+        raise malformed(f"{kind} needs the part {', '.join(missing)}")
+    extra = sorted(parts.keys() - wanted)
+    if extra:
+        raise malformed(f"{kind} takes no part {', '.join(extra)}")
+    path = parts["path"].get("valueString")
+    if not isinstance(path, str) or not path.strip():
+        raise malformed("the path part is a valueString holding a FHIRPath expression")
+    if "resolve(" in path.replace(" ", ""):
+        raise malformed("the path may not resolve() references: a patch changes one resource")
+
+    def string(name: str) -> str | None:
+        if name not in parts:
+            return None
+        value = parts[name].get("valueString")
+        if not isinstance(value, str) or not value:
+            raise malformed(f"the {name} part is a valueString")
+        return value
+
+    def integer(name: str) -> int | None:
+        if name not in parts:
+            return None
+        value = parts[name].get("valueInteger")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise malformed(f"the {name} part is a valueInteger of 0 or more")
+        return value
+
+    name = string("name")
+    if name is not None and not re.fullmatch(r"[a-z][A-Za-z0-9]*", name):
+        raise malformed(f"{name!r} is not an element name")
+    return PatchOperation(
+        index=index,
+        type=kind,
+        path=path,
+        name=name,
+        value=_patch_value(parts["value"], malformed) if "value" in parts else None,
+        position=integer("index"),
+        source=integer("source"),
+        destination=integer("destination"),
+    )
+
+
+def _patch_value(part: dict[str, Any], malformed: Callable[[str], FhirError]) -> PatchValue:
+    """A part's value: its one `value[x]`, its `resource`, or the complex value of its parts."""
+    typed = [key for key in part if key.startswith("value") and key[5:6].isupper()]
+    given = len(typed) + ("resource" in part) + ("part" in part)
+    if given != 1:
+        raise malformed(
+            f"the part {part.get('name')} has one value[x], or a resource, or parts that make "
+            "a complex value"
+        )
+    if typed:
+        return PatchValue(part[typed[0]], typed[0][5:])
+    if "resource" in part:
+        return PatchValue(part["resource"], None)
+    parts = part["part"]
+    if not isinstance(parts, list) or not parts:
+        raise malformed(f"the parts of {part.get('name')} are a list of named parts")
+    value: dict[str, Any] = {}
+    for child in parts:
+        name = child.get("name") if isinstance(child, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][A-Za-z0-9]*", name):
+            raise malformed(f"a part of {part.get('name')} has no element name")
+        data = _patch_value(child, malformed).data
+        if name in value:
+            # A name given again is a repeating element: its values in order.
+            previous = value[name]
+            value[name] = [*previous, data] if isinstance(previous, list) else [previous, data]
+        else:
+            value[name] = data
+    return PatchValue(value, None)
+
+
+# where an operation acts -------------------------------------------------------------------------
+
+Step = tuple[str, int | None]
+"""One step from a resource's root: an element's JSON key and, in a list, the item's index."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """An element of the document: the object holding it, its key, its index in a list."""
+
+    parent: dict[str, Any]
+    key: str
+    index: int | None
+    steps: tuple[Step, ...]
+
+    @property
+    def value(self) -> Any:
+        held = self.parent[self.key]
+        return held if self.index is None else held[self.index]
+
+
+_ROOT = "the resource itself"
+
+
+def _select(document: dict[str, Any], operation: PatchOperation) -> list[_Place | str]:
+    """The distinct elements the operation's path selects (`_ROOT` for the resource)."""
+    try:
+        found = fhirpathpy.evaluate(
+            document,
+            _EXTENSION_CALL.sub(r"extension.where(url = \1)", operation.path),
+            {"resource": document, "rootResource": document},
+            _R4_MODEL,
+            {"returnRawData": True},
+        )
+    except Exception:  # fhirpathpy raises plain Exceptions for what it cannot parse or run
+        raise FhirError(
+            400,
+            "invalid",
+            f"operation {operation.index}: {operation.path!r} is not a FHIRPath expression "
+            "this server can evaluate",
+            f"Parameters.parameter[{operation.index}]",
+        ) from None
+    places: dict[tuple[int, str, int | None], _Place | str] = {}
+    objects = _objects(document)
+    for node in found:
+        data = node.data if isinstance(node, ResourceNode) else node
+        if data is None:
+            continue  # a placeholder of a primitive list's extensions (`_given: [null, {...}]`)
+        place = _locate(document, objects, node)
+        if place is None:
+            raise operation.refused(
+                "the path selects a value that is not an element of the resource"
+            )
+        key = (
+            (0, "", None) if isinstance(place, str) else (id(place.parent), place.key, place.index)
+        )
+        places[key] = place
+    return list(places.values())
+
+
+def _objects(document: dict[str, Any]) -> dict[int, _Place | str]:
+    """Where every object of the document is, by its identity."""
+    out: dict[int, _Place | str] = {id(document): _ROOT}
+    stack: list[tuple[dict[str, Any], tuple[Step, ...]]] = [(document, ())]
+    while stack:
+        parent, steps = stack.pop()
+        for key, value in parent.items():
+            items = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for index, item in items:
+                if isinstance(item, dict):
+                    at = (*steps, (key, index))
+                    out[id(item)] = _Place(parent, key, index, at)
+                    stack.append((item, at))
+    return out
+
+
+def _locate(
+    document: dict[str, Any], objects: dict[int, _Place | str], node: Any
+) -> _Place | str | None:
+    """The element a node fhirpathpy returned is, or None when it is no element of ours."""
+    if not isinstance(node, ResourceNode):
+        return None  # a literal or a computed value
+    data = node.data
+    if isinstance(data, dict):
+        place = objects.get(id(data))
+        if isinstance(place, _Place) and place.key.startswith("_"):
+            # A primitive's id and extensions: the element is the primitive they belong to.
+            steps = (*place.steps[:-1], (place.key[1:], place.index))
+            return _Place(place.parent, place.key[1:], place.index, steps)
+        return place
+    return _locate_primitive(document, node)
+
+
+def _locate_primitive(document: dict[str, Any], node: ResourceNode) -> _Place | None:
+    """A primitive, found again by the element path fhirpathpy built on its way down."""
+    data = node.data
+    if not isinstance(node.propName, str):
+        return None
+    names = node.propName.split(".")
+    if names[0] != document.get("resourceType"):
+        return None
+    current: Any = document
+    steps: list[Step] = []
+    place: _Place | None = None
+    for name in names[1:]:
+        match = _STEP.fullmatch(name)
+        if match is None or not isinstance(current, dict):
+            return None
+        key = _json_key(current, match["key"])
+        if key is None:
+            return None
+        index = None if match["index"] is None else int(match["index"])
+        held = current[key]
+        if (index is None) == isinstance(held, list):
+            return None
+        if index is not None and index >= len(held):
+            return None
+        steps.append((key, index))
+        place = _Place(current, key, index, tuple(steps))
+        current = place.value
+    if place is None or current != data or type(current) is not type(data):
+        return None
+    return place
+
+
+def _json_key(parent: dict[str, Any], name: str) -> str | None:
+    """The key an element name has in an object: itself, or a choice element's `name[Type]`."""
+    if name in parent:
+        return name
+    choices = [
+        key for key in parent if key.startswith(name) and key[len(name) : len(name) + 1].isupper()
+    ]
+    return choices[0] if len(choices) == 1 else None
+
+
+def _type_path(document: dict[str, Any], steps: Sequence[Step]) -> str:
+    """The definition path of the element at `steps` (`Observation.component`, `HumanName`),
+    as the FHIRPath model of R4 names it."""
+    current = str(document.get("resourceType"))
+    value: Any = document
+    for key, index in steps:
+        value = value[key] if index is None else value[key][index]
+        if isinstance(value, dict) and isinstance(value.get("resourceType"), str):
+            current = value["resourceType"]  # a contained resource
+            continue
+        base = _choice_base(current, key)
+        path = f"{current}.{base or key}"
+        path = _DEFINED_ELSEWHERE.get(path, path)
+        declared = _PATH_TYPES.get(f"{current}.{key}") or _PATH_TYPES.get(path)
+        plain_type = (
+            declared is not None
+            and declared[:1].isupper()
+            and "." not in declared
+            and declared not in _NOT_A_TYPE
+        )
+        current = declared if plain_type and declared is not None else path
+    return current
+
+
+def _choice_base(type_path: str, key: str) -> str | None:
+    """The name of the choice element a key is one type of (`value` for `valueQuantity`)."""
+    for cut in range(1, len(key)):
+        if key[cut].isupper() and key[cut:] in _CHOICE_TYPES.get(f"{type_path}.{key[:cut]}", ()):
+            return key[:cut]
+    return None
+
+
+def _fhirkit_path(document: dict[str, Any], steps: Sequence[Step]) -> str:
+    return str(document.get("resourceType")) + "".join(
+        f".{key}" if index is None else f".{key}[{index}]" for key, index in steps
+    )
+
+
+# applying one operation --------------------------------------------------------------------------
+
+
+def _apply_operation(document: dict[str, Any], operation: PatchOperation) -> None:
+    places = _select(document, operation)
+    if operation.type == "delete":
+        if places:  # deleting what is not there changes nothing
+            _remove(_one(places, operation), operation)
+        return
+    if not places:
+        raise operation.refused("the path selects nothing")
+    if operation.type == "add":
+        _add(document, _one(places, operation), operation)
+    elif operation.type == "replace":
+        _replace(document, _one(places, operation), operation)
+    elif operation.type == "insert":
+        _insert(document, places, operation)
+    else:
+        _move(places, operation)
+
+
+def _add(document: dict[str, Any], target: _Place | str, operation: PatchOperation) -> None:
+    """`name` added to the element the path selects: appended to its list, or a new value."""
+    value, name = operation.value, operation.name
+    assert value is not None
+    assert name is not None
+    container = document if isinstance(target, str) else target.value
+    steps: tuple[Step, ...] = () if isinstance(target, str) else target.steps
+    if not isinstance(container, dict):
+        raise operation.refused("the path selects a primitive, which has no elements to add to")
+    key = _typed_key(document, steps, name, value, operation, existing=False)
+    held = container.get(key)
+    if isinstance(held, list):
+        _list_insert(container, key, len(held), value.data)
+        _expect_arrays(document, (*steps, (key, len(held) - 1)))
+        return
+    type_path = _type_path(document, steps)
+    if any(k == key or _choice_base(type_path, k) == name for k in container):
+        raise operation.refused(
+            f"{name} is already there: add appends to a list, replace changes a value"
+        )
+    container[key] = value.data
+    _expect_arrays(document, (*steps, (key, None)))
+
+
+def _replace(document: dict[str, Any], target: _Place | str, operation: PatchOperation) -> None:
+    """The element the path selects, replaced by the value (a choice element may change type)."""
+    value = operation.value
+    assert value is not None
+    if isinstance(target, str):
+        raise operation.refused("the resource itself is replaced with an update (PUT)")
+    parent, index = target.parent, target.index
+    key = _typed_key(document, target.steps[:-1], target.key, value, operation, existing=True)
+    if index is None:
+        parent.pop(target.key)
+        parent.pop(f"_{target.key}", None)  # the element is replaced, its extensions with it
+        parent[key] = value.data
+    else:
+        parent[key][index] = value.data
+        extras = _companion(parent, key)
+        if isinstance(extras, list) and index < len(extras):
+            extras[index] = None
+        _tidy(parent, key)
+    _expect_arrays(document, (*target.steps[:-1], (key, index)))
+
+
+def _insert(
+    document: dict[str, Any], places: list[_Place | str], operation: PatchOperation
+) -> None:
+    """The value inserted into the list the path selects, at `index`."""
+    value, position = operation.value, operation.position
+    assert value is not None
+    assert position is not None
+    parent, key, steps = _one_list(places, operation)
+    if position > len(parent[key]):
+        raise operation.refused(f"index {position} is past the end of a list of {len(parent[key])}")
+    _list_insert(parent, key, position, value.data)
+    _expect_arrays(document, (*steps, (key, position)))
+
+
+def _move(places: list[_Place | str], operation: PatchOperation) -> None:
+    """The item at `source` of the list the path selects, moved to `destination`."""
+    source, destination = operation.source, operation.destination
+    assert source is not None
+    assert destination is not None
+    parent, key, _steps = _one_list(places, operation)
+    length = len(parent[key])
+    for name, position in (("source", source), ("destination", destination)):
+        if position >= length:
+            raise operation.refused(f"{name} {position} is not in a list of {length}")
+    items = parent[key]
+    items.insert(destination, items.pop(source))
+    extras = _companion(parent, key)
+    if isinstance(extras, list):
+        extras.extend([None] * (length - len(extras)))
+        extras.insert(destination, extras.pop(source))
+    _tidy(parent, key)
+
+
+def _one(places: list[_Place | str], operation: PatchOperation) -> _Place | str:
+    if len(places) > 1:
+        raise operation.refused(
+            f"the path selects {len(places)} elements; {operation.type} acts on exactly one"
+        )
+    return places[0]
+
+
+def _one_list(
+    places: list[_Place | str], operation: PatchOperation
+) -> tuple[dict[str, Any], str, tuple[Step, ...]]:
+    """The list the items a path selects are in (an insert's or a move's path), with the steps
+    to the object holding it."""
+    first = places[0]
+    if not isinstance(first, _Place) or first.index is None:
+        raise operation.refused("the path selects no list")
+    for place in places:
+        same = isinstance(place, _Place) and place.parent is first.parent
+        if not same or not isinstance(place, _Place) or place.key != first.key:
+            raise operation.refused("the path selects items of more than one list")
+    return first.parent, first.key, first.steps[:-1]
+
+
+def _typed_key(
+    document: dict[str, Any],
+    parent_steps: Sequence[Step],
+    key: str,
+    value: PatchValue,
+    operation: PatchOperation,
+    *,
+    existing: bool,
+) -> str:
+    """The JSON key the value goes under: a choice element's carries the value's datatype."""
+    type_path = _type_path(document, parent_steps)
+    name = _choice_base(type_path, key) if existing else key
+    if name is None:
+        return key
+    choices = _CHOICE_TYPES.get(f"{type_path}.{name}")
+    if choices is None:
+        return key
+    if value.datatype is None:
+        if existing:
+            return key  # a complex value in the type the element has now
+        raise operation.refused(f"{name} is a choice of types: give the value as value[x]")
+    if value.datatype not in choices:
+        raise operation.refused(f"{name} cannot be a {value.datatype}")
+    return name + value.datatype
+
+
+def _companion(parent: dict[str, Any], key: str) -> Any:
+    """The `_key` a primitive's id and extensions are kept under, if any."""
+    return parent.get(f"_{key}")
+
+
+def _remove(place: _Place | str, operation: PatchOperation) -> None:
+    if isinstance(place, str):
+        raise operation.refused("the resource itself is deleted with a DELETE")
+    parent, key, index = place.parent, place.key, place.index
+    if index is None:
+        parent.pop(key)
+        parent.pop(f"_{key}", None)
+        return
+    parent[key].pop(index)
+    extras = _companion(parent, key)
+    if isinstance(extras, list) and index < len(extras):
+        extras.pop(index)
+    _tidy(parent, key)
+
+
+def _list_insert(parent: dict[str, Any], key: str, index: int, data: Any) -> None:
+    parent[key].insert(index, data)
+    extras = _companion(parent, key)
+    if isinstance(extras, list):
+        extras.insert(min(index, len(extras)), None)
+    _tidy(parent, key)
+
+
+def _tidy(parent: dict[str, Any], key: str) -> None:
+    """No empty list, and no list of extensions left that holds none."""
+    extras = _companion(parent, key)
+    if isinstance(extras, list) and all(item is None for item in extras):
+        parent.pop(f"_{key}")
+    if parent.get(key) == []:
+        parent.pop(key)
+        parent.pop(f"_{key}", None)
+
+
+def _expect_arrays(document: dict[str, Any], steps: Sequence[Step]) -> None:
+    """Make lists of what the patch put at `steps` where R4 has a repeating element.
+
+    A FHIRPath Patch value does not say whether an element repeats (an added `name`, a
+    `coding` built from parts): fhirkit, which knows R4's cardinalities, does.
+    """
+    where = _fhirkit_path(document, steps)
+    for _round in range(MAX_DEPTH):
+        paths = sorted(
+            {
+                issue.path
+                for issue in fhirkit.validate(orjson.dumps(document))
+                if issue.message.startswith("expected an array")
+                and (issue.path == where or issue.path.startswith((f"{where}.", f"{where}[")))
+            },
+            key=len,
+            reverse=True,  # the deepest first: wrapping one leaves the paths above it as they are
+        )
+        if not paths:
+            return
+        for path in paths:
+            _wrap(document, path)
+
+
+def _wrap(document: dict[str, Any], path: str) -> None:
+    """Put the single value at a fhirkit path into a list."""
+    current: Any = document
+    names = path.split(".")[1:]
+    for position, name in enumerate(names):
+        match = _STEP.fullmatch(name)
+        if match is None or not isinstance(current, dict) or match["key"] not in current:
+            return
+        if position == len(names) - 1 and match["index"] is None:
+            current[match["key"]] = [current[match["key"]]]
+            extras = _companion(current, match["key"])
+            if isinstance(extras, dict):
+                current[f"_{match['key']}"] = [extras]
+            return
+        current = current[match["key"]]
+        if match["index"] is not None:
+            if not isinstance(current, list) or int(match["index"]) >= len(current):
+                return
+            current = current[int(match["index"])]
 
 
 _RELATIVE = re.compile(r"(?P<type>[A-Z][A-Za-z]+)/(?P<id>[^/]*)(?:/_history/[^/]*)?")
@@ -1019,7 +1682,7 @@ def build_write_router() -> APIRouter:
         )
         return _written_response(request, result, prefer)
 
-    @router.patch("/{resource_type}/{resource_id}", summary="JSON Patch")
+    @router.patch("/{resource_type}/{resource_id}", summary="JSON Patch or FHIRPath Patch")
     async def patch(
         request: Request,
         resource_type: str,
@@ -1031,8 +1694,9 @@ def build_write_router() -> APIRouter:
         check_writable(resource_type)
         check_id(resource_id)
         version = parse_if_match(if_match)
-        check_media_type(request.headers.get("content-type"), patch=True)
-        operations = parse_json(await request.body())
+        content_type = request.headers.get("content-type")
+        check_patch_media_type(content_type)
+        operations = parse_patch(content_type, parse_json(await request.body()))
         result = await _run(
             request,
             services,
