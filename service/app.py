@@ -42,6 +42,7 @@ def create_app(services: Services | None = None) -> FastAPI:
         if services.security.authenticator is not None:
             await run_in_threadpool(services.security.keys.get)  # load (or create) it once
         yield
+        await services.security.audit.close()
         await services.reader.close()
         services.close()
 

@@ -7,6 +7,7 @@ builds everything from one `Settings` object.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,8 +81,11 @@ class Settings(BaseSettings):
         description="The server's public URL, for the token URL client assertions name in aud; "
         "unset: taken from each request.",
     )
-    audit_reads: bool = Field(
-        default=True, description="Record an AuditEvent for every read and search too."
+    audit_reads: Literal["async", "sync", "off"] = Field(
+        default="async",
+        description="AuditEvents of reads and searches: committed by the group commit that "
+        "follows the answer (async), before the answer is sent (sync), or not written (off). "
+        "Writes and refusals are always audited before they are answered.",
     )
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     request_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
@@ -89,6 +93,18 @@ class Settings(BaseSettings):
         default=6000, ge=0, description="Requests per client per minute and process (0: none)."
     )
     rate_limit_burst: int = Field(default=600, ge=1)
+
+    @field_validator("audit_reads", mode="before")
+    @classmethod
+    def _audit_reads_boolean(cls, value: Any) -> Any:
+        """`true` and `false`, as the setting once was, mean `sync` and `off`."""
+        if isinstance(value, bool):
+            return "sync" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return "sync"
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no"):
+            return "off"
+        return value
 
     @model_validator(mode="after")
     def _external_issuer_complete(self) -> Settings:

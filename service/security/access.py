@@ -19,7 +19,9 @@
    `service.security.audit.REQUEST_AUDIT`;
 6. answers a GET that has not started its response within the request timeout with 503;
 7. writes the AuditEvent of the request unless its handler wrote one with its change, before
-   the response goes out (a failed audit write answers 500 and sends none of the data), and logs
+   the response goes out (a failed audit write answers 500 and sends none of the data); a
+   successful read or search with `AUDIT_READS=async` is queued for the group commit that
+   follows instead (`AuditWriter`), unless the queue is full; and logs
    one access line: request id, client, interaction, resource type, status. Never the URL's query
    or ids: they can name patients.
 
@@ -39,7 +41,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import parse_qsl
 
 import orjson
@@ -186,8 +188,7 @@ def _fhir_requirement(
     head = parts[0]
     if head == "$export" and len(parts) == 1:
         need = Requirement(subtype="$export")
-        for t in _type_list(query.get("_type"), _stored_types()):
-            need.need(t, "r")
+        _export_needs(need, params, _stored_types())
         return need
     if head == "$export-status":
         return Requirement(subtype="$export-status", audit=False)
@@ -237,8 +238,7 @@ def _fhir_requirement(
         return need
     if second == "$export" and resource_type == "Patient":
         need.subtype = "$export"
-        for t in _type_list(query.get("_type"), _compartment_types()):
-            need.need(t, "r")
+        _export_needs(need, params, _compartment_types())
         return need
     resource_id = second
     if resource_type == "Patient":
@@ -273,6 +273,32 @@ def _fhir_requirement(
     else:
         need.need(resource_type, "cruds")
     return need
+
+
+def _export_needs(
+    need: Requirement, params: Sequence[tuple[str, str]], default: Sequence[str]
+) -> None:
+    """Read on every type a kick-off exports: each `_type` given (repeats are one comma list,
+    as the export reads them), or the default; the patients a POST names, for the audit."""
+    given = [value for name, value in params if name == "_type"]
+    for t in _type_list(",".join(given) if given else None, default):
+        need.need(t, "r")
+    for name, value in params:
+        if name == "patient" and value.strip().startswith("Patient/"):
+            need.patients.append(value.strip().removeprefix("Patient/"))
+
+
+def _operation_body_params(
+    body: bytes, headers: dict[str, str], operation: str
+) -> list[tuple[str, str]]:
+    """The parameters of a POST `$export` or `$everything` body, read as the operation reads
+    them; none when it cannot read them either (it refuses the request)."""
+    from service.fhir.export import parameters_of_body
+
+    try:
+        return parameters_of_body(body, headers.get("content-type", ""), operation=operation)
+    except FhirError:
+        return []
 
 
 def _query_text(params: Sequence[tuple[str, str]]) -> str:
@@ -422,7 +448,7 @@ class AccessMiddleware:
         authenticator: Authenticator | None,
         audit: AuditWriter | None,
         limits: Limits,
-        audit_reads: bool = True,
+        audit_reads: Literal["async", "sync", "off"] = "sync",
         discovery: Callable[[str], dict[str, Any]] | None = None,
         public_base_url: str | None = None,
     ) -> None:
@@ -488,6 +514,11 @@ class AccessMiddleware:
                 form_params = parse_qsl(form, keep_blank_values=True)
                 _search_needs(need, need.resource_type, form_params)
                 need.query = _query_text([*params, *form_params])
+            elif need is not None and need.subtype in ("$export", "$everything"):
+                # What they return is named in the body as well as the query.
+                body_params = _operation_body_params(body, headers, need.subtype)
+                if body_params:
+                    need = requirement(method, path, [*params, *body_params], headers) or need
 
         if need is None:
             if path == "/auth/token" and address:
@@ -574,7 +605,7 @@ class AccessMiddleware:
         context: RequestAudit,
         fhir: bool,
     ) -> int:
-        audit = need.audit and self.audit is not None and (need.write or self.audit_reads)
+        audit = need.audit and self.audit is not None and (need.write or self.audit_reads != "off")
         held: list[Message] = []
         status = 0
         started = asyncio.Event()
@@ -670,7 +701,8 @@ class AccessMiddleware:
     ) -> None:
         if self.audit is None or not need.audit:
             return
-        if not need.write and not self.audit_reads and outcome == SUCCESS:
+        read = not need.write and outcome == SUCCESS
+        if read and self.audit_reads == "off":
             return
         await self.audit.write(
             AuditRecord(
@@ -684,7 +716,8 @@ class AccessMiddleware:
                 request_id=context.request_id,
                 address=context.address,
                 action="E" if need.subtype in ("transaction", "sync", "import") else None,
-            )
+            ),
+            wait=not (read and self.audit_reads == "async"),
         )
 
     async def _unauthorized(

@@ -11,7 +11,10 @@ interaction, the resources or records it touched, the query of a search), when, 
 - Everything else (reads, searches, refusals, failed writes) is recorded by the access
   middleware through `AuditWriter` after the handler answered and before the answer is sent: a
   request whose audit cannot be written is answered 500, without its data. `AuditWriter` commits
-  the events of concurrent requests together (one transaction per batch).
+  the events of concurrent requests together (one transaction per batch). With
+  `AUDIT_READS=async` (the default) a successful read or search does not wait for that commit:
+  its event is queued and written by the next group commit, milliseconds later, so a read costs
+  no commit of its own (see `AuditWriter` for what that trades).
 
 Who is asking comes from `REQUEST_AUDIT`, set per request by the access middleware (a context
 variable, so the threadpool workers that run handlers see it).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import uuid
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -33,12 +37,24 @@ from typing import Any, Final
 
 import orjson
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Connection, insert, select, tuple_
+from sqlalchemy import Connection, select, tuple_
+from sqlalchemy.exc import DataError, IntegrityError
 
 from mappings.context import resource_id
+from service.fhir.search_index import IndexRows, cut, date_range, normalize, parse_reference
 from service.store.db import Database
-from service.store.resources import SearchIndexWriter, patient_of
-from service.store.tables import records, resource_versions, resources
+from service.store.resources import insert_rows, patient_of
+from service.store.tables import (
+    records,
+    resource_versions,
+    resources,
+    search_date,
+    search_reference,
+    search_string,
+    search_token,
+)
+
+log = logging.getLogger(__name__)
 
 AUDIT_TYPE: Final = "AuditEvent"
 SUCCESS, REFUSED, FAILED = "0", "4", "8"
@@ -185,9 +201,14 @@ def store_events(connection: Connection, events: list[dict[str, Any]], *, now: d
     """Insert AuditEvents as version 1 of new resources, indexed, on the caller's connection."""
     if not events:
         return
-    current, versions, stored = [], [], []
+    last_updated = now.isoformat()
+    current, versions = [], []
+    strings: list[dict[str, Any]] = []
+    tokens: list[dict[str, Any]] = []
+    dates: list[dict[str, Any]] = []
+    references: list[dict[str, Any]] = []
     for event in events:
-        meta = {"versionId": "1", "lastUpdated": now.isoformat()}
+        meta = {"versionId": "1", "lastUpdated": last_updated}
         resource = {"resourceType": AUDIT_TYPE, "id": event["id"], "meta": meta} | {
             k: v for k, v in event.items() if k not in ("resourceType", "id")
         }
@@ -197,10 +218,63 @@ def store_events(connection: Connection, events: list[dict[str, Any]], *, now: d
         row |= {"last_updated": now, "deleted": False, "body": body}
         current.append(row | {"content_hash": digest})
         versions.append(row)
-        stored.append(resource)
-    connection.execute(insert(resources), current)
-    connection.execute(insert(resource_versions), versions)
-    SearchIndexWriter(connection).insert(stored)
+        rows = audit_index_rows(resource)
+        head = {"resource_type": AUDIT_TYPE, "resource_id": event["id"]}
+        strings += [head | {"param": p, "value": v, "exact": e} for p, v, e in rows.strings]
+        tokens += [
+            head | {"param": p, "system": s, "code": c, "text": t} for p, s, c, t in rows.tokens
+        ]
+        dates += [head | {"param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates]
+        references += [
+            head | {"param": p, "target_type": t, "target_id": i, "url": u}
+            for p, t, i, u in rows.references
+        ]
+    insert_rows(connection, resources, current)
+    insert_rows(connection, resource_versions, versions)
+    for table, values in (
+        (search_string, strings),
+        (search_token, tokens),
+        (search_date, dates),
+        (search_reference, references),
+    ):
+        insert_rows(connection, table, values)
+
+
+def audit_index_rows(event: dict[str, Any]) -> IndexRows:
+    """The search-index rows of an AuditEvent as `audit_event` builds them, without duplicates.
+
+    Hand-written because one is written for every request: the generic extraction
+    (`service.fhir.search_index.extract`) evaluates all 22 AuditEvent parameters, about ten
+    times the cost of these few lines. Only elements `audit_event` writes are looked at; a test
+    checks that this gives what the generic extraction gives for every shape it builds.
+    """
+    rows = IndexRows()
+    for agent in event.get("agent", ()):
+        address = (agent.get("network") or {}).get("address")
+        if isinstance(address, str):
+            rows.strings.append(("address", normalize(address), cut(address) or ""))
+    rows.tokens.append(("action", None, cut(event["action"]), None))
+    rows.tokens.append(("outcome", None, cut(event["outcome"]), None))
+    kind = event["type"]
+    rows.tokens.append(("type", cut(kind["system"]), cut(kind["code"]), normalize(kind["display"])))
+    for subtype in event["subtype"]:
+        rows.tokens.append(("subtype", cut(subtype["system"]), cut(subtype["code"]), None))
+    for entity in event.get("entity", ()):
+        for param, element in (("entity-role", "role"), ("entity-type", "type")):
+            coding = entity.get(element)
+            if coding is not None:
+                rows.tokens.append((param, cut(coding["system"]), cut(coding["code"]), None))
+        reference = (entity.get("what") or {}).get("reference")
+        if isinstance(reference, str) and not reference.startswith("#"):
+            target_type, target_id, url = parse_reference(reference)
+            rows.references.append(("entity", target_type, target_id, cut(url)))
+            if target_type == "Patient":
+                rows.references.append(("patient", target_type, target_id, cut(url)))
+    rows.dates.append(("date", *date_range(event["recorded"])))
+    rows.strings = list(dict.fromkeys(rows.strings))
+    rows.tokens = list(dict.fromkeys(rows.tokens))
+    rows.references = list(dict.fromkeys(rows.references))
+    return rows
 
 
 def _with_context(record: AuditRecord) -> AuditRecord:
@@ -299,40 +373,99 @@ def audit_record_writes(
 
 
 class AuditWriter:
-    """Writes the AuditEvents of reads and refusals, those of concurrent requests in one commit."""
+    """Writes the AuditEvents of reads and refusals, those of concurrent requests in one commit.
 
-    def __init__(self, database: Database) -> None:
+    `write(record)` returns once the event is committed. `write(record, wait=False)` (a read or
+    search, where `AUDIT_READS=async`) queues it and returns: the group commit that follows, a
+    few milliseconds later, writes it. Such events are lost only if the process dies in that
+    window. They are bounded: with `backlog` events queued (the database is slow or down), a
+    queued write waits like any other, and fails like any other, so a read whose audit cannot
+    be written is never answered. A failed commit keeps the queued events and tries again;
+    `close()` writes what is left at shutdown.
+    """
+
+    def __init__(self, database: Database, *, backlog: int = 10_000, batch: int = 1_000) -> None:
         self._database = database
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
-        self._flushing = False
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None] | None]] = []
+        self._backlog = backlog
+        self._batch = batch
+        self._flushing: asyncio.Task[None] | None = None
+        self._in_flight = 0
 
-    async def write(self, record: AuditRecord) -> None:
-        """Return once the record is committed; raise when it could not be."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def write(self, record: AuditRecord, *, wait: bool = True) -> None:
+        """Commit the record's AuditEvent; with `wait=False`, queue it unless the queue is full."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] | None = None
+        if wait or len(self._pending) >= self._backlog:
+            future = loop.create_future()
         self._pending.append((audit_event(record, now=datetime.now(UTC)), future))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().create_task(self._flush())
-        await future
+        if self._flushing is None:
+            self._flushing = loop.create_task(self._flush())
+        if future is not None:
+            await future
+
+    @property
+    def queued(self) -> int:
+        """Events not yet committed (waiting, or in the commit under way)."""
+        return len(self._pending) + self._in_flight
+
+    async def close(self, *, timeout: float = 10.0) -> None:
+        """Write every queued event (at shutdown), giving up after `timeout` seconds."""
+        flushing = self._flushing
+        if flushing is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(flushing), timeout)
+        except TimeoutError:
+            flushing.cancel()
+            log.error("audit: %d queued events could not be written at shutdown", self.queued)
 
     async def _flush(self) -> None:
+        retry = 0.05
         try:
             while self._pending:
-                batch, self._pending = self._pending, []
+                batch, self._pending = self._pending[: self._batch], self._pending[self._batch :]
+                self._in_flight = len(batch)
                 try:
                     await run_in_threadpool(self._insert, [event for event, _ in batch])
                 except Exception as error:  # every waiter learns its audit failed
+                    self._in_flight = 0
+                    log.error("audit commit failed: %s", type(error).__name__)
                     for _, future in batch:
-                        if not future.done():
+                        if future is not None and not future.done():
                             future.set_exception(error)
+                    queued = [event for event, future in batch if future is None]
+                    if queued and isinstance(error, IntegrityError | DataError):
+                        # Something in the batch cannot be stored: write the others one by one.
+                        kept = await run_in_threadpool(self._insert_each, queued)
+                        self._pending[:0] = [(event, None) for event in kept]
+                    elif queued:  # the database is unreachable: keep them, try again
+                        self._pending[:0] = [(event, None) for event in queued]
+                        await asyncio.sleep(retry)
+                        retry = min(retry * 2, 5.0)
                     continue
+                self._in_flight = 0
+                retry = 0.05
                 for _, future in batch:
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_result(None)
         finally:
-            self._flushing = False
+            self._flushing = None
 
     def _insert(self, events: list[dict[str, Any]]) -> None:
         with self._database.unit_of_work(write=True) as uow:
             store_events(uow.connection, events, now=datetime.now(UTC))
             uow.commit()
+
+    def _insert_each(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write events one per commit; those the database could not be reached for are kept."""
+        kept = []
+        for event in events:
+            try:
+                self._insert([event])
+            except (IntegrityError, DataError) as error:
+                log.error("audit event %s dropped: %s", event["id"], type(error).__name__)
+            except Exception as error:  # unreachable again: left for the next commit
+                log.error("audit commit failed: %s", type(error).__name__)
+                kept.append(event)
+        return kept

@@ -397,6 +397,10 @@ def test_the_audit_trail_needs_its_own_scope_and_cannot_be_written(secure: Secur
 
 
 def audit_events(secure: SecureApi, query: str) -> list[dict[str, Any]]:
+    # Reads are audited by the group commit after their answer (AUDIT_READS=async): let it run.
+    deadline = time.monotonic() + 5
+    while secure.services.security.audit.queued and time.monotonic() < deadline:
+        time.sleep(0.01)
     found = secure.http.get(
         f"/fhir/AuditEvent?{query}&_count=100", headers=secure.headers("system/AuditEvent.rs")
     )
@@ -545,22 +549,55 @@ def test_jwks_registration_refuses_private_keys(secure: SecureApi) -> None:
 
 
 def test_a_read_whose_audit_cannot_be_written_is_500_without_its_data(
-    secure: SecureApi, monkeypatch: pytest.MonkeyPatch
+    database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, patient_id = load_patient(secure)
-    headers = secure.headers("system/Patient.rs")
+    services = bootstrap(secure_settings(database_url, audit_reads="sync"))
+    with TestClient(create_app(services)) as http:
+        secure = SecureApi(http=http, services=services)
+        _, patient_id = load_patient(secure)
+        headers = secure.headers("system/Patient.rs")
 
-    def broken(events: list[dict[str, Any]]) -> None:
-        raise RuntimeError("the audit store is down")
+        def broken(events: list[dict[str, Any]]) -> None:
+            raise RuntimeError("the audit store is down")
 
-    monkeypatch.setattr(secure.services.security.audit, "_insert", broken)
-    read = secure.http.get(f"/fhir/Patient/{patient_id}", headers=headers)
-    assert read.status_code == 500
-    assert read.json()["resourceType"] == "OperationOutcome"
-    assert patient_id not in read.text.replace(read.headers["x-request-id"], "")
-    search = secure.http.get(f"/fhir/Patient?_id={patient_id}", headers=headers)
-    assert search.status_code == 500
-    assert "entry" not in search.text
+        monkeypatch.setattr(services.security.audit, "_insert", broken)
+        read = http.get(f"/fhir/Patient/{patient_id}", headers=headers)
+        assert read.status_code == 500
+        assert read.json()["resourceType"] == "OperationOutcome"
+        assert patient_id not in read.text.replace(read.headers["x-request-id"], "")
+        search = http.get(f"/fhir/Patient?_id={patient_id}", headers=headers)
+        assert search.status_code == 500
+        assert "entry" not in search.text
+
+
+def test_queued_read_audits_are_bounded_and_written_once_the_store_is_back(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = bootstrap(secure_settings(database_url))  # AUDIT_READS=async, the default
+    writer = services.security.audit
+    with TestClient(create_app(services)) as http:
+        secure = SecureApi(http=http, services=services)
+        _, patient_id = load_patient(secure)
+        headers = secure.headers("system/Patient.rs")
+        working = writer._insert
+
+        def broken(events: list[dict[str, Any]]) -> None:
+            raise RuntimeError("the audit store is down")
+
+        monkeypatch.setattr(writer, "_insert", broken)
+        monkeypatch.setattr(writer, "_backlog", 3)
+        answered = [http.get(f"/fhir/Patient/{patient_id}", headers=headers) for _ in range(3)]
+        assert [r.status_code for r in answered] == [200, 200, 200]
+        refused = http.get(f"/fhir/Patient/{patient_id}", headers=headers)  # the queue is full
+        assert refused.status_code == 500
+        assert patient_id not in refused.text.replace(refused.headers["x-request-id"], "")
+        monkeypatch.setattr(writer, "_insert", working)
+        reads = [
+            e
+            for e in audit_events(secure, f"patient=Patient/{patient_id}&subtype=read")
+            if e["outcome"] == "0"
+        ]
+        assert len(reads) == 3
 
 
 def test_a_read_that_takes_too_long_is_503(database_url: str) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.bootstrap import resource_validator
 from service.security.access import RateLimiter, requirement
-from service.security.audit import AuditRecord, audit_event
+from service.fhir.search_index import extract
+from service.security.audit import AuditRecord, audit_event, audit_index_rows
 from service.security.scopes import InvalidScope, Scopes, parse_scope
 from tests.fhir_check import assert_valid_r4
 
@@ -137,3 +140,68 @@ def test_audit_events_are_valid_r4() -> None:
     validator = resource_validator()
     for resource in (event, intake, search):
         assert validator.errors(resource | {"meta": {"versionId": "1"}}) == []
+
+
+# --- the AuditEvent's index rows ----------------------------------------------------------------
+
+_SUBTYPES = ("read", "vread", "search-type", "create", "transaction", "intake", "sync", "token")
+_REFERENCES = st.one_of(
+    st.builds(
+        "{}/{}/_history/{}".format,
+        st.sampled_from(("Patient", "Observation", "CarePlan")),
+        st.from_regex(r"[A-Za-z0-9\-.]{1,64}", fullmatch=True),
+        st.integers(1, 9),
+    ),
+    st.builds(
+        "{}/{}".format,
+        st.sampled_from(("Patient", "Goal")),
+        st.from_regex(r"[A-Za-z0-9\-.]{1,64}", fullmatch=True),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    subtype=st.sampled_from(_SUBTYPES),
+    outcome=st.sampled_from(("0", "4", "8")),
+    entities=st.lists(_REFERENCES, max_size=4),
+    records=st.lists(st.builds("session/{}".format, st.text(min_size=1, max_size=20)), max_size=2),
+    patients=st.lists(st.from_regex(r"[a-z0-9\-]{1,64}", fullmatch=True), max_size=3),
+    query=st.none() | st.text(max_size=300),
+    description=st.none() | st.text(max_size=600),
+    address=st.none() | st.text(min_size=1, max_size=300),
+    request_id=st.none() | st.text(min_size=1, max_size=40),
+)
+def test_audit_event_index_rows_are_what_the_generic_extraction_gives(
+    subtype: str,
+    outcome: str,
+    entities: list[str],
+    records: list[str],
+    patients: list[str],
+    query: str | None,
+    description: str | None,
+    address: str | None,
+    request_id: str | None,
+) -> None:
+    record = AuditRecord(
+        subtype=subtype,
+        outcome=outcome,
+        entities=entities,
+        records=records,
+        patients=patients,
+        query=query,
+        description=description,
+        client_id="c-1",
+        request_id=request_id,
+        address=address,
+    )
+    event = audit_event(record, now=datetime.now(UTC))
+    resource = event | {"meta": {"versionId": "1", "lastUpdated": "2026-12-01T10:00:00+00:00"}}
+    generic = extract(resource)
+    fast = audit_index_rows(resource)
+    assert set(fast.strings) == set(generic.strings)
+    assert set(fast.tokens) == set(generic.tokens)
+    assert set(fast.dates) == set(generic.dates)
+    assert set(fast.references) == set(generic.references)
+    assert not generic.quantities
+    assert len(fast.tokens) == len(set(fast.tokens))  # no duplicate rows
