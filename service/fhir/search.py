@@ -49,6 +49,7 @@ from service.fhir.errors import FhirError
 from service.fhir.search_index import (
     MAX_DATE,
     MIN_DATE,
+    composite_sources,
     date_range,
     normalize,
     parse_reference,
@@ -389,8 +390,14 @@ def _condition(
             target_type = modifier
         else:
             raise SearchError(name, f"modifier :{modifier} is not supported on {parameter.type}")
+    sources = (
+        composite_sources(resource_type, parameter.code)
+        if parameter.components
+        else (parameter.code,)
+    )
     owned = select(table.c.resource_id).where(
-        table.c.resource_type == resource_type, table.c.param == parameter.code
+        table.c.resource_type == resource_type,
+        table.c.param == sources[0] if len(sources) == 1 else table.c.param.in_(sources),
     )
     if modifier == "missing":
         if value not in ("true", "false"):

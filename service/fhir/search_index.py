@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import cache
 from typing import Any, Final
 
-from service.fhir.search_parameters import Definitions, SearchParameter, definitions
+from service.fhir.search_parameters import Component, Definitions, SearchParameter, definitions
 
 Resource = dict[str, Any]
 
@@ -149,8 +149,9 @@ class IndexRows:
     string its folded text."""
 
 
-Part = tuple[str | None, str | None, float | None, datetime | None, datetime | None, str | None]
-"""A composite's second part as its columns (value system, code, number, low, high, text)."""
+Values = tuple[str | None, str | None, float | None, datetime | None, datetime | None, str | None]
+"""A composite part's value as the second part's columns (value system, code, number, low,
+high, text); a first part, a token, is the first two."""
 CompositeRow = tuple[
     str,
     str | None,
@@ -341,12 +342,16 @@ def _compile_part(part: str) -> list[Step] | None:
 
 @cache
 def programs(resource_type: str) -> tuple[tuple[SearchParameter, Program], ...]:
-    """The compiled parameters of a resource type (the common ones included)."""
-    found = definitions().by_type.get(resource_type, {})
+    """The compiled parameters of a resource type (the common ones included), composites
+    aside (`composite_plans`)."""
+    return _programs(definitions().by_type.get(resource_type, {}).values())
+
+
+def _programs(parameters: Iterable[SearchParameter]) -> tuple[tuple[SearchParameter, Program], ...]:
     return tuple(
         (parameter, Program(parameter.expression))
-        for parameter in found.values()
-        if parameter.code not in RESOURCE_COLUMNS
+        for parameter in parameters
+        if parameter.code not in RESOURCE_COLUMNS and not parameter.components
     )
 
 
@@ -354,17 +359,89 @@ _ELEMENT: Final = "Element"
 """The stand-in type name a composite component's relative expression is compiled under."""
 
 
+@dataclass(frozen=True, slots=True)
+class Part:
+    """A composite component compiled: run on one element the composite selects."""
+
+    type: str
+    expression: str
+    program: Program
+    keys: frozenset[str] | None
+    """The element keys it reads from (`valueQuantity`), when the expression says exactly
+    which: without any of them it selects nothing. None: no such shortcut."""
+
+
 @cache
-def part_program(expression: str) -> Program:
-    """A composite component's expression (`value.as(Quantity)`), run on one selected element.
+def part(component: Component) -> Part:
+    """A composite component's expression (`value.as(Quantity)`), compiled to run on an element.
 
     Only the hand-evaluated subset: fhirpathpy would need the element's type to read a choice
     element, and every official component expression is a plain path.
     """
-    program = Program(" | ".join(f"{_ELEMENT}.{part.strip()}" for part in expression.split("|")))
+    members = [member.strip() for member in component.expression.split("|")]
+    program = Program(" | ".join(f"{_ELEMENT}.{member}" for member in members))
     if not program.by_hand:
-        raise ValueError(f"composite component {expression!r} is not a plain path")
-    return program
+        raise ValueError(f"composite component {component.expression!r} is not a plain path")
+    keys: set[str] | None = set()
+    for member in members:
+        match = _SIMPLE_PART.fullmatch(f"{_ELEMENT}.{member}")
+        assert match is not None
+        type_name = match["as1"] or match["as2"]
+        if keys is None or "." in match["path"].removeprefix(f"{_ELEMENT}.") or not type_name:
+            keys = None
+            continue
+        keys.add(match["path"].removeprefix(f"{_ELEMENT}.") + type_name[0].upper() + type_name[1:])
+    return Part(
+        component.type, component.expression, program, None if keys is None else frozenset(keys)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CompositePlan:
+    """The composites that take their parts from the elements one path selects (the resource
+    itself, or `Observation.component`), so each element is found once for all of them."""
+
+    elements: Program
+    composites: tuple[tuple[str, Part, Part], ...]
+    """(parameter code, first part, second part)"""
+
+
+@cache
+def composite_plans(resource_type: str) -> tuple[CompositePlan, ...]:
+    """The compiled composite parameters of a resource type, by the elements they read."""
+    return _plans(definitions().by_type.get(resource_type, {}).values())
+
+
+@cache
+def composite_sources(resource_type: str, code: str) -> tuple[str, ...]:
+    """The composites whose rows answer composite `code`: itself, or, for one whose expression
+    is a union of other composites' with the same parts (`combo-code-value-quantity` is
+    `code-value-quantity` and `component-code-value-quantity`), those, and it has no rows."""
+    return _sources(definitions().by_type.get(resource_type, {}).values()).get(code, (code,))
+
+
+def _sources(parameters: Iterable[SearchParameter]) -> dict[str, tuple[str, ...]]:
+    composites = [parameter for parameter in parameters if parameter.components]
+    by_shape = {(p.expression, p.components): p.code for p in composites}
+    sources: dict[str, tuple[str, ...]] = {}
+    for parameter in composites:
+        members = [member.strip() for member in parameter.expression.split("|")]
+        found = [by_shape.get((member, parameter.components)) for member in members]
+        if len(members) > 1 and all(found):
+            sources[parameter.code] = tuple(code for code in found if code is not None)
+    return sources
+
+
+def _plans(parameters: Iterable[SearchParameter]) -> tuple[CompositePlan, ...]:
+    parameters = tuple(parameters)
+    derived = _sources(parameters)
+    by_path: dict[str, list[tuple[str, Part, Part]]] = {}
+    for parameter in parameters:
+        if parameter.components and parameter.code not in derived:
+            first, second = (part(component) for component in parameter.components)
+            for member in parameter.expression.split("|"):
+                by_path.setdefault(member.strip(), []).append((parameter.code, first, second))
+    return tuple(CompositePlan(Program(path), tuple(found)) for path, found in by_path.items())
 
 
 # --- values -------------------------------------------------------------------------------------
@@ -389,15 +466,12 @@ def extract(resource: Resource, catalogue: Definitions | None = None) -> IndexRo
     """Every index row of a resource."""
     rows = IndexRows()
     resource_type = resource["resourceType"]
-    parameter_programs = (
-        programs(resource_type)
-        if catalogue is None
-        else tuple(
-            (p, Program(p.expression))
-            for p in catalogue.by_type.get(resource_type, {}).values()
-            if p.code not in RESOURCE_COLUMNS
-        )
-    )
+    if catalogue is None:
+        parameter_programs = programs(resource_type)
+        plans = composite_plans(resource_type)
+    else:
+        parameter_programs = _programs(catalogue.by_type.get(resource_type, {}).values())
+        plans = _plans(catalogue.by_type.get(resource_type, {}).values())
     # Most of a type's parameters start from elements a given resource does not have: skip
     # those programs outright (choice elements count by their base name, effective[x]).
     present = set(resource)
@@ -409,6 +483,12 @@ def extract(resource: Resource, catalogue: Definitions | None = None) -> IndexRo
         if not nodes:
             continue
         _add(rows, parameter, nodes)
+    for plan in plans:
+        if plan.elements.roots is not None and plan.elements.roots.isdisjoint(present):
+            continue
+        for element in plan.elements.values(resource):
+            if isinstance(element, dict):
+                rows.composites += _composites(plan, element)
     return rows
 
 
@@ -439,8 +519,6 @@ def _add(rows: IndexRows, parameter: SearchParameter, nodes: list[Node]) -> None
             quantity = _quantity(value)
             if quantity is not None:
                 rows.quantities.append((code, *quantity))
-        elif kind == "composite" and isinstance(value, dict):
-            rows.composites += _composite(parameter, value)
 
 
 def _quantity(value: Any) -> tuple[float, str | None, str | None] | None:
@@ -453,30 +531,49 @@ def _quantity(value: Any) -> tuple[float, str | None, str | None] | None:
     return float(number), _text(value.get("system")), _text(unit)
 
 
-def _composite(parameter: SearchParameter, element: dict[str, Any]) -> list[CompositeRow]:
-    """The rows of one element a composite selects: each code with each second-part value."""
-    first, second = parameter.components
-    codes = [
-        (_text(system), _text(token))
-        for node in part_program(first.expression).nodes(element)
-        for system, token, _ in _tokens(node.value, node.key)
-        if token is not None
-    ]
-    if not codes:
-        return []
-    parts = [
-        part
-        for node in part_program(second.expression).nodes(element)
-        for part in _part(second.type, node.value, node.key)
-    ]
-    code = parameter.code
-    return [(code, *token, *part) for token in dict.fromkeys(codes) for part in parts]
+def _composites(plan: CompositePlan, element: dict[str, Any]) -> list[CompositeRow]:
+    """The rows of one element: per composite, each code with each second-part value. A part
+    several composites share (`code`) is read once."""
+    rows: list[CompositeRow] = []
+    seen: dict[Part, list[Values]] = {}
+    for code, first, second in plan.composites:
+        if second.keys is not None and second.keys.isdisjoint(element):
+            continue  # of an Observation's value[x] types one is there: most composites end here
+        values = seen.get(second)
+        if values is None:
+            values = seen[second] = _values(second, element)
+        if not values:
+            continue
+        tokens = seen.get(first)
+        if tokens is None:
+            tokens = seen[first] = list(dict.fromkeys(_values(first, element)))
+        rows += [(code, token[0], token[1], *value) for token in tokens for value in values]
+    return rows
 
 
-def _part(kind: str, value: Any, key: str) -> Iterator[Part]:
+def _values(compiled: Part, element: dict[str, Any]) -> list[Values]:
+    return [
+        value
+        for node in compiled.program.nodes(element)
+        for value in _part(compiled.type, node.value, node.key)
+    ]
+
+
+def _codes(value: Any, key: str) -> Iterator[tuple[Any, Any]]:
+    """(system, code) of a token value, without the folded text a composite does not keep."""
+    if isinstance(value, dict) and "coding" in value:
+        for coding in value["coding"] if isinstance(value["coding"], list) else ():
+            if isinstance(coding, dict):
+                yield coding.get("system"), coding.get("code")
+    else:
+        for system, token, _ in _tokens(value, key):
+            yield system, token
+
+
+def _part(kind: str, value: Any, key: str) -> Iterator[Values]:
     """A composite's second part as its columns, one per value it takes from `value`."""
     if kind == "token":
-        for system, token, _ in _tokens(value, key):
+        for system, token in _codes(value, key):
             if token is not None:
                 yield _text(system), _text(token), None, None, None, None
     elif kind == "quantity":
