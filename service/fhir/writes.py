@@ -11,7 +11,13 @@ Two kinds of resource are written here:
   and stored unchanged, with `meta.versionId` and `meta.lastUpdated` set by the store.
 
 A resource the service maintains from a record (an infusion's Observations, the clinic's
-Organization) cannot be written or deleted through the facade: its record owns it.
+Organization) cannot be written or deleted through the facade: its record owns it. Nor can the
+Provenance the service writes of each record change (409): it is the service's account of what
+changed; a client's own Provenance stays the client's to write.
+
+A patch is a JSON Patch (application/json-patch+json) or a FHIRPath Patch (a Parameters
+resource, application/fhir+json); either computes the new document from the current version,
+which is then written as an update of that version would be.
 
 Every write runs in one unit of work. Version checks (`If-Match`) happen inside it, with the
 resource locked, and conditional creates and updates are serialized per criteria (an advisory lock
@@ -24,6 +30,7 @@ part of a write, and must not change what the read side serves: reads stay on th
 
 from __future__ import annotations
 
+import copy
 import re
 import uuid
 from collections.abc import Callable, Sequence
@@ -864,6 +871,10 @@ class PatchValue:
     data: Any
     datatype: str | None
 
+    def fresh(self) -> Any:
+        """The value to put in a document: its own copy, which later operations may change."""
+        return copy.deepcopy(self.data)
+
 
 @dataclass(frozen=True, slots=True)
 class PatchOperation:
@@ -1223,7 +1234,7 @@ def _add(document: dict[str, Any], target: _Place | str, operation: PatchOperati
     key = _typed_key(document, steps, name, value, operation, existing=False)
     held = container.get(key)
     if isinstance(held, list):
-        _list_insert(container, key, len(held), value.data)
+        _list_insert(container, key, len(held), value.fresh())
         _expect_arrays(document, (*steps, (key, len(held) - 1)))
         return
     type_path = _type_path(document, steps)
@@ -1231,7 +1242,7 @@ def _add(document: dict[str, Any], target: _Place | str, operation: PatchOperati
         raise operation.refused(
             f"{name} is already there: add appends to a list, replace changes a value"
         )
-    container[key] = value.data
+    container[key] = value.fresh()
     _expect_arrays(document, (*steps, (key, None)))
 
 
@@ -1246,9 +1257,9 @@ def _replace(document: dict[str, Any], target: _Place | str, operation: PatchOpe
     if index is None:
         parent.pop(target.key)
         parent.pop(f"_{target.key}", None)  # the element is replaced, its extensions with it
-        parent[key] = value.data
+        parent[key] = value.fresh()
     else:
-        parent[key][index] = value.data
+        parent[key][index] = value.fresh()
         extras = _companion(parent, key)
         if isinstance(extras, list) and index < len(extras):
             extras[index] = None
@@ -1266,7 +1277,7 @@ def _insert(
     parent, key, steps = _one_list(places, operation)
     if position > len(parent[key]):
         raise operation.refused(f"index {position} is past the end of a list of {len(parent[key])}")
-    _list_insert(parent, key, position, value.data)
+    _list_insert(parent, key, position, value.fresh())
     _expect_arrays(document, (*steps, (key, position)))
 
 
@@ -1306,8 +1317,9 @@ def _one_list(
     if not isinstance(first, _Place) or first.index is None:
         raise operation.refused("the path selects no list")
     for place in places:
-        same = isinstance(place, _Place) and place.parent is first.parent
-        if not same or not isinstance(place, _Place) or place.key != first.key:
+        if not (
+            isinstance(place, _Place) and (place.parent, place.key) == (first.parent, first.key)
+        ):
             raise operation.refused("the path selects items of more than one list")
     return first.parent, first.key, first.steps[:-1]
 
@@ -1394,31 +1406,31 @@ def _expect_arrays(document: dict[str, Any], steps: Sequence[Step]) -> None:
             key=len,
             reverse=True,  # the deepest first: wrapping one leaves the paths above it as they are
         )
-        if not paths:
+        wrapped = [_wrap(document, path) for path in paths]
+        if not any(wrapped):
             return
-        for path in paths:
-            _wrap(document, path)
 
 
-def _wrap(document: dict[str, Any], path: str) -> None:
-    """Put the single value at a fhirkit path into a list."""
+def _wrap(document: dict[str, Any], path: str) -> bool:
+    """Put the single value at a fhirkit path into a list; False when there is none."""
     current: Any = document
     names = path.split(".")[1:]
     for position, name in enumerate(names):
         match = _STEP.fullmatch(name)
         if match is None or not isinstance(current, dict) or match["key"] not in current:
-            return
+            return False
         if position == len(names) - 1 and match["index"] is None:
             current[match["key"]] = [current[match["key"]]]
             extras = _companion(current, match["key"])
             if isinstance(extras, dict):
                 current[f"_{match['key']}"] = [extras]
-            return
+            return True
         current = current[match["key"]]
         if match["index"] is not None:
             if not isinstance(current, list) or int(match["index"]) >= len(current):
-                return
+                return False
             current = current[int(match["index"])]
+    return False
 
 
 _RELATIVE = re.compile(r"(?P<type>[A-Z][A-Za-z]+)/(?P<id>[^/]*)(?:/_history/[^/]*)?")
