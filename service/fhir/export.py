@@ -1,14 +1,25 @@
 """Bulk Data `$export` (system and Patient level) and `Patient/$everything` on the FHIR facade.
 
-Bulk Data (FHIR Bulk Data Access IG, "Flat FHIR"): a kick-off with `Prefer: respond-async`
-records a job in the database and answers 202 with a status URL; any API process can answer a
-poll of it (202 with `X-Progress` while the job counts its resources, then the manifest), a
-DELETE cancels it, and each output file is streamed from the store in keyset pages when it is
-downloaded, as the snapshot at the job's `transactionTime` (see `service.store.export`). A
-process that dies mid-job leaves a claim that goes stale; the next poll takes the job over.
+Bulk Data (FHIR Bulk Data Access IG v2, "Flat FHIR"): a kick-off (GET with query parameters,
+or POST with a `Parameters` body) with `Prefer: respond-async` records a job in the database and
+answers 202 with a status URL; any API process can answer a poll of it (202 with `X-Progress`
+while the job counts its resources, then the manifest), a DELETE cancels it, and each output
+file is streamed from the store in keyset pages when it is downloaded, as the snapshot at the
+job's `transactionTime` (see `service.store.export`). A process that dies mid-job leaves a claim
+that goes stale; the next poll takes the job over.
+
+`_typeFilter` queries (`Type?search-query`, several per type ORed) are parsed by the facade's
+own search (`service.fhir.search.parse_search`, strictly) at kick-off, so a bad one is a 400;
+the job keeps them as given and each process rebuilds the same SQL condition from them. Result
+parameters (`_sort`, `_include`, ...) are refused, as the IG says, and so are chains and `_has`,
+which would reach resources of types the export does not return (and of which the snapshot
+keeps no index). A POST to `Patient/$export` may name `patient` references: the export holds
+those patients' compartments only.
 
 `Patient/$everything` answers a searchset Bundle, a keyset page at a time, around the stored
-bytes of the patient, its compartment and the practitioners and organizations they reference.
+bytes of the patient, its compartment and the practitioners and organizations they reference;
+`start` and `end` narrow the compartment to the care date range (`CARE_DATES` says which date
+of each type is its care date).
 
 Routes parse and shape; the queries are in `service.store.export`. Nothing here re-serializes a
 stored resource.
@@ -22,12 +33,15 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import and_, or_
 from starlette.background import BackgroundTask
 from starlette.datastructures import QueryParams
 from starlette.responses import Response, StreamingResponse
@@ -40,11 +54,14 @@ from service.fhir.errors import (
     ResourceNotFound,
     operation_outcome,
 )
+from service.fhir.search import RESULT_PARAMETERS, SearchError, parse_search
+from service.fhir.search_index import date_range, parse_reference
 from service.fhir.search_parameters import definitions
 from service.store.db import Database
 from service.store.export import (
     COMPLETE,
     Compartment,
+    Criteria,
     EverythingRow,
     ExportJob,
     ExportJobs,
@@ -56,14 +73,70 @@ from service.store.resources import ResourceRepository
 
 log = logging.getLogger(__name__)
 
+NDJSON = "application/fhir+ndjson"
+OUTPUT_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
+EXPORT_PARAMETERS = ("_outputFormat", "_since", "_type", "_typeFilter")
+"""The kick-off parameters honoured, at system and Patient level, by GET and POST."""
+PATIENT_EXPORT_PARAMETERS = (*EXPORT_PARAMETERS, "patient")
+"""Patient level adds `patient` references (in a POST body only, as the IG has it)."""
+UNSUPPORTED_EXPORT_PARAMETERS = ("_elements", "_until", "includeAssociatedData", "organizeOutputBy")
+EVERYTHING_PARAMETERS = ("start", "end", "_since", "_type", "_count")
+CARE_DATES: dict[str, tuple[str, ...]] = {
+    "AdverseEvent": ("date",),
+    "CarePlan": ("date",),
+    "Condition": ("onset-date", "recorded-date"),
+    "Encounter": ("date",),
+    "Goal": ("start-date",),
+    "MedicationAdministration": ("effective-time",),
+    "MedicationRequest": ("authoredon",),
+    "Observation": ("date",),
+    "Provenance": ("when",),
+    "QuestionnaireResponse": ("authored",),
+}
+"""The care date of each compartment type for `$everything`'s `start`/`end`: the search
+parameters (their index date rows) tried in order; the first a resource has is its care date.
+A resource with none of them, and the Patient itself, is always in the range. When a record was
+written is not a care date: a Provenance counts by when its activity occurred, an AuditEvent
+has none."""
+
 BULK = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition"
-SYSTEM_OPERATIONS: list[dict[str, str]] = [{"name": "export", "definition": f"{BULK}/export"}]
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(f"`{name}`" for name in names)
+
+
+_EXPORT_DOCUMENTATION = (
+    "Kick-off by GET or by POST of a `Parameters` resource, with `Prefer: respond-async`. "
+    f"Parameters: {{parameters}}. `_outputFormat`: {_names(OUTPUT_FORMATS)}. `_typeFilter`: "
+    "`Type?search-query` with this server's search parameters of the type (no result "
+    "parameters, chains or `_has`), several per type ORed. Not supported: "
+    f"{_names(UNSUPPORTED_EXPORT_PARAMETERS)}."
+)
+SYSTEM_OPERATIONS: list[dict[str, str]] = [
+    {
+        "name": "export",
+        "definition": f"{BULK}/export",
+        "documentation": _EXPORT_DOCUMENTATION.format(parameters=_names(EXPORT_PARAMETERS)),
+    }
+]
 """System-level operations (CapabilityStatement `rest.operation`)."""
 PATIENT_OPERATIONS: list[dict[str, str]] = [
-    {"name": "export", "definition": f"{BULK}/patient-export"},
+    {
+        "name": "export",
+        "definition": f"{BULK}/patient-export",
+        "documentation": _EXPORT_DOCUMENTATION.format(parameters=_names(PATIENT_EXPORT_PARAMETERS))
+        + " `patient` (`valueReference` to a Patient) is taken in a POST body only.",
+    },
     {
         "name": "everything",
         "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+        "documentation": f"By GET or POST, on one patient. Parameters: "
+        f"{_names(EVERYTHING_PARAMETERS)}. `start`/`end` are the care date range: the "
+        "patient, resources without a care date and resources whose care date overlaps the "
+        "range (with what they reference). Care dates: "
+        + "; ".join(f"{t} {', '.join(params)}" for t, params in CARE_DATES.items())
+        + ".",
     },
 ]
 """Type-level operations on Patient (its `rest.resource.operation`), by their invocation names."""
@@ -78,16 +151,6 @@ OPERATIONS: list[dict[str, str]] = [
 """Every operation of this module, named by OperationDefinition: `export` is system level,
 `patient-export` (invoked as `Patient/$export`) and `everything` are type level on Patient."""
 
-NDJSON = "application/fhir+ndjson"
-OUTPUT_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
-UNSUPPORTED_EXPORT_PARAMETERS = (
-    "_typeFilter",
-    "_elements",
-    "_until",
-    "patient",
-    "includeAssociatedData",
-    "organizeOutputBy",
-)
 RETRY_AFTER_SECONDS = 2
 CLAIM_LEASE = timedelta(seconds=60)
 """A job whose claim is older than this is taken to be abandoned (its process died)."""
@@ -166,39 +229,246 @@ def _prefers_async(prefer: str | None) -> bool:
     return any(part.strip().lower() == "respond-async" for part in (prefer or "").split(","))
 
 
-# --- Bulk Data export: service functions ---------------------------------------------------------
+def parameters_of_body(raw: bytes, content_type: str, *, operation: str) -> list[tuple[str, str]]:
+    """The (name, value) parameters of an operation's POST body, as query-style strings.
+
+    A `Parameters` resource (a `value[x]` that is a string, number or code, or a
+    `valueReference`'s reference) or a form. The access check reads a body with this function
+    too, so it sees the parameters the operation does.
+    """
+    if not raw.strip():
+        return []
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        return QueryParams(raw.decode("latin-1")).multi_items()
+    if content_type and "json" not in content_type:
+        raise FhirError(415, "not-supported", f"send application/fhir+json, not {content_type}")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise FhirError(400, "invalid", f"the body is not valid JSON: {error}") from None
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise FhirError(400, "invalid", f"the body of {operation} must be a Parameters resource")
+    parameters = body.get("parameter", [])
+    if not isinstance(parameters, list):
+        raise FhirError(400, "invalid", "Parameters.parameter must be a list")
+    out: list[tuple[str, str]] = []
+    for parameter in parameters:
+        if not isinstance(parameter, dict) or not isinstance(parameter.get("name"), str):
+            raise FhirError(400, "invalid", "a parameter has no name")
+        name = parameter["name"]
+        values = [v for k, v in parameter.items() if k.startswith("value")]
+        value = values[0] if len(values) == 1 else None
+        if isinstance(value, dict) and "valueReference" in parameter:
+            value = value.get("reference")
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise FhirError(400, "invalid", f"parameter {name} has no simple value", name)
+        out.append((name, str(value)))
+    return out
 
 
-def kick_off(
-    *, database: Database, level: str, request_url: str, params: QueryParams, prefer: str | None
-) -> ExportJob:
-    """Check a kick-off request and record its job, its snapshot instant now."""
-    if not _prefers_async(prefer):
-        raise FhirError(400, "invalid", "$export needs the header 'Prefer: respond-async'")
-    output_format = params.get("_outputFormat")
+def _single(pairs: Sequence[tuple[str, str]], name: str) -> str | None:
+    values = [value for key, value in pairs if key == name]
+    if len(values) > 1:
+        raise FhirError(400, "invalid", f"{name} is given more than once", name)
+    return values[0] if values else None
+
+
+def _joined(pairs: Sequence[tuple[str, str]], name: str) -> str | None:
+    """A comma-list parameter: repeats count as one comma list (as the IG says)."""
+    values = [value for key, value in pairs if key == name]
+    return ",".join(values) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRequest:
+    """A checked kick-off: what the job will export."""
+
+    types: list[str]
+    since: datetime | None
+    type_filters: dict[str, tuple[str, ...]]
+    patients: list[str]
+
+
+# A `_typeFilter` value is a comma list of queries, each URL-encoded by the client and decoded
+# once with the rest of the URL: a comma inside a query (a search OR) is then only told from a
+# separator by what follows it, the next query's `Type?`.
+_NEXT_QUERY = re.compile(r",(?=[A-Z][A-Za-z]*\?)")
+
+
+def _query_pairs(query: str, where: str) -> list[tuple[str, str]]:
+    """The parameters of one `_typeFilter` query (already decoded once; a `+` stays a `+`)."""
+    pairs = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if not name:
+            raise FhirError(400, "invalid", f"_typeFilter {where}: a parameter has no name")
+        pairs.append((unquote(name), unquote(value)))
+    return pairs
+
+
+def type_criteria(resource_type: str, queries: Sequence[str], *, base: str) -> Criteria:
+    """The SQL condition of a type's `_typeFilter` queries (any of them), by the facade's search.
+
+    Strict: an unknown parameter, modifier or value is a SearchError (400), not a match of all.
+    """
+    alternatives = []
+    for query in queries:
+        where = f"{resource_type}?{query}"
+        pairs = _query_pairs(query, where)
+        for name, _value in pairs:
+            if name in RESULT_PARAMETERS or name.split(":", 1)[0] in RESULT_PARAMETERS:
+                raise FhirError(
+                    400,
+                    "invalid",
+                    f"_typeFilter {where}: {name} is a search result parameter, which "
+                    "_typeFilter does not take",
+                    "_typeFilter",
+                )
+            if name.startswith("_has:") or "." in name:
+                raise FhirError(
+                    400,
+                    "not-supported",
+                    f"_typeFilter {where}: chained and _has parameters are not supported here",
+                    "_typeFilter",
+                )
+        try:
+            parsed = parse_search(resource_type, pairs, base=base, strict=True, filters_only=True)
+        except SearchError as error:
+            raise FhirError(
+                400, error.code, f"_typeFilter {where}: {error.diagnostics}", "_typeFilter"
+            ) from None
+        if not parsed.conditions:
+            raise FhirError(
+                400, "invalid", f"_typeFilter {where} has no search criteria", "_typeFilter"
+            )
+        alternatives.append(and_(*parsed.conditions))
+    return or_(*alternatives)
+
+
+def parse_type_filters(
+    values: Sequence[str], *, types: Sequence[str], base: str
+) -> dict[str, tuple[str, ...]]:
+    """Type -> its `_typeFilter` queries, each checked (by building its condition)."""
+    filters: dict[str, list[str]] = {}
+    for value in values:
+        for item in _NEXT_QUERY.split(value):
+            resource_type, mark, query = item.strip().partition("?")
+            if not mark or not resource_type:
+                raise FhirError(
+                    400, "invalid", f"_typeFilter {item!r} is not Type?search-query", "_typeFilter"
+                )
+            if resource_type not in types:
+                raise FhirError(
+                    400,
+                    "not-supported",
+                    f"_typeFilter {item}: {resource_type} is not a type this export returns "
+                    f"({', '.join(types)})",
+                    "_typeFilter",
+                )
+            filters.setdefault(resource_type, []).append(query)
+    checked = {t: tuple(dict.fromkeys(queries)) for t, queries in filters.items()}
+    for resource_type, queries in checked.items():
+        type_criteria(resource_type, queries, base=base)
+    return checked
+
+
+def _patient_ids(references: Sequence[str], *, base: str) -> list[str]:
+    ids = []
+    for reference in references:
+        text = reference.strip().removeprefix(base + "/")
+        resource_type, resource_id, url = parse_reference(text)
+        if resource_type != "Patient" or resource_id is None or url is not None:
+            raise FhirError(
+                400, "invalid", f"patient {reference!r} is not a Patient reference", "patient"
+            )
+        ids.append(resource_id)
+    return list(dict.fromkeys(ids))
+
+
+def export_request(
+    pairs: Sequence[tuple[str, str]], *, level: str, base: str, post: bool
+) -> ExportRequest:
+    """Check the kick-off parameters (query and POST body alike)."""
+    names = {name for name, _ in pairs}
+    for name in UNSUPPORTED_EXPORT_PARAMETERS:
+        if name in names:
+            raise FhirError(400, "not-supported", f"$export does not support {name}", name)
+    output_format = _single(pairs, "_outputFormat")
     # Clients often leave the `+` of application/fhir+ndjson unescaped, so it arrives a space.
     if output_format is not None and output_format.replace(" ", "+") not in OUTPUT_FORMATS:
         raise FhirError(
             400,
             "not-supported",
-            f"_outputFormat {output_format} is not supported: use application/fhir+ndjson",
+            f"_outputFormat {output_format} is not supported: use one of "
+            f"{', '.join(OUTPUT_FORMATS)}",
             "_outputFormat",
         )
-    for name in UNSUPPORTED_EXPORT_PARAMETERS:
-        if name in params:
-            raise FhirError(400, "not-supported", f"$export does not support {name}", name)
     allowed = _compartment_types() if level == "patient" else STORED_TYPES
-    types = parse_types(params.get("_type"), allowed=allowed)
-    since_text = params.get("_since")
+    types = parse_types(_joined(pairs, "_type"), allowed=allowed)
+    since_text = _single(pairs, "_since")
     since = None if since_text is None else parse_instant(since_text, "_since")
+    filter_values = [value for name, value in pairs if name == "_typeFilter"]
+    type_filters = parse_type_filters(filter_values, types=types, base=base)
+    references = [value for name, value in pairs if name == "patient"]
+    if references and level != "patient":
+        raise FhirError(400, "not-supported", "patient applies to Patient/$export only", "patient")
+    if references and not post:
+        raise FhirError(
+            400,
+            "not-supported",
+            "patient is taken in the Parameters body of a POST kick-off only",
+            "patient",
+        )
+    patients = _patient_ids(references, base=base)
+    return ExportRequest(types=types, since=since, type_filters=type_filters, patients=patients)
+
+
+def _job_base(job: ExportJob) -> str:
+    """The FHIR base of the job's kick-off (its filters' references are read against it)."""
+    return job.request.split("?", 1)[0].removesuffix("/$export").removesuffix("/Patient")
+
+
+def _criteria(job: ExportJob, resource_type: str) -> Criteria | None:
+    queries = job.type_filters.get(resource_type)
+    return None if not queries else type_criteria(resource_type, queries, base=_job_base(job))
+
+
+# --- Bulk Data export: service functions ---------------------------------------------------------
+
+
+def kick_off(
+    *,
+    database: Database,
+    level: str,
+    request_url: str,
+    base: str,
+    pairs: Sequence[tuple[str, str]],
+    prefer: str | None,
+    post: bool = False,
+) -> ExportJob:
+    """Check a kick-off request and record its job, its snapshot instant now."""
+    if not _prefers_async(prefer):
+        raise FhirError(400, "invalid", "$export needs the header 'Prefer: respond-async'")
+    wanted = export_request(pairs, level=level, base=base, post=post)
     with database.unit_of_work(write=True) as uow:
+        repository = ResourceRepository(uow.connection)
+        for patient_id in wanted.patients:
+            patient = repository.read("Patient", patient_id)
+            if patient is None or patient.deleted:
+                raise FhirError(
+                    400, "not-found", f"patient Patient/{patient_id} is not known", "patient"
+                )
         job = ExportJobs(uow.connection).create(
             job_id=str(uuid.uuid4()),
             level=level,
             request=request_url,
-            types=types,
-            since=since,
+            types=wanted.types,
+            since=wanted.since,
             now=_now(),
+            type_filters=wanted.type_filters,
+            patients=wanted.patients,
         )
         uow.commit()
     return job
@@ -219,6 +489,7 @@ def run_job(*, database: Database, job_id: str) -> None:
                     job=job,
                     resource_type=resource_type,
                     compartment=_compartment(),
+                    criteria=_criteria(job, resource_type),
                 )
             with database.unit_of_work(write=True) as uow:
                 progress = f"counted {done} of {len(job.types)} resource types"
@@ -289,6 +560,7 @@ def ndjson_chunks(
         job=job,
         resource_type=resource_type,
         compartment=_compartment(),
+        criteria=_criteria(job, resource_type),
         page_size=page_size,
     ):
         yield ("\n".join(page) + "\n").encode()
@@ -316,11 +588,17 @@ def _decode_page_token(token: str | None) -> tuple[str, str] | None:
         raise FhirError(400, "invalid", "_page is not a page token this server issued") from None
 
 
+def _care_bound(value: str, name: str) -> tuple[datetime, datetime]:
+    try:
+        return date_range(value)
+    except ValueError:
+        raise FhirError(
+            400, "invalid", f"{name} must be a FHIR date (or dateTime), not {value!r}", name
+        ) from None
+
+
 def everything_parameters(params: Mapping[str, str]) -> dict[str, Any]:
-    """`_count`, `_since`, `_type` and `_page` of a $everything call, checked."""
-    for name in ("start", "end"):
-        if name in params:
-            raise FhirError(400, "not-supported", f"$everything does not support {name}", name)
+    """`start`, `end`, `_count`, `_since`, `_type` and `_page` of a $everything call, checked."""
     count_text = params.get("_count")
     count = EVERYTHING_COUNT
     if count_text is not None:
@@ -329,11 +607,17 @@ def everything_parameters(params: Mapping[str, str]) -> dict[str, Any]:
         count = min(int(count_text), MAX_COUNT)
     since_text = params.get("_since")
     type_text = params.get("_type")
+    # The range is inclusive at the bounds' precision: end=2026-10 runs to October's last instant.
+    start = None if "start" not in params else _care_bound(params["start"], "start")[0]
+    end = None if "end" not in params else _care_bound(params["end"], "end")[1]
+    if start is not None and end is not None and start > end:
+        raise FhirError(400, "invalid", "start is after end", "start")
     return {
         "count": count,
         "since": None if since_text is None else parse_instant(since_text, "_since"),
         "types": parse_types(type_text, allowed=STORED_TYPES),
         "after": _decode_page_token(params.get("_page")),
+        "care_range": (start, end),
     }
 
 
@@ -345,6 +629,7 @@ def everything(
     since: datetime | None,
     types: Sequence[str] | None,
     after: tuple[str, str] | None,
+    care_range: tuple[datetime | None, datetime | None] = (None, None),
 ) -> tuple[list[EverythingRow], bool]:
     """One page of the patient's everything, and whether there is more."""
     with database.unit_of_work(write=False) as uow:
@@ -362,6 +647,8 @@ def everything(
             since=since,
             after=after,
             limit=count + 1,
+            care_range=care_range,
+            care_dates=CARE_DATES,
         )
     return rows[:count], len(rows) > count
 
@@ -386,31 +673,11 @@ def searchset_bundle(
     return bundle[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
 
 
-async def _parameters_body(request: Request) -> dict[str, str]:
-    """The $everything parameters of a POST body (Parameters), as query-style strings."""
+async def _parameters_body(request: Request, *, operation: str) -> list[tuple[str, str]]:
+    """The parameters of an operation's POST body."""
     raw = await request.body()
-    if not raw.strip():
-        return {}
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        return dict(QueryParams(raw.decode("latin-1")))
-    if content_type and "json" not in content_type:
-        raise FhirError(415, "not-supported", f"send application/fhir+json, not {content_type}")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise FhirError(400, "invalid", f"the body is not valid JSON: {error}") from None
-    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
-        raise FhirError(400, "invalid", "the body of $everything must be a Parameters resource")
-    out: dict[str, str] = {}
-    for parameter in body.get("parameter", []):
-        if not isinstance(parameter, dict) or not isinstance(parameter.get("name"), str):
-            raise FhirError(400, "invalid", "a parameter has no name")
-        values = [v for k, v in parameter.items() if k.startswith("value")]
-        if len(values) != 1 or not isinstance(values[0], str | int) or isinstance(values[0], bool):
-            raise FhirError(400, "invalid", f"parameter {parameter['name']} has no simple value")
-        out[parameter["name"]] = str(values[0])
-    return out
+    return parameters_of_body(raw, content_type, operation=operation)
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -420,13 +687,19 @@ def build_export_router() -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Negotiated])
 
     async def _kick_off(request: Request, services: ServicesDep, level: str) -> Response:
+        pairs = request.query_params.multi_items()
+        post = request.method == "POST"
+        if post:
+            pairs += await _parameters_body(request, operation="$export")
         job = await run_in_threadpool(
             lambda: kick_off(
                 database=services.database,
                 level=level,
                 request_url=str(request.url),
-                params=request.query_params,
+                base=_base(request),
+                pairs=pairs,
                 prefer=request.headers.get("prefer"),
+                post=post,
             )
         )
         outcome = operation_outcome(
@@ -440,13 +713,19 @@ def build_export_router() -> APIRouter:
             background=BackgroundTask(run_job, database=services.database, job_id=job.id),
         )
 
-    @router.get("/$export", summary="Bulk Data export of the whole store", response_class=Response)
+    @router.api_route(
+        "/$export",
+        methods=["GET", "POST"],
+        summary="Bulk Data export of the whole store",
+        response_class=Response,
+    )
     async def system_export(request: Request, services: ServicesDep) -> Response:
         return await _kick_off(request, services, "system")
 
-    @router.get(
+    @router.api_route(
         "/Patient/$export",
-        summary="Bulk Data export of every Patient compartment",
+        methods=["GET", "POST"],
+        summary="Bulk Data export of every Patient compartment (or of the patients named)",
         response_class=Response,
     )
     async def patient_export(request: Request, services: ServicesDep) -> Response:
@@ -510,7 +789,7 @@ def build_export_router() -> APIRouter:
         )
         base = _base(request)
         own = f"{base}/Patient/{patient_id}/$everything"
-        kept = {k: v for k, v in params.items() if k in ("_count", "_since", "_type")}
+        kept = {k: v for k, v in params.items() if k in EVERYTHING_PARAMETERS}
         self_query = dict(kept) | ({"_page": params["_page"]} if "_page" in params else {})
         self_url = f"{own}?{QueryParams(self_query)}" if self_query else own
         next_url = None
@@ -533,7 +812,8 @@ def build_export_router() -> APIRouter:
         response_class=Response,
     )
     async def everything_post(request: Request, patient_id: str, services: ServicesDep) -> Response:
-        params = dict(request.query_params) | await _parameters_body(request)
+        body = await _parameters_body(request, operation="$everything")
+        params = dict(request.query_params) | dict(body)
         return await _everything(request, patient_id, services, params)
 
     return router

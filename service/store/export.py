@@ -11,11 +11,24 @@ the store.
 Patient compartments come from the search index (`search_reference`), which holds the reference
 rows of current versions: compartment membership is as of the query, not as of the snapshot (a
 resource moved to another patient, or deleted, after `transaction_time` follows its current
-rows).
+rows). A job's `patient` list narrows the compartments to those patients' in the same way.
+
+A job's `_typeFilter` criteria (an SQL condition on `resources` built by the caller from the
+facade's search) are applied as of the snapshot: a resource not written since `transaction_time`
+is matched by its index rows, which are its snapshot version's; the version current at the
+snapshot of one written since is matched over index rows extracted from that version's body, in
+a private in-memory SQLite database (`_matching_versions`), because the store keeps index rows
+of current versions only. Criteria that reach other resources (chains, `_has`) cannot be matched
+so and must not be given.
 
 `transaction_time` is the kick-off process's clock, as `last_updated` is each writer's: a write
 stamped before the instant that commits only after the job counted its files is in the file but
 not in the manifest's count (a window as long as that write's transaction).
+
+`Patient/$everything` with a care date range (`start`, `end`) keeps a compartment resource when
+one of its care dates (search-index date rows of the parameters the caller names per type, the
+first of them the resource has) overlaps the range, or when it has none; the patient itself and
+what the kept resources reference are always included.
 
 This module runs queries on connections it is given (or units of work of the `Database` it is
 given, one per page); it never commits a caller's transaction and knows nothing of HTTP.
@@ -24,7 +37,7 @@ given, one per page); it never commits a caller's transaction and knows nothing 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -35,6 +48,7 @@ from sqlalchemy import (
     Select,
     and_,
     case,
+    create_engine,
     delete,
     exists,
     false,
@@ -49,10 +63,22 @@ from sqlalchemy import (
 )
 
 from service.store.db import Database
-from service.store.tables import export_jobs, resource_versions, resources, search_reference
+from service.store.resources import SearchIndexWriter
+from service.store.tables import (
+    export_jobs,
+    metadata,
+    resource_versions,
+    resources,
+    search_date,
+    search_reference,
+)
 
 Compartment = Mapping[str, Sequence[str]]
 """Resource type -> the search parameters that put a resource in a Patient's compartment."""
+CareDates = Mapping[str, Sequence[str]]
+"""Resource type -> its date search parameters that say when care happened, preferred first."""
+Criteria = ColumnElement[bool]
+"""A condition on `resources` (its current row and the index rows of its id) a resource meets."""
 
 IN_PROGRESS = "in-progress"
 COMPLETE = "complete"
@@ -74,18 +100,49 @@ class ExportJob:
     counts: dict[str, int] | None
     created_at: datetime
     completed_at: datetime | None
+    type_filters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Resource type -> its `_typeFilter` search queries (ORed), as given; unfiltered types
+    are absent."""
+    patients: tuple[str, ...] = ()
+    """The Patient ids a Patient-level export is limited to; empty for every patient."""
 
     @property
     def patient_level(self) -> bool:
         return self.level == "patient"
 
 
+def _selection_text(
+    types: Sequence[str], type_filters: Mapping[str, Sequence[str]], patients: Sequence[str]
+) -> str:
+    """The `types` column: the comma list of types, or, with filters or patients, a JSON object
+    (a plain job keeps the plain list, which processes of earlier releases read)."""
+    if not type_filters and not patients:
+        return ",".join(types)
+    selection = {
+        "types": list(types),
+        "typeFilter": {t: list(queries) for t, queries in type_filters.items()},
+        "patient": list(patients),
+    }
+    return orjson.dumps(selection).decode()
+
+
+def _selection(
+    text: str,
+) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]], tuple[str, ...]]:
+    if not text.startswith("{"):
+        return tuple(t for t in text.split(",") if t), {}, ()
+    selection = orjson.loads(text)
+    filters = {t: tuple(queries) for t, queries in selection["typeFilter"].items()}
+    return tuple(selection["types"]), filters, tuple(selection["patient"])
+
+
 def _job(row: Any) -> ExportJob:
+    types, type_filters, patients = _selection(row.types)
     return ExportJob(
         id=row.id,
         level=row.level,
         request=row.request,
-        types=tuple(t for t in row.types.split(",") if t),
+        types=types,
         since=row.since,
         transaction_time=row.transaction_time,
         status=row.status,
@@ -94,6 +151,8 @@ def _job(row: Any) -> ExportJob:
         counts=None if row.counts is None else orjson.loads(row.counts),
         created_at=row.created_at,
         completed_at=row.completed_at,
+        type_filters=type_filters,
+        patients=patients,
     )
 
 
@@ -112,6 +171,8 @@ class ExportJobs:
         types: Sequence[str],
         since: datetime | None,
         now: datetime,
+        type_filters: Mapping[str, Sequence[str]] | None = None,
+        patients: Sequence[str] = (),
     ) -> ExportJob:
         """A new job, in progress and claimed by the caller, its snapshot instant `now`."""
         self._connection.execute(
@@ -119,7 +180,7 @@ class ExportJobs:
                 id=job_id,
                 level=level,
                 request=request,
-                types=",".join(types),
+                types=_selection_text(types, type_filters or {}, patients),
                 since=since,
                 transaction_time=now,
                 status=IN_PROGRESS,
@@ -188,15 +249,20 @@ class ExportJobs:
 
 
 def _in_compartment(
-    resource_type: str, compartment: Compartment, *, after: str | None = None
+    resource_type: str,
+    compartment: Compartment,
+    *,
+    patients: Sequence[str] = (),
+    after: str | None = None,
 ) -> ColumnElement[bool]:
-    """The current row is in some Patient's compartment (every Patient is in its own).
+    """The current row is in some Patient's compartment (every Patient is in its own), or in
+    one of `patients`' when they are given.
 
     `after` repeats a page's keyset bound inside the subquery, so a merge join of the index
     rows starts at the page rather than at the first row of the type.
     """
     if resource_type == "Patient":
-        return true()
+        return resources.c.id.in_(tuple(patients)) if patients else true()
     params = tuple(compartment.get(resource_type, ()))
     if not params:
         return false()
@@ -206,6 +272,8 @@ def _in_compartment(
         search_reference.c.param.in_(params),
         search_reference.c.target_type == "Patient",
     )
+    if patients:
+        membership = membership.where(search_reference.c.target_id.in_(tuple(patients)))
     if after is not None:
         membership = membership.where(search_reference.c.resource_id > after)
     return membership
@@ -232,22 +300,56 @@ def _versions_at(resource_type: str, transaction_time: datetime) -> Select[Any]:
     )
 
 
-def snapshot_count(
-    *, connection: Connection, job: ExportJob, resource_type: str, compartment: Compartment
-) -> int:
-    """How many resources the job's file of `resource_type` holds.
+def _matching_versions(
+    resource_type: str, versions: Sequence[tuple[str, datetime, str]], criteria: Criteria
+) -> set[str]:
+    """The ids of `versions` ((id, last_updated, body) of one type) that meet `criteria`.
 
-    Current rows not newer than the snapshot, plus, for rows written since, their versions
-    current at it that were not deletions.
+    They are not current, so the store has no index rows of them: they are indexed, as a write
+    would index them, into a private in-memory SQLite database of the same schema, and the same
+    condition is run there. Nothing of it outlives the call.
     """
-    current = select(func.count()).where(
-        resources.c.resource_type == resource_type,
-        resources.c.last_updated <= job.transaction_time,
-        resources.c.deleted == false(),
-    )
+    if not versions:
+        return set()
+    engine = create_engine("sqlite://")
+    try:
+        with engine.begin() as connection:
+            metadata.create_all(connection, tables=[resources, *_index_tables()])
+            connection.execute(
+                insert(resources),
+                [
+                    {
+                        "resource_type": resource_type,
+                        "id": resource_id,
+                        "version": 1,
+                        "last_updated": last_updated,
+                        "deleted": False,
+                        "content_hash": "",
+                        "body": body,
+                    }
+                    for resource_id, last_updated, body in versions
+                ],
+            )
+            SearchIndexWriter(connection).insert_bodies([body for _, _, body in versions])
+            query = select(resources.c.id).where(
+                resources.c.resource_type == resource_type, criteria
+            )
+            return set(connection.execute(query).scalars())
+    finally:
+        engine.dispose()
+
+
+def _index_tables() -> list[Any]:
+    """The search-index tables (every `search_*` table of the schema)."""
+    return [table for name, table in metadata.tables.items() if name.startswith("search_")]
+
+
+def _changed_since_snapshot(job: ExportJob, resource_type: str) -> Select[Any]:
+    """(id, last_updated, body) of the snapshot versions of rows written since it (not deletions,
+    within `_since`), in id order."""
     at_snapshot = _versions_at(resource_type, job.transaction_time).subquery("at_snapshot")
-    changed = (
-        select(func.count())
+    query = (
+        select(at_snapshot.c.id, at_snapshot.c.last_updated, at_snapshot.c.body)
         .select_from(resources.join(at_snapshot, at_snapshot.c.id == resources.c.id))
         .where(
             resources.c.resource_type == resource_type,
@@ -256,14 +358,52 @@ def snapshot_count(
         )
     )
     if job.since is not None:
-        current = current.where(resources.c.last_updated >= job.since)
-        changed = changed.where(at_snapshot.c.last_updated >= job.since)
-    if job.patient_level:
-        current = current.where(_in_compartment(resource_type, compartment))
-        changed = changed.where(_in_compartment(resource_type, compartment))
-    return int(connection.execute(current).scalar_one()) + int(
-        connection.execute(changed).scalar_one()
+        query = query.where(at_snapshot.c.last_updated >= job.since)
+    return query.order_by(at_snapshot.c.id)
+
+
+def snapshot_count(
+    *,
+    connection: Connection,
+    job: ExportJob,
+    resource_type: str,
+    compartment: Compartment,
+    criteria: Criteria | None = None,
+    batch_size: int = 1000,
+) -> int:
+    """How many resources the job's file of `resource_type` holds.
+
+    Current rows not newer than the snapshot, plus, for rows written since, their versions
+    current at it that were not deletions (and, with `criteria`, that meet them).
+    """
+    current = select(func.count()).where(
+        resources.c.resource_type == resource_type,
+        resources.c.last_updated <= job.transaction_time,
+        resources.c.deleted == false(),
     )
+    changed = _changed_since_snapshot(job, resource_type)
+    if job.since is not None:
+        current = current.where(resources.c.last_updated >= job.since)
+    if job.patient_level:
+        member = _in_compartment(resource_type, compartment, patients=job.patients)
+        current = current.where(member)
+        changed = changed.where(member)
+    if criteria is not None:
+        current = current.where(criteria)
+    total = int(connection.execute(current).scalar_one())
+    if criteria is None:
+        return total + int(
+            connection.execute(select(func.count()).select_from(changed.subquery())).scalar_one()
+        )
+    # The versions must be matched one batch at a time (see `_matching_versions`).
+    after: str | None = None
+    while True:
+        page = changed if after is None else changed.where(resources.c.id > after)
+        rows = [tuple(row) for row in connection.execute(page.limit(batch_size))]
+        total += len(_matching_versions(resource_type, rows, criteria))
+        if len(rows) < batch_size:
+            return total
+        after = rows[-1][0]
 
 
 def snapshot_pages(
@@ -272,20 +412,25 @@ def snapshot_pages(
     job: ExportJob,
     resource_type: str,
     compartment: Compartment,
+    criteria: Criteria | None = None,
     page_size: int = 1000,
 ) -> Iterator[list[str]]:
     """The stored bodies of the job's file of `resource_type`, a keyset page at a time.
 
-    One walk over the primary key: a row not newer than the snapshot serves its own body; the
-    rows written since are looked up, a page at a time, in `resource_versions`. Each page is
-    read in its own short transaction, so a slow download holds no connection between pages;
+    One walk over the primary key: a row not newer than the snapshot serves its own body (when
+    it meets `criteria`); the rows written since are looked up, a page at a time, in
+    `resource_versions`, and their versions matched against `criteria` on their own. Each page
+    is read in its own short transaction, so a slow download holds no connection between pages;
     the snapshot instant keeps the pages consistent with one another. A page may come out
-    shorter than `page_size` (rows created or deleted after the snapshot drop out).
+    shorter than `page_size` (rows created or deleted after the snapshot, or not matching, drop
+    out).
     """
     at = job.transaction_time
     kept = and_(resources.c.last_updated <= at, resources.c.deleted == false())
     if job.since is not None:
         kept = and_(kept, resources.c.last_updated >= job.since)
+    if criteria is not None:
+        kept = and_(kept, criteria)
     query = select(
         resources.c.id,
         resources.c.version,
@@ -297,7 +442,9 @@ def snapshot_pages(
     while True:
         page_query = query if after is None else query.where(resources.c.id > after)
         if job.patient_level:
-            page_query = page_query.where(_in_compartment(resource_type, compartment, after=after))
+            page_query = page_query.where(
+                _in_compartment(resource_type, compartment, patients=job.patients, after=after)
+            )
         page_query = page_query.order_by(resources.c.id).limit(page_size)
         with database.unit_of_work(write=False) as uow:
             rows = uow.connection.execute(page_query).all()
@@ -310,7 +457,13 @@ def snapshot_pages(
                 )
                 if job.since is not None:
                     versions = versions.where(resource_versions.c.last_updated >= job.since)
-                older = {v.id: v.body for v in uow.connection.execute(versions)}
+                found = uow.connection.execute(versions).all()
+                if criteria is not None:
+                    matching = _matching_versions(
+                        resource_type, [(v.id, v.last_updated, v.body) for v in found], criteria
+                    )
+                    found = [v for v in found if v.id in matching]
+                older = {v.id: v.body for v in found}
         if not rows:
             return
         page = [row.body if row.last_updated <= at else older.get(row.id) for row in rows]
@@ -342,11 +495,27 @@ def everything_page(
     since: datetime | None,
     after: tuple[str, str] | None,
     limit: int,
+    care_range: tuple[datetime | None, datetime | None] = (None, None),
+    care_dates: CareDates | None = None,
 ) -> list[EverythingRow]:
     """One keyset page, in (type, id) order, of the patient, its compartment, and what those
     reference among `referenced_types` (resources in no compartment: practitioners,
-    organizations)."""
+    organizations).
+
+    With a `care_range` (inclusive bounds, either open), compartment resources are kept when one
+    of their care dates overlaps it or they have none (`_in_care_range`); only what those kept
+    reference is added.
+    """
     in_compartment, itself = _compartment_members(patient_id, compartment)
+    if care_range != (None, None):
+        in_compartment = in_compartment.where(
+            _in_care_range(
+                search_reference.c.resource_type,
+                search_reference.c.resource_id,
+                care_range=care_range,
+                care_dates=care_dates or {},
+            )
+        )
     links = search_reference.alias("links")
     member_rows = union(in_compartment, itself).subquery("member_rows")
     referenced = (
@@ -412,3 +581,40 @@ def _compartment_members(
         literal("Patient").label("resource_type"), literal(patient_id).label("resource_id")
     )
     return in_compartment, itself
+
+
+def _in_care_range(
+    type_column: ColumnElement[str],
+    id_column: ColumnElement[str],
+    *,
+    care_range: tuple[datetime | None, datetime | None],
+    care_dates: CareDates,
+) -> ColumnElement[bool]:
+    """The resource's care date overlaps the range, or it has none.
+
+    Its care date is the first of its type's `care_dates` parameters it has date rows of (a
+    Condition's onset, else when it was recorded); a type without care dates is always in.
+    """
+    start, end = care_range
+    dated = {t: params for t, params in care_dates.items() if params}
+    branches: list[ColumnElement[bool]] = [type_column.not_in(tuple(dated))]
+    for resource_type, params in sorted(dated.items()):
+        earlier_missing: list[ColumnElement[bool]] = []
+        alternatives: list[ColumnElement[bool]] = []
+        for param in params:
+            rows = search_date.alias()
+            has_rows = exists().where(
+                rows.c.resource_type == resource_type,
+                rows.c.resource_id == id_column,
+                rows.c.param == param,
+            )
+            overlapping = has_rows
+            if start is not None:
+                overlapping = overlapping.where(rows.c.high >= start)
+            if end is not None:
+                overlapping = overlapping.where(rows.c.low <= end)
+            alternatives.append(and_(*earlier_missing, overlapping))
+            earlier_missing.append(~has_rows)
+        alternatives.append(and_(*earlier_missing))  # no care date at all
+        branches.append(and_(type_column == resource_type, or_(*alternatives)))
+    return or_(*branches)
