@@ -413,8 +413,9 @@ def _dead_letter_action(delivery_id: int, action: str) -> None:
 
     services = _services()
     with services.database.unit_of_work(write=True) as uow:
-        act = ledger.retry_dead if action == "retry" else ledger.skip_dead
-        done = act(uow.connection, delivery_id, now=datetime.now(UTC))
+        done = ledger.act_on_dead_letter(
+            uow.connection, delivery_id, action, now=datetime.now(UTC), actor="cli"
+        )
         uow.commit()
     services.close()
     if not done:

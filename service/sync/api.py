@@ -137,10 +137,7 @@ def build_sync_router(services: Services) -> APIRouter:
     async def _act(services: Services, delivery_id: int, action: str) -> JSONResponse:
         def run() -> dict[str, Any] | None:
             with services.database.unit_of_work(write=True) as uow:
-                act = store.retry_dead if action == "retry" else store.skip_dead
-                if not act(uow.connection, delivery_id, now=_now()):
-                    return None
-                found = store.delivery(uow.connection, delivery_id)
+                found = store.act_on_dead_letter(uow.connection, delivery_id, action, now=_now())
                 uow.commit()
                 return found
 
@@ -180,7 +177,7 @@ def build_sync_router(services: Services) -> APIRouter:
     async def resolve(conflict_id: int, services: ServicesDep) -> JSONResponse:
         def run() -> bool:
             with services.database.unit_of_work(write=True) as uow:
-                done = store.resolve_conflict(uow.connection, conflict_id, now=_now())
+                done = store.resolve_conflict_audited(uow.connection, conflict_id, now=_now())
                 uow.commit()
                 return done
 

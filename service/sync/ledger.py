@@ -28,6 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from service.security.audit import record_audit
+from service.store.resources import patient_of
 from service.store.tables import (
     outbox,
     record_resources,
@@ -686,13 +688,15 @@ def conflicts(
     return out
 
 
-def resolve_conflict(connection: Connection, conflict_id: int, *, now: datetime) -> bool:
-    result = connection.execute(
+def resolve_conflict(connection: Connection, conflict_id: int, *, now: datetime) -> str | None:
+    """Mark an open conflict resolved; the resource (`Type/id`) it is about, None if none."""
+    row = connection.execute(
         update(sync_conflicts)
         .where(sync_conflicts.c.id == conflict_id, sync_conflicts.c.status == "open")
         .values(status="resolved", resolved_at=now)
-    )
-    return bool(result.rowcount)
+        .returning(sync_conflicts.c.resource_type, sync_conflicts.c.resource_id)
+    ).first()
+    return None if row is None else f"{row.resource_type}/{row.resource_id}"
 
 
 def _loads(value: str | None) -> Any:
@@ -723,3 +727,60 @@ def records_of(connection: Connection, keys: Iterable[Key]) -> dict[Key, tuple[s
         for row in rows:
             out[(row.resource_type, row.resource_id)] = (row.record_kind, row.record_id)
     return out
+
+
+def act_on_dead_letter(
+    connection: Connection,
+    delivery_id: int,
+    action: str,
+    *,
+    now: datetime,
+    actor: str | None = None,
+) -> dict[str, Any] | None:
+    """Retry or skip a dead letter, audited in the same transaction; None when it is none.
+
+    `actor` names who acts where there is no request (the CLI).
+    """
+    act = retry_dead if action == "retry" else skip_dead
+    if not act(connection, delivery_id, now=now):
+        return None
+    found = delivery(connection, delivery_id)
+    assert found is not None
+    record_audit(
+        connection,
+        subtype="sync",
+        entities=[f"{found['resource']}/_history/{found['version']}"],
+        patients=[_resource_patient(connection, found["resource"])],
+        description=f"{action} dead letter {delivery_id} to {found['destination']}",
+        actor=actor,
+    )
+    return found
+
+
+def resolve_conflict_audited(
+    connection: Connection, conflict_id: int, *, now: datetime, actor: str | None = None
+) -> bool:
+    """Mark an open conflict resolved, audited in the same transaction; False if none is."""
+    resource = resolve_conflict(connection, conflict_id, now=now)
+    if resource is None:
+        return False
+    record_audit(
+        connection,
+        subtype="sync",
+        entities=[resource],
+        patients=[_resource_patient(connection, resource)],
+        description=f"resolve conflict {conflict_id}",
+        actor=actor,
+    )
+    return True
+
+
+def _resource_patient(connection: Connection, reference: str) -> str | None:
+    """The patient a stored resource (`Type/id`) belongs to."""
+    resource_type, _, resource_id = reference.partition("/")
+    body = connection.execute(
+        select(resources.c.body).where(
+            resources.c.resource_type == resource_type, resources.c.id == resource_id
+        )
+    ).scalar_one_or_none()
+    return None if body is None else patient_of(orjson.loads(body))

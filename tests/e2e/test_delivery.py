@@ -477,6 +477,26 @@ def test_care_plans_sync_both_ways_without_echoes_and_conflicts_are_kept(
             ]
             assert stored is not None
             assert orjson.loads(stored.body)["notes"] == ["clinic: BP watch"]
+            # Resolving it is audited with the change; a second try finds nothing open.
+            with TestClient(create_app(clinic_services)) as http:
+                resolved = http.post(f"/api/v1/sync/conflicts/{mine[0]['id']}/resolve")
+                assert resolved.json() == {"id": mine[0]["id"], "status": "resolved"}
+                again = http.post(f"/api/v1/sync/conflicts/{mine[0]['id']}/resolve")
+                assert again.status_code == 404
+            with clinic_services.database.unit_of_work(write=False) as uow:
+                (event,) = [
+                    orjson.loads(body)
+                    for body in uow.connection.execute(
+                        select(resources_table.c.body).where(
+                            resources_table.c.resource_type == "AuditEvent",
+                            resources_table.c.body.like(f'%"resolve conflict {mine[0]["id"]}"%'),
+                        )
+                    ).scalars()
+                ]
+            assert {"reference": mine[0]["resource"]} in [e.get("what") for e in event["entity"]]
+            assert {"reference": f"Patient/{patient_resource_id(clinic)}"} in [
+                e.get("what") for e in event["entity"]
+            ]
         finally:
             worker.close()
 
@@ -608,6 +628,28 @@ def test_dead_letters_through_the_api_and_the_cli(
     listed = orjson.loads(cli("destinations", env=env).stdout)
     assert listed[0]["name"] == target.name
     assert mine["status"] == "dead"
+    # Each action is audited with its change: what, to which destination, by whom.
+    with clinic_services.database.unit_of_work(write=False) as uow:
+        events = [
+            orjson.loads(body)
+            for body in uow.connection.execute(
+                select(resources_table.c.body).where(
+                    resources_table.c.resource_type == "AuditEvent",
+                    resources_table.c.body.like(f"%dead letter {letter['id']} to%"),
+                )
+            ).scalars()
+        ]
+    assert sorted(
+        (e["outcomeDesc"], e["agent"][0]["who"]["identifier"]["value"]) for e in events
+    ) == [
+        (f"retry dead letter {letter['id']} to {target.name}", "local"),
+        (f"skip dead letter {letter['id']} to {target.name}", "cli"),
+    ]
+    assert all(
+        {"reference": f"Encounter/{encounter_id(clinic)}/_history/{letter['version']}"}
+        in [entity.get("what") for entity in e["entity"]]
+        for e in events
+    )
 
 
 def test_kill_minus_nine_mid_delivery_loses_and_duplicates_nothing(
