@@ -923,4 +923,4 @@ def _load(connection: Connection, keys: Sequence[tuple[str, str]]) -> list[Row]:
 
 
 def query_string(params: Sequence[tuple[str, str]]) -> str:
-    return urlencode(list(params), safe=":|,/")
+    return urlencode(list(params), safe=":|,/$")

@@ -359,7 +359,7 @@ _ELEMENT: Final = "Element"
 """The stand-in type name a composite component's relative expression is compiled under."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # one per component (`part` is cached)
 class Part:
     """A composite component compiled: run on one element the composite selects."""
 
@@ -371,26 +371,29 @@ class Part:
     which: without any of them it selects nothing. None: no such shortcut."""
 
 
+_CHOICE_OF_ELEMENT = re.compile(r"(?P<name>[A-Za-z]+)\.as\((?P<type>[A-Za-z]+)\)")
+
+
 @cache
 def part(component: Component) -> Part:
     """A composite component's expression (`value.as(Quantity)`), compiled to run on an element.
 
     Only the hand-evaluated subset: fhirpathpy would need the element's type to read a choice
-    element, and every official component expression is a plain path.
+    element, and every official component expression is a plain path. `value.as(DateTime)`
+    (code-value-date's) reads `valueDateTime`, as the parameter that part is defined by does
+    (`Observation.value as dateTime`).
     """
     members = [member.strip() for member in component.expression.split("|")]
     program = Program(" | ".join(f"{_ELEMENT}.{member}" for member in members))
     if not program.by_hand:
         raise ValueError(f"composite component {component.expression!r} is not a plain path")
     keys: set[str] | None = set()
-    for member in members:
-        match = _SIMPLE_PART.fullmatch(f"{_ELEMENT}.{member}")
-        assert match is not None
-        type_name = match["as1"] or match["as2"]
-        if keys is None or "." in match["path"].removeprefix(f"{_ELEMENT}.") or not type_name:
+    for member in members:  # `value.as(Quantity)` reads `valueQuantity` and nothing else
+        match = _CHOICE_OF_ELEMENT.match(member)
+        if match is None or keys is None:
             keys = None
-            continue
-        keys.add(match["path"].removeprefix(f"{_ELEMENT}.") + type_name[0].upper() + type_name[1:])
+        else:
+            keys.add(match["name"] + match["type"][0].upper() + match["type"][1:])
     return Part(
         component.type, component.expression, program, None if keys is None else frozenset(keys)
     )

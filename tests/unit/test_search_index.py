@@ -17,14 +17,23 @@ from hypothesis import strategies as st
 
 from service.fhir.search_index import (
     MAX_DATE,
+    Program,
+    composite_sources,
     date_range,
     extract,
     normalize,
     parse_reference,
+    part,
     programs,
     quantity_number,
 )
-from service.fhir.search_parameters import DATA, INDEXED_TYPES, dump
+from service.fhir.search_parameters import (
+    DATA,
+    INDEXED_TYPES,
+    SearchParameter,
+    definitions,
+    dump,
+)
 from service.fhir.search_parameters import extract as extract_definitions
 
 
@@ -154,3 +163,136 @@ def test_references_and_numbers() -> None:
     assert quantity_number("100") == (Decimal("100"), Decimal("99.5"), Decimal("100.5"))
     with pytest.raises(ValueError, match="not a number"):
         quantity_number("NaN")
+
+
+# --- composites ---------------------------------------------------------------------------------
+
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+
+
+def _composites(resource_type: str) -> list[SearchParameter]:
+    return [p for p in definitions().by_type[resource_type].values() if p.type == "composite"]
+
+
+def test_every_composite_of_the_stored_types_is_indexed(r4_examples: Path) -> None:
+    bundle = json.loads((r4_examples / "Bundle-searchParams.json").read_text(encoding="utf-8"))
+    official = {
+        (resource_type, entry["resource"]["code"])
+        for entry in bundle["entry"]
+        if entry["resource"]["type"] == "composite"
+        for resource_type in entry["resource"]["base"]
+        if resource_type in INDEXED_TYPES
+    }
+    indexed = {
+        (resource_type, parameter.code)
+        for resource_type in INDEXED_TYPES
+        for parameter in _composites(resource_type)
+    }
+    assert indexed == official
+    assert len(indexed) == 8  # Observation's: the other stored types have none
+    for parameter in _composites("Observation"):
+        for component in parameter.components:
+            assert part(component).program.by_hand
+
+
+def test_composite_parts_select_what_fhirpath_selects_on_the_official_examples(
+    r4_examples: Path,
+) -> None:
+    """Per element the composite selects (the resource, each component), each part by hand
+    against fhirpathpy, addressing the element by its index so parts stay with their element."""
+    compared = 0
+    for path in sorted(r4_examples.glob("Observation-*.json")):
+        resource = json.loads(path.read_text(encoding="utf-8"))
+        if resource.get("resourceType") != "Observation":
+            continue
+        for parameter in _composites("Observation"):
+            for member in (m.strip() for m in parameter.expression.split("|")):
+                elements = Program(member).values(resource)
+                expected_elements = fhirpathpy.evaluate(resource, member, model=models["r4"])
+                assert _unique(elements) == _unique(expected_elements), (path.name, member)
+                for index, element in enumerate(elements):
+                    for component in parameter.components:
+                        expected = [
+                            value
+                            for piece in component.expression.split("|")
+                            # `as(DateTime)` names FHIRPath's own type: the R4 definition means
+                            # dateTime (its Observation-value-date says so), as the index does.
+                            for value in fhirpathpy.evaluate(
+                                resource,
+                                f"{member}[{index}].{piece.strip()}".replace(
+                                    "as(DateTime)", "as(dateTime)"
+                                ),
+                                model=models["r4"],
+                            )
+                        ]
+                        selected = part(component).program.values(element)
+                        assert _unique(selected) == _unique(expected), (
+                            f"{path.name} {parameter.code}[{index}] {component.expression}"
+                        )
+                        compared += 1
+    assert compared > 1000
+
+
+def _blood_pressure(systolic: float, diastolic: float) -> dict[str, Any]:
+    def component(code: str, value: float) -> dict[str, Any]:
+        return {
+            "code": {"coding": [{"system": LOINC, "code": code}]},
+            "valueQuantity": {"value": value, "system": UCUM, "code": "mm[Hg]"},
+        }
+
+    return {
+        "resourceType": "Observation",
+        "id": "bp",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "85354-9"}]},
+        "component": [component("8480-6", systolic), component("8462-4", diastolic)],
+    }
+
+
+def test_a_composite_row_pairs_the_parts_of_one_element() -> None:
+    rows = extract(_blood_pressure(120, 80)).composites
+    assert sorted(rows) == [
+        ("component-code-value-quantity", LOINC, "8462-4", UCUM, "mm[Hg]", 80.0, *[None] * 3),
+        ("component-code-value-quantity", LOINC, "8480-6", UCUM, "mm[Hg]", 120.0, *[None] * 3),
+    ]
+
+
+def test_combo_composites_are_answered_by_the_code_and_component_rows() -> None:
+    assert composite_sources("Observation", "combo-code-value-quantity") == (
+        "code-value-quantity",
+        "component-code-value-quantity",
+    )
+    assert composite_sources("Observation", "combo-code-value-concept") == (
+        "code-value-concept",
+        "component-code-value-concept",
+    )
+    assert composite_sources("Observation", "code-value-date") == ("code-value-date",)
+
+
+def test_composite_rows_of_each_second_part_type() -> None:
+    def observation(code: str, **value: Any) -> dict[str, Any]:
+        coded = {"coding": [{"system": LOINC, "code": code}, {"code": "local"}], "text": "X"}
+        return {"resourceType": "Observation", "id": "o", "code": coded, **value}
+
+    concept = {"coding": [{"system": "urn:sct", "code": "10828004", "display": "Positive"}]}
+    assert extract(observation("94500-6", valueCodeableConcept=concept)).composites == [
+        ("code-value-concept", LOINC, "94500-6", "urn:sct", "10828004", *[None] * 4),
+        ("code-value-concept", None, "local", "urn:sct", "10828004", *[None] * 4),
+    ]
+    low, _ = date_range("2026-05-01")
+    assert extract(observation("8665-2", valuePeriod={"start": "2026-05-01"})).composites == [
+        ("code-value-date", LOINC, "8665-2", None, None, None, low, MAX_DATE, None),
+        ("code-value-date", None, "local", None, None, None, low, MAX_DATE, None),
+    ]
+    assert extract(observation("8251-1", valueString="Straße")).composites[0] == (
+        "code-value-string",
+        LOINC,
+        "8251-1",
+        *[None] * 5,
+        "strasse",
+    )
+    # A code without a coding, or a value of a type no composite takes, gives no row.
+    assert extract(observation("x", valueBoolean=True)).composites == []
+    text_only = observation("x", valueQuantity={"value": 1}) | {"code": {"text": "free"}}
+    assert extract(text_only).composites == []
