@@ -1108,9 +1108,7 @@ def _locate(
     document: dict[str, Any], objects: dict[int, _Place | str], node: Any
 ) -> _Place | str | None:
     """The element a node fhirpathpy returned is, or None when it is no element of ours."""
-    if not isinstance(node, ResourceNode):
-        return None  # a literal or a computed value
-    data = node.data
+    data = node.data if isinstance(node, ResourceNode) else node  # `%resource` is bare
     if isinstance(data, dict):
         place = objects.get(id(data))
         if isinstance(place, _Place) and place.key.startswith("_"):
@@ -1118,6 +1116,8 @@ def _locate(
             steps = (*place.steps[:-1], (place.key[1:], place.index))
             return _Place(place.parent, place.key[1:], place.index, steps)
         return place
+    if not isinstance(node, ResourceNode):
+        return None  # a literal or a computed value
     return _locate_primitive(document, node)
 
 

@@ -256,6 +256,59 @@ def test_extension_values_are_patched_where_they_are(client: TestClient) -> None
     )
 
 
+def test_a_contained_resource_is_added_and_referenced(client: TestClient) -> None:
+    url, created = created_observation(client)
+    device = {"resourceType": "Device", "id": "cuff", "manufacturer": "Acme"}
+    body = parameters(
+        {
+            "name": "operation",
+            "part": [
+                {"name": "type", "valueCode": "add"},
+                {"name": "path", "valueString": "Observation"},
+                {"name": "name", "valueString": "contained"},
+                {"name": "value", "resource": device},
+            ],
+        },
+        operation(
+            "add", "Observation", name="device", value={"valueReference": {"reference": "#cuff"}}
+        ),
+        operation(
+            "replace",
+            "Observation.contained.ofType(Device).manufacturer",
+            value={"valueString": "Acme Co"},
+        ),
+    )
+    patched = assert_written(client.patch(url, json=body, headers=FHIR), 200, 2)
+    assert without_server_meta(patched) == without_server_meta(
+        created
+        | {"contained": [device | {"manufacturer": "Acme Co"}], "device": {"reference": "#cuff"}}
+    )
+
+
+def test_hostile_patches_never_give_a_500(client: TestClient) -> None:
+    url, created = created_observation(client)
+    deep: dict[str, Any] = {"name": "text", "valueString": "x"}
+    for _ in range(80):
+        deep = {"name": "extension", "part": [deep]}
+    bodies: list[Any] = [
+        parameters(operation("replace", "Observation.status" * 200, value={"valueCode": "x"})),
+        parameters(operation("replace", "Observation.(((", value={"valueCode": "x"})),
+        parameters(operation("replace", "%nosuchvariable", value={"valueCode": "x"})),
+        parameters(operation("replace", "Observation.status + 1", value={"valueCode": "x"})),
+        parameters(operation("add", "Observation", name="note", value=deep)),
+        parameters(operation("add", "Observation", name="note", value={"part": "text"})),
+        parameters(operation("add", "Observation", name="note", value={"part": [7]})),
+        parameters(operation("replace", "Observation.status", value={"valueCode": "x\u0000"})),
+        {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": "type"}]},
+        {"resourceType": "Parameters", "parameter": [7, None]},
+    ]
+    for body in bodies:
+        answer = client.patch(url, json=body, headers=FHIR)
+        assert answer.status_code in (400, 422), (body, answer.text)
+        assert answer.json()["resourceType"] == "OperationOutcome"
+    assert client.get(url).json() == created
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 
