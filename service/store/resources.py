@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    inspect,
     or_,
     select,
     tuple_,
@@ -425,7 +426,8 @@ class SearchIndexWriter:
                     )
                 )
 
-    def insert(self, batch: Sequence[Resource]) -> None:
+    def insert(self, batch: Sequence[Resource], *, tables: Collection[Table] | None = None) -> None:
+        """Write the index rows of `batch` (into `tables` only, when given)."""
         strings: list[dict[str, Any]] = []
         tokens: list[dict[str, Any]] = []
         dates: list[dict[str, Any]] = []
@@ -465,21 +467,18 @@ class SearchIndexWriter:
             (search_quantity, quantities),
             (search_composite, composites),
         ):
-            if values:
+            if values and (tables is None or table in tables):
                 insert_rows(self._connection, table, values)
 
     def insert_bodies(self, bodies: Sequence[str]) -> None:
-        """Index stored resources (a reindex, or the migration that added the index)."""
-        self.insert([orjson.loads(body) for body in bodies])
+        """Index stored resources (a reindex, or the migration that added the index).
 
-    def insert_composites(self, bodies: Sequence[str]) -> None:
-        """Index stored resources' composite parameters alone (the migration that added them)."""
-        values: list[dict[str, Any]] = []
-        for body in bodies:
-            resource = orjson.loads(body)
-            head = {"resource_type": resource["resourceType"], "resource_id": resource["id"]}
-            values += self._composite_values(head, extract(resource))
-        insert_rows(self._connection, search_composite, values)
+        Only into the index tables there are: a migration's backfill runs before later
+        revisions add theirs (which backfill them).
+        """
+        there = set(inspect(self._connection).get_table_names())
+        tables = {t for t in (*_INDEX_TABLES, search_composite) if t.name in there}
+        self.insert([orjson.loads(body) for body in bodies], tables=tables)
 
     @staticmethod
     def _composite_values(head: dict[str, Any], rows: IndexRows) -> list[dict[str, Any]]:

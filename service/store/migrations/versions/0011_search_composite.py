@@ -54,8 +54,11 @@ def upgrade() -> None:
 
 def _backfill() -> None:
     # The extraction is the application's own (pure) code, so rows match what writes produce.
+    import orjson
+
     from service.fhir.search_parameters import definitions
     from service.store.resources import SearchIndexWriter
+    from service.store.tables import search_composite
 
     types = sorted(
         resource_type
@@ -76,7 +79,8 @@ def _backfill() -> None:
             ).all()
             if not page:
                 break
-            writer.insert_composites([row.body for row in page])
+            batch = [orjson.loads(row.body) for row in page]
+            writer.insert(batch, tables={search_composite})
             after = page[-1].id
 
 
