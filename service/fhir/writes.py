@@ -1238,9 +1238,10 @@ def _add(document: dict[str, Any], target: _Place | str, operation: PatchOperati
         _expect_arrays(document, (*steps, (key, len(held) - 1)))
         return
     type_path = _type_path(document, steps)
-    if any(k == key or _choice_base(type_path, k) == name for k in container):
+    element = _choice_base(type_path, key) or key  # `value` for valueQuantity: one of them only
+    if any(k == key or _choice_base(type_path, k) == element for k in container):
         raise operation.refused(
-            f"{name} is already there: add appends to a list, replace changes a value"
+            f"{element} is already there: add appends to a list, replace changes a value"
         )
     container[key] = value.fresh()
     _expect_arrays(document, (*steps, (key, None)))
@@ -1346,7 +1347,7 @@ def _typed_key(
             return key  # a complex value in the type the element has now
         raise operation.refused(f"{name} is a choice of types: give the value as value[x]")
     if value.datatype not in choices:
-        raise operation.refused(f"{name} cannot be a {value.datatype}")
+        raise operation.refused(f"{name} cannot be of type {value.datatype}")
     return name + value.datatype
 
 

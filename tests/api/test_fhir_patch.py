@@ -152,7 +152,22 @@ def test_a_choice_element_takes_the_type_of_its_value(client: TestClient) -> Non
     assert without_server_meta(patched) == without_server_meta(
         expected | {"valueString": "regular", "effectiveDateTime": "2026"}
     )
-    # Without a value, `effective` was added; with one, add refuses.
+    # Without a value, `effective` was added; with one, add refuses, by either name.
+    assert_outcome(
+        client.patch(
+            url,
+            json=parameters(
+                operation("add", "Observation", name="valueBoolean", value={"valueBoolean": True})
+            ),
+            headers=FHIR,
+        ),
+        422,
+        refused(
+            0,
+            "add Observation",
+            "value is already there: add appends to a list, replace changes a value",
+        ),
+    )
     assert_outcome(
         client.patch(
             url,
@@ -177,7 +192,7 @@ def test_a_choice_element_takes_the_type_of_its_value(client: TestClient) -> Non
             headers=FHIR,
         ),
         422,
-        refused(0, "replace Observation.value", "value cannot be a Address"),
+        refused(0, "replace Observation.value", "value cannot be of type Address"),
     )
 
 
