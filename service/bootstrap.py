@@ -132,14 +132,22 @@ def bootstrap(
     )
     # httpx logs every URL it calls at INFO (JWK Sets, EHR resources by id): not in our logs.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    database = database or Database(settings.database_url, pool_size=settings.database_pool_size)
+    database = database or Database(
+        settings.database_url,
+        pool_size=settings.database_pool_size,
+        statement_timeout=settings.database_statement_timeout_seconds,
+    )
     validator = resource_validator(settings)
     return Services(
         settings=settings,
         database=database,
         validator=validator,
         materializer=materializer(settings, validator=validator),
-        reader=resource_reader(database.url, pool_size=settings.database_pool_size),
+        reader=resource_reader(
+            database.url,
+            pool_size=settings.database_pool_size,
+            timeout=settings.database_statement_timeout_seconds,
+        ),
         security=security(settings, database=database, http=http),
     )
 

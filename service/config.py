@@ -25,6 +25,13 @@ class Settings(BaseSettings):
         description="sqlite:///path (embedded default) or postgresql+psycopg://... (production).",
     )
     database_pool_size: int = Field(default=10, ge=1, le=200)
+    database_statement_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="Longest a statement may run on PostgreSQL (0: no limit), and longest a "
+        "write waits for SQLite's lock; past it the request is a 503 and nothing is written.",
+    )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     destinations_file: Path | None = Field(
         default=None, description="YAML file of EHR destinations, read by serve and worker."

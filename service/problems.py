@@ -23,12 +23,13 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import InvalidRecord, Loc, Problem, ServiceError, dotted
-from service.fhir.errors import FhirError, outcome_response
+from service.fhir.errors import FhirError, StoreUnavailable, outcome_response
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,24 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=dict(error.headers or {}),
         )
 
+    async def unavailable(request: Request, error: Exception) -> Response:
+        # A lost connection, a lock not granted in time, a statement cancelled by its timeout:
+        # the transaction was rolled back, so the client can simply try again.
+        log.warning(
+            "database unavailable request_id=%s error=%s",
+            request_id_of(request),
+            type(getattr(error, "orig", error)).__name__,
+        )
+        if _is_fhir(request):
+            return fhir_error_response(StoreUnavailable())
+        return problem_response(
+            request,
+            status=503,
+            title="The database is unavailable or did not answer in time",
+            detail="Nothing was changed; try again.",
+            headers={"Retry-After": StoreUnavailable.RETRY_AFTER},
+        )
+
     async def unexpected(request: Request, error: Exception) -> Response:
         log.exception("unhandled error request_id=%s", request_id_of(request))
         if _is_fhir(request):
@@ -160,6 +179,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(OperationalError, unavailable)
     app.add_exception_handler(Exception, unexpected)
 
 

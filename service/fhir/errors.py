@@ -7,7 +7,9 @@
      ├── UnsupportedMediaType 415 not-supported: a request body in a format the facade does not read
      ├── ResourceConflict     409 conflict: the write contradicts what is stored (a record owns it)
      ├── PreconditionFailed   412 conflict: If-Match is stale, or conditional criteria match many
-     └── InvalidResource      422: every issue found in a resource a write was refused for
+     ├── InvalidResource      422: every issue found in a resource a write was refused for
+     └── StoreUnavailable     503 transient: the database is unreachable, busy, or the
+                              statement ran past DATABASE_STATEMENT_TIMEOUT_SECONDS
 
 Errors raised elsewhere (request validation, unknown routes, unexpected failures) reaching a /fhir
 URL are turned into OperationOutcomes by `service.problems`, so no /fhir response is ever a
@@ -116,3 +118,17 @@ def outcome_response(
 ) -> Response:
     body = operation_outcome(code, diagnostics, expression=expression)
     return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)
+
+
+class StoreUnavailable(FhirError):
+    """The database could not answer in time (or at all); nothing was written. Try again."""
+
+    RETRY_AFTER = "5"
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "transient",
+            "the database is unavailable or did not answer in time; nothing was changed",
+            headers={"Retry-After": self.RETRY_AFTER},
+        )

@@ -16,9 +16,12 @@ change only with a release.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from datetime import UTC
 from email.utils import format_datetime, parsedate_to_datetime
 
+import psycopg
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,10 +35,18 @@ from service.fhir.api import (
     _check_type,
     negotiate,
 )
-from service.fhir.errors import FHIR_JSON, FhirError, ResourceGone, ResourceNotFound
+from service.fhir.errors import (
+    FHIR_JSON,
+    FhirError,
+    ResourceGone,
+    ResourceNotFound,
+    StoreUnavailable,
+)
 from service.problems import fhir_error_response
 from service.store.reads import ResourceReader
 from service.store.resources import StoredResource
+
+log = logging.getLogger(__name__)
 
 
 class _NameConvertor(Convertor[str]):
@@ -109,6 +120,9 @@ class _ReadEndpoint:
                 )
         except FhirError as error:
             response = fhir_error_response(error)
+        except (psycopg.OperationalError, sqlite3.OperationalError) as error:
+            log.warning("database unavailable on read: %s", type(error).__name__)
+            response = fhir_error_response(StoreUnavailable())
         await response(scope, receive, send)
 
     async def _current(self, request: Request, resource_type: str, resource_id: str) -> Response:

@@ -240,6 +240,10 @@ def _fhir_requirement(
         need.subtype = "$export"
         _export_needs(need, params, _compartment_types())
         return need
+    if second == "$everything" and resource_type == "Patient" and len(parts) == 2:
+        need.subtype = "$everything"  # every patient's
+        _everything_needs(need, query)
+        return need
     resource_id = second
     if resource_type == "Patient":
         need.patients.append(resource_id)
@@ -265,11 +269,7 @@ def _fhir_requirement(
         need.need(resource_type, "r")
     elif third == "$everything" and resource_type == "Patient":
         need.subtype = "$everything"
-        default = _compartment_types() + [
-            t for t in _stored_types() if t not in _compartment_types()
-        ]
-        for t in _type_list(query.get("_type"), default):
-            need.need(t, "r")
+        _everything_needs(need, query)
     else:
         need.need(resource_type, "cruds")
     return need
@@ -286,6 +286,13 @@ def _export_needs(
     for name, value in params:
         if name == "patient" and value.strip().startswith("Patient/"):
             need.patients.append(value.strip().removeprefix("Patient/"))
+
+
+def _everything_needs(need: Requirement, query: dict[str, str]) -> None:
+    """Read on every type `$everything` returns: its `_type`, or all it can (but the audit)."""
+    default = _compartment_types() + [t for t in _stored_types() if t not in _compartment_types()]
+    for t in _type_list(query.get("_type"), default):
+        need.need(t, "r")
 
 
 def _operation_body_params(
@@ -684,6 +691,10 @@ class AccessMiddleware:
                 await self._audit(need, context, outcome, None if status < 400 else str(status))
             except Exception:
                 log.exception("audit write failed request_id=%s", context.request_id)
+                if status >= 400:  # an error answer carries no data: it goes out as it is
+                    for message in held:
+                        await send(message)
+                    return True
                 response = _error_response(
                     500,
                     f"the request could not be audited (request id {context.request_id})",

@@ -24,24 +24,40 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "infusion_bridge_write"
 
 
-def create_database_engine(url: str, *, pool_size: int = 10) -> Engine:
-    """An engine for `url`, configured for durable, concurrent use on its backend."""
+def create_database_engine(
+    url: str, *, pool_size: int = 10, statement_timeout: float = 30.0
+) -> Engine:
+    """An engine for `url`, configured for durable, concurrent use on its backend.
+
+    `statement_timeout` (seconds, 0 for none) bounds each PostgreSQL statement and each wait
+    for SQLite's write lock: a request stuck behind a runaway query or a held lock fails (and
+    rolls back) instead of holding its connection and thread indefinitely.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(url, pool_size=pool_size)
-    return create_engine(
+        return _sqlite_engine(url, pool_size=pool_size, busy_timeout=statement_timeout or 30.0)
+    engine = create_engine(
         url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, future=True
     )
+    milliseconds = int(statement_timeout * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET statement_timeout = {milliseconds}")
+        dbapi_connection.commit()
+
+    return engine
 
 
-def _sqlite_engine(url: str, *, pool_size: int) -> Engine:
+def _sqlite_engine(url: str, *, pool_size: int, busy_timeout: float) -> Engine:
     parsed = make_url(url)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     # As many pooled connections as the threadpool has threads (40), so concurrent reads do
     # not open and close connections, each with its PRAGMAs, under load.
     engine = create_engine(
-        url, connect_args={"timeout": 30}, pool_size=max(pool_size, 40), max_overflow=10
+        url, connect_args={"timeout": busy_timeout}, pool_size=max(pool_size, 40), max_overflow=10
     )
 
     @event.listens_for(engine, "connect")
@@ -53,7 +69,7 @@ def _sqlite_engine(url: str, *, pool_size: int) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -115,9 +131,12 @@ class UnitOfWork:
 class Database:
     """The engine and what is built on it: units of work, health and migrations."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, statement_timeout: float = 30.0) -> None:
         self.url = url
-        self.engine = create_database_engine(url, pool_size=pool_size)
+        self.statement_timeout = statement_timeout
+        self.engine = create_database_engine(
+            url, pool_size=pool_size, statement_timeout=statement_timeout
+        )
         self._script = ScriptDirectory.from_config(self._alembic_config())
 
     @property
@@ -137,6 +156,8 @@ class Database:
         """Bring the schema to the newest migration (safe to run from several processes)."""
         config = self._alembic_config()
         with self.unit_of_work(write=True) as uow:
+            if self.backend == "postgresql":  # a backfill may take longer than any request
+                uow.connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
             config.attributes["connection"] = uow.connection
             command.upgrade(config, "head")
             uow.commit()

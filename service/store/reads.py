@@ -64,7 +64,9 @@ class ResourceReader(Protocol):
     ) -> VersionRow | None: ...
 
 
-def resource_reader(database_url: str, *, pool_size: int = 10) -> ResourceReader:
+def resource_reader(
+    database_url: str, *, pool_size: int = 10, timeout: float = 30.0
+) -> ResourceReader:
     """The reader for the database at `database_url` (a SQLAlchemy URL, as in Settings)."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
@@ -81,7 +83,7 @@ def resource_reader(database_url: str, *, pool_size: int = 10) -> ResourceReader
     params["application_name"] = READER_APPLICATION_NAME  # unless the URL names one
     params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
     conninfo = make_conninfo("", **{k: v for k, v in params.items() if v is not None})
-    return PostgresReader(conninfo, pool_size=pool_size)
+    return PostgresReader(conninfo, pool_size=pool_size, timeout=timeout)
 
 
 _PG_CURRENT_MANY = (
@@ -171,9 +173,14 @@ class _Coalescer:
 class PostgresReader:
     """Point reads on an asyncio psycopg pool of autocommit connections, coalesced under load."""
 
-    def __init__(self, conninfo: str, *, pool_size: int, in_flight: int = 2) -> None:
+    def __init__(
+        self, conninfo: str, *, pool_size: int, in_flight: int = 2, timeout: float = 30.0
+    ) -> None:
         self._conninfo = conninfo
         self._pool_size = pool_size
+        # How long a read waits for a connection (the database down: then it fails) and how
+        # long its statement may run.
+        self._timeout = timeout or 30.0
         self._pool: AsyncConnectionPool | None = None
         # A few queries in flight at once: one waits on the network while the next fills up.
         self._current = _Coalescer(self._current_rows, in_flight=in_flight)
@@ -189,12 +196,17 @@ class PostgresReader:
             max_size=self._pool_size,
             # prepare_threshold=0: each connection prepares the two statements on first use.
             kwargs={"autocommit": True, "prepare_threshold": 0},
+            configure=self._configure,
+            timeout=self._timeout,
             open=False,
             name="fhir-read",
         )
         self._pool = pool
         # Not waiting for connections: the app starts, and /readyz says so, with the database down.
         await pool.open(wait=False)
+
+    async def _configure(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        await connection.execute(f"SET statement_timeout = {int(self._timeout * 1000)}")
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -387,11 +387,12 @@ def test_json_patch(client: TestClient) -> None:
         ),
     )
     assert_outcome(
-        client.patch(url, json=ops, headers={"Content-Type": FHIR}),
+        client.patch(url, content=orjson.dumps(ops), headers={"Content-Type": "text/plain"}),
         415,
         outcome(
             "not-supported",
-            "PATCH takes a JSON Patch (application/json-patch+json), not application/fhir+json",
+            "PATCH takes a JSON Patch (application/json-patch+json) or a FHIRPath Patch "
+            "(application/fhir+json), not text/plain",
         ),
     )
     assert_outcome(
