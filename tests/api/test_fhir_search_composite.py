@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from tests.api.test_fhir_read import assert_outcome
 from tests.api.test_fhir_search import get, ids, link
+from tests.fhir_check import r4_errors
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -206,6 +207,7 @@ def test_modifiers_other_than_missing_are_refused(client: TestClient) -> None:
 
 def test_the_capability_statement_lists_the_composites(client: TestClient) -> None:
     statement = client.get("/fhir/metadata").json()
+    assert r4_errors(statement) == []
     (observation,) = [r for r in statement["rest"][0]["resource"] if r["type"] == "Observation"]
     composites = {p["name"]: p for p in observation["searchParam"] if p["type"] == "composite"}
     assert set(composites) == COMPOSITES
