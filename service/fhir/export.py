@@ -16,8 +16,9 @@ which would reach resources of types the export does not return (and of which th
 keeps no index). A POST to `Patient/$export` may name `patient` references: the export holds
 those patients' compartments only.
 
-`Patient/$everything` answers a searchset Bundle, a keyset page at a time, around the stored
-bytes of the patient, its compartment and the practitioners and organizations they reference;
+`Patient/[id]/$everything` answers a searchset Bundle, a keyset page at a time, around the stored
+bytes of the patient, its compartment and the practitioners and organizations they reference
+(`Patient/$everything`: every patient's, as one walk of the store);
 `start` and `end` narrow the compartment to the care date range (`CARE_DATES` says which date
 of each type is its care date).
 
@@ -65,6 +66,7 @@ from service.store.export import (
     EverythingRow,
     ExportJob,
     ExportJobs,
+    every_patients_page,
     everything_page,
     snapshot_count,
     snapshot_pages,
@@ -131,7 +133,8 @@ PATIENT_OPERATIONS: list[dict[str, str]] = [
     {
         "name": "everything",
         "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
-        "documentation": f"By GET or POST, on one patient. Parameters: "
+        "documentation": "By GET or POST, on one patient (`Patient/[id]/$everything`) or on "
+        f"every patient (`Patient/$everything`). Parameters: "
         f"{_names(EVERYTHING_PARAMETERS)}. `start`/`end` are the care date range: the "
         "patient, resources without a care date and resources whose care date overlaps the "
         "range (with what they reference). Care dates: "
@@ -624,14 +627,29 @@ def everything_parameters(params: Mapping[str, str]) -> dict[str, Any]:
 def everything(
     *,
     database: Database,
-    patient_id: str,
+    patient_id: str | None,
     count: int,
     since: datetime | None,
     types: Sequence[str] | None,
     after: tuple[str, str] | None,
     care_range: tuple[datetime | None, datetime | None] = (None, None),
 ) -> tuple[list[EverythingRow], bool]:
-    """One page of the patient's everything, and whether there is more."""
+    """One page of the patient's everything (every patient's without one), and whether there
+    is more."""
+    if patient_id is None:
+        with database.unit_of_work(write=False) as uow:
+            rows = every_patients_page(
+                connection=uow.connection,
+                compartment=_compartment(),
+                referenced_types=_referenced_types(),
+                types=types,
+                since=since,
+                after=after,
+                limit=count + 1,
+                care_range=care_range,
+                care_dates=CARE_DATES,
+            )
+        return rows[:count], len(rows) > count
     with database.unit_of_work(write=False) as uow:
         patient = ResourceRepository(uow.connection).read("Patient", patient_id)
         if patient is None:
@@ -781,14 +799,16 @@ def build_export_router() -> APIRouter:
         return StreamingResponse(chunks, media_type=NDJSON)
 
     async def _everything(
-        request: Request, patient_id: str, services: ServicesDep, params: Mapping[str, str]
+        request: Request, patient_id: str | None, services: ServicesDep, params: Mapping[str, str]
     ) -> Response:
         parsed = everything_parameters(params)
         rows, more = await run_in_threadpool(
             lambda: everything(database=services.database, patient_id=patient_id, **parsed)
         )
         base = _base(request)
-        own = f"{base}/Patient/{patient_id}/$everything"
+        own = f"{base}/Patient/$everything"
+        if patient_id is not None:
+            own = f"{base}/Patient/{patient_id}/$everything"
         kept = {k: v for k, v in params.items() if k in EVERYTHING_PARAMETERS}
         self_query = dict(kept) | ({"_page": params["_page"]} if "_page" in params else {})
         self_url = f"{own}?{QueryParams(self_query)}" if self_query else own
@@ -797,6 +817,24 @@ def build_export_router() -> APIRouter:
             next_url = f"{own}?{QueryParams(kept | {'_page': _page_token(rows[-1])})}"
         body = searchset_bundle(rows, base=base, self_url=self_url, next_url=next_url)
         return Response(body, media_type=FHIR_JSON)
+
+    @router.get(
+        "/Patient/$everything",
+        summary="Every patient and everything in their compartments",
+        response_class=Response,
+    )
+    async def every_patient_get(request: Request, services: ServicesDep) -> Response:
+        return await _everything(request, None, services, dict(request.query_params))
+
+    @router.post(
+        "/Patient/$everything",
+        summary="Every patient and everything in their compartments",
+        response_class=Response,
+    )
+    async def every_patient_post(request: Request, services: ServicesDep) -> Response:
+        body = await _parameters_body(request, operation="$everything")
+        params = dict(request.query_params) | dict(body)
+        return await _everything(request, None, services, params)
 
     @router.get(
         "/Patient/{patient_id}/$everything",

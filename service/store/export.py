@@ -618,3 +618,81 @@ def _in_care_range(
         alternatives.append(and_(*earlier_missing))  # no care date at all
         branches.append(and_(type_column == resource_type, or_(*alternatives)))
     return or_(*branches)
+
+
+def every_patients_page(
+    *,
+    connection: Connection,
+    compartment: Compartment,
+    referenced_types: Sequence[str],
+    types: Sequence[str] | None,
+    since: datetime | None,
+    after: tuple[str, str] | None,
+    limit: int,
+    care_range: tuple[datetime | None, datetime | None] = (None, None),
+    care_dates: CareDates | None = None,
+) -> list[EverythingRow]:
+    """`everything_page` for every patient at once (`Patient/$everything`): every Patient, every
+    resource in some Patient's compartment (in the care range), and what those reference among
+    `referenced_types`.
+
+    One keyset walk over `resources` in (type, id) order with a membership probe per row, so a
+    page costs about its own size, not the store's.
+    """
+    dated = care_range != (None, None)
+
+    def member(type_column: ColumnElement[str], id_column: ColumnElement[str]) -> Criteria:
+        """The resource (of a compartment type) is in some Patient's compartment, in range."""
+        refs = search_reference.alias()
+        by_type = [
+            and_(type_column == resource_type, refs.c.param.in_(tuple(params)))
+            for resource_type, params in sorted(compartment.items())
+            if params
+        ]
+        condition: Criteria = exists().where(
+            refs.c.resource_type == type_column,
+            refs.c.resource_id == id_column,
+            refs.c.target_type == "Patient",
+            or_(*by_type) if by_type else false(),
+        )
+        if dated:
+            condition = and_(
+                condition,
+                _in_care_range(
+                    type_column, id_column, care_range=care_range, care_dates=care_dates or {}
+                ),
+            )
+        return condition
+
+    links = search_reference.alias("links")
+    referenced = exists().where(
+        links.c.target_type == resources.c.resource_type,
+        links.c.target_id == resources.c.id,
+        member(links.c.resource_type, links.c.resource_id),
+    )
+    compartment_types = tuple(t for t, params in compartment.items() if params)
+    query = select(resources.c.resource_type, resources.c.id, resources.c.body).where(
+        resources.c.deleted == false(),
+        or_(
+            resources.c.resource_type == "Patient",
+            and_(
+                resources.c.resource_type.in_(compartment_types),
+                member(resources.c.resource_type, resources.c.id),
+            ),
+            and_(resources.c.resource_type.in_(tuple(referenced_types)), referenced),
+        ),
+    )
+    if types is not None:
+        query = query.where(resources.c.resource_type.in_(tuple(types)))
+    if since is not None:
+        query = query.where(resources.c.last_updated >= since)
+    if after is not None:
+        after_type, after_id = after
+        query = query.where(
+            or_(
+                resources.c.resource_type > after_type,
+                and_(resources.c.resource_type == after_type, resources.c.id > after_id),
+            )
+        )
+    query = query.order_by(resources.c.resource_type, resources.c.id).limit(limit)
+    return [EverythingRow(*row) for row in connection.execute(query)]

@@ -1254,3 +1254,64 @@ def test_post_everything_needs_read_on_the_types_its_body_names(secure: SecureAp
     assert code("system/Patient.rs", parameters(("_type", "valueString", "Patient"))) == 200
     assert code("system/*.read", parameters(("_type", "valueString", "AuditEvent"))) == 403
     assert code("system/Patient.rs", parameters(("_type", "valueString", "Observation"))) == 403
+
+
+# --- Patient/$everything: every patient's -------------------------------------------------------
+
+
+def test_every_patients_everything(client: TestClient) -> None:
+    before = datetime.now(UTC)
+    first, second = load(client), load(client)
+    mine, theirs = patient_id(first), patient_id(second)
+    url = f"/fhir/Patient/$everything?_since={since_param(before)}"
+    pages = everything_pages(client, f"{url}&_count=1000")
+    assert pages[0]["link"][0]["url"].startswith("http://testserver/fhir/Patient/$everything?")
+    whole = entries(pages)
+    found = [(e["resource"]["resourceType"], e["resource"]["id"]) for e in whole]
+    assert len(found) == len(set(found))
+    # Written since `before`: these two patients' everything, nothing else (the clinic's
+    # Organization may be older).
+    both = everything_keys(client, mine) | everything_keys(client, theirs)
+    recent = {(t, i) for t in {k[0] for k in both} for i in stored_ids(client, t, before)}
+    assert set(found) == both & recent
+    assert found == sorted(found)
+    for entry in whole:
+        mode = "match" if entry["resource"]["resourceType"] in COMPARTMENT_TYPES else "include"
+        assert entry["search"] == {"mode": mode}
+    paged = everything_pages(client, f"{url}&_count=3")
+    assert len(paged) > 2
+    assert entries(paged) == whole
+
+    ranged = entries(everything_pages(client, f"{url}&start=2026-11-01&end=2026-11-30"))
+    keys = {(e["resource"]["resourceType"], e["resource"]["id"]) for e in ranged}
+    expected = expected_in_range(client, mine, "2026-11-01", "2026-11-30") | expected_in_range(
+        client, theirs, "2026-11-01", "2026-11-30"
+    )
+    assert keys == expected & recent
+    only = entries(everything_pages(client, f"{url}&_type=Patient,Condition"))
+    assert {(e["resource"]["resourceType"], e["resource"]["id"]) for e in only} == {
+        key for key in found if key[0] in ("Patient", "Condition")
+    }
+    body = parameters(
+        ("_type", "valueString", "Patient"), ("_since", "valueInstant", before.isoformat())
+    )
+    response = client.post("/fhir/Patient/$everything", json=body)
+    assert response.status_code == 200, response.text
+    assert {e["resource"]["id"] for e in response.json()["entry"]} == {mine, theirs}
+    assert_whole_outcome(
+        client.get("/fhir/Patient/$everything?start=2026-12-01&end=2026-11-01"),
+        400,
+        outcome("invalid", "start is after end", "start"),
+    )
+
+
+def test_every_patients_everything_needs_read_on_what_it_returns(secure: SecureApi) -> None:
+    def code(query: str, scope: str) -> int:
+        url = f"/fhir/Patient/$everything{query}"
+        return secure.http.get(url, headers=secure.headers(scope)).status_code
+
+    assert code("", "system/Patient.rs") == 403
+    assert code("?_type=Patient", "system/Patient.rs") == 200
+    assert code("?_type=Patient,Observation", "system/Patient.rs") == 403
+    assert code("?_type=AuditEvent", "system/*.read") == 403
+    assert code("?_count=1", "system/*.read") == 200
