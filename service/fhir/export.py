@@ -295,7 +295,7 @@ class ExportRequest:
 # A `_typeFilter` value is a comma list of queries, each URL-encoded by the client and decoded
 # once with the rest of the URL: a comma inside a query (a search OR) is then only told from a
 # separator by what follows it, the next query's `Type?`.
-_NEXT_QUERY = re.compile(r",(?=[A-Z][A-Za-z]*\?)")
+_NEXT_QUERY = re.compile(r",\s*(?=[A-Z][A-Za-z]*\?)")
 
 
 def _query_pairs(query: str, where: str) -> list[tuple[str, str]]:
