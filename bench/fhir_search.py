@@ -71,7 +71,10 @@ from service.store.resources import ResourceRepository
 from service.store.tables import metadata
 
 OBSERVATIONS = int(os.environ.get("BENCH_OBSERVATIONS", "1000000"))
-SEARCH_CONNECTIONS = int(os.environ.get("BENCH_SEARCH_CONNECTIONS", str(CONNECTIONS)))
+SEARCH_CONNECTIONS = tuple(
+    int(n) for n in os.environ.get("BENCH_SEARCH_CONNECTIONS", f"1,8,{CONNECTIONS}").split(",")
+)
+"""Concurrent connections, each level measured in turn (the facade, then the ceiling)."""
 QUERIES = 1000
 TEMPLATE_PATIENTS = 20
 AS_OF = date(2026, 11, 23)
@@ -336,7 +339,7 @@ ceiling_app = Starlette(
 
 def _bench_store(
     database_url: str, rows_file: Path, paths: list[str], folder: Path
-) -> tuple[float, int, dict[str, Any], dict[str, Any]]:
+) -> tuple[float, int, list[tuple[int, dict[str, Any], dict[str, Any]]]]:
     loading = _load(database_url, rows_file)
     # Token checks and the per-client rate limit are off (loopback only): this measures
     # search, not authentication or throttling of one client.
@@ -365,23 +368,30 @@ def _bench_store(
             with httpx.Client(base_url=ceiling, timeout=10) as client:
                 for path in paths[:50]:
                     assert client.get(path).status_code == 200, path
-            measured = _measure(facade, paths_file, folder, SEARCH_CONNECTIONS)
-            baseline = _measure(ceiling, paths_file, folder, SEARCH_CONNECTIONS)
-    return loading, matched, measured, baseline
+            levels = [
+                (
+                    connections,
+                    _measure(facade, paths_file, folder, connections),
+                    _measure(ceiling, paths_file, folder, connections),
+                )
+                for connections in SEARCH_CONNECTIONS
+            ]
+    return loading, matched, levels
 
 
 def main() -> None:
     generator = "wrk, 1 thread" if LOADGEN == "wrk" else "asyncio load generator, 1 process"
     print(
         f"\nfhir search: GET /fhir/Observation?patient=..&code=..&date=ge.. ({QUERIES} queries), "
-        f"{OBSERVATIONS:,} Observations stored\n{SEARCH_CONNECTIONS} keep-alive connections "
+        f"{OBSERVATIONS:,} Observations stored\n"
+        f"{', '.join(map(str, SEARCH_CONNECTIONS))} keep-alive connections "
         f"({generator}), {SECONDS:g} s after a {WARMUP:g} s warm-up\neach server: uvicorn, "
         f"1 worker, log level {UVICORN_LOG_LEVEL}; ratio = facade / ceiling; target p95 < 50 ms"
     )
     templates = _templates()
     plan = _plan(templates)
     paths = _queries(templates, plan)
-    results: list[tuple[str, float, int, dict[str, Any], dict[str, Any]]] = []
+    results: list[tuple[str, float, int, list[tuple[int, dict[str, Any], dict[str, Any]]]]] = []
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         rows_file = folder / "rows.bin"
@@ -408,21 +418,24 @@ def main() -> None:
                     ("PostgreSQL", *_bench_store(postgres_url, rows_file, paths, postgres))
                 )
     print(
-        f"{'store':<32} {'server':<32} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'ratio':>6} "
-        f"{'p95<50ms':>8}"
+        f"{'store':<32} {'conns':>5} {'server':<32} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} "
+        f"{'ratio':>6} {'p95<50ms':>8}"
     )
-    for store, _loading, _matched, measured, baseline in results:
-        ratio = _rate(measured) / _rate(baseline)
-        met = "yes" if measured["p95"] < 0.050 else "NO"
-        for label, server, result, shown, target in (
-            (store, "facade (infusion-bridge serve)", measured, ratio, met),
-            ("", "ceiling: bare Starlette, memory", baseline, 1.0, ""),
-        ):
-            print(
-                f"{label:<32} {server:<32} {_rate(result):>8,.0f} {result['p50'] * 1000:>7.1f} "
-                f"{result['p95'] * 1000:>7.1f} {shown:>6.2f} {target:>8}"
-            )
-    for store, loading, matched, _measured, _baseline in results:
+    for store, _loading, _matched, levels in results:
+        for connections, measured, baseline in levels:
+            ratio = _rate(measured) / _rate(baseline)
+            met = "yes" if measured["p95"] < 0.050 else "NO"
+            for label, server, result, shown, target in (
+                (store, "facade (infusion-bridge serve)", measured, ratio, met),
+                ("", "ceiling: bare Starlette, memory", baseline, 1.0, ""),
+            ):
+                print(
+                    f"{label:<32} {connections:>5} {server:<32} {_rate(result):>8,.0f} "
+                    f"{result['p50'] * 1000:>7.1f} {result['p95'] * 1000:>7.1f} {shown:>6.2f} "
+                    f"{target:>8}"
+                )
+            store = ""
+    for store, loading, matched, _levels in results:
         print(
             f"{store}: loaded in {loading:.0f} s (migrate, bulk load, indexes); "
             f"{matched / QUERIES:.1f} matches per query on average"
