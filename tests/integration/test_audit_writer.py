@@ -1,4 +1,4 @@
-"""The audit trail's group commit on real databases: waiting and queued events, outages, shutdown."""
+"""The audit trail's group commit on real databases: waiting and queued events, outages."""
 
 from __future__ import annotations
 
@@ -128,9 +128,7 @@ def test_concurrent_events_are_committed_together_and_each_once(database: Databa
         before = connection.execute(select(func.count()).select_from(resources)).scalar_one()
 
     async def scenario() -> None:
-        await asyncio.gather(
-            *(writer.write(record(patient), wait=i % 2 == 0) for i in range(50))
-        )
+        await asyncio.gather(*(writer.write(record(patient), wait=i % 2 == 0) for i in range(50)))
         await writer.close()
 
     asyncio.run(scenario())

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.bootstrap import resource_validator
-from service.security.access import RateLimiter, requirement
 from service.fhir.search_index import extract
+from service.security.access import RateLimiter, requirement
 from service.security.audit import AuditRecord, audit_event, audit_index_rows
 from service.security.scopes import InvalidScope, Scopes, parse_scope
 from tests.fhir_check import assert_valid_r4
