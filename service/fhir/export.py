@@ -42,7 +42,7 @@ from urllib.parse import unquote
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import and_, or_
+from sqlalchemy import Connection, and_, or_
 from starlette.background import BackgroundTask
 from starlette.datastructures import QueryParams
 from starlette.responses import Response, StreamingResponse
@@ -58,6 +58,7 @@ from service.fhir.errors import (
 from service.fhir.search import RESULT_PARAMETERS, SearchError, parse_search
 from service.fhir.search_index import date_range, parse_reference
 from service.fhir.search_parameters import definitions
+from service.security.authorization import LOCAL_PRINCIPAL
 from service.store.db import Database
 from service.store.export import (
     COMPLETE,
@@ -450,8 +451,9 @@ def kick_off(
     pairs: Sequence[tuple[str, str]],
     prefer: str | None,
     post: bool = False,
+    client_id: str | None = None,
 ) -> ExportJob:
-    """Check a kick-off request and record its job, its snapshot instant now."""
+    """Check a kick-off request and record its job, its snapshot instant now, as `client_id`'s."""
     if not _prefers_async(prefer):
         raise FhirError(400, "invalid", "$export needs the header 'Prefer: respond-async'")
     wanted = export_request(pairs, level=level, base=base, post=post)
@@ -472,6 +474,7 @@ def kick_off(
             now=_now(),
             type_filters=wanted.type_filters,
             patients=wanted.patients,
+            client_id=client_id,
         )
         uow.commit()
     return job
@@ -506,10 +509,16 @@ def run_job(*, database: Database, job_id: str) -> None:
         log.exception("export job %s failed; it will be retried", job_id)
 
 
-def job_status(*, database: Database, job_id: str) -> tuple[ExportJob, bool]:
+def _own_job(connection: Connection, job_id: str, client_id: str) -> ExportJob | None:
+    """The job if `client_id` started it: another client's job is, to it, no job at all."""
+    job = ExportJobs(connection).get(job_id)
+    return job if job is not None and job.belongs_to(client_id) else None
+
+
+def job_status(*, database: Database, job_id: str, client_id: str) -> tuple[ExportJob, bool]:
     """The job, and whether the caller must run it (its claim was stale and is now the caller's)."""
     with database.unit_of_work(write=False) as uow:
-        job = ExportJobs(uow.connection).get(job_id)
+        job = _own_job(uow.connection, job_id, client_id)
     if job is None:
         raise ResourceNotFound(f"there is no export job {job_id}")
     if job.status == COMPLETE:
@@ -521,18 +530,21 @@ def job_status(*, database: Database, job_id: str) -> tuple[ExportJob, bool]:
     return job, claimed
 
 
-def cancel(*, database: Database, job_id: str) -> None:
+def cancel(*, database: Database, job_id: str, client_id: str) -> None:
     with database.unit_of_work(write=True) as uow:
-        deleted = ExportJobs(uow.connection).delete(job_id)
+        deleted = _own_job(uow.connection, job_id, client_id) is not None
+        deleted = deleted and ExportJobs(uow.connection).delete(job_id)
         uow.commit()
     if not deleted:
         raise ResourceNotFound(f"there is no export job {job_id}")
 
 
-def completed_job(*, database: Database, job_id: str, resource_type: str) -> ExportJob:
+def completed_job(
+    *, database: Database, job_id: str, resource_type: str, client_id: str
+) -> ExportJob:
     """The complete job whose output includes `resource_type`."""
     with database.unit_of_work(write=False) as uow:
-        job = ExportJobs(uow.connection).get(job_id)
+        job = _own_job(uow.connection, job_id, client_id)
     if job is None or job.status != COMPLETE or resource_type not in job.types:
         raise ResourceNotFound(f"export job {job_id} has no file of {resource_type}")
     return job
@@ -701,6 +713,12 @@ async def _parameters_body(request: Request, *, operation: str) -> list[tuple[st
 # --- routes -------------------------------------------------------------------------------------
 
 
+def _client_id(request: Request) -> str:
+    """Who is asking, as the access middleware authenticated them ("local" with auth off)."""
+    principal = request.scope.get("state", {}).get("principal")
+    return str(getattr(principal, "client_id", LOCAL_PRINCIPAL.client_id))
+
+
 def build_export_router() -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Negotiated])
 
@@ -718,6 +736,7 @@ def build_export_router() -> APIRouter:
                 pairs=pairs,
                 prefer=request.headers.get("prefer"),
                 post=post,
+                client_id=_client_id(request),
             )
         )
         outcome = operation_outcome(
@@ -753,8 +772,9 @@ def build_export_router() -> APIRouter:
         "/$export-status/{job_id}", summary="Bulk Data export status", response_class=Response
     )
     async def export_status(request: Request, job_id: str, services: ServicesDep) -> Response:
+        client_id = _client_id(request)
         job, claimed = await run_in_threadpool(
-            lambda: job_status(database=services.database, job_id=job_id)
+            lambda: job_status(database=services.database, job_id=job_id, client_id=client_id)
         )
         if job.status == COMPLETE:
             return Response(
@@ -775,8 +795,11 @@ def build_export_router() -> APIRouter:
     @router.delete(
         "/$export-status/{job_id}", summary="Cancel a Bulk Data export", response_class=Response
     )
-    async def export_cancel(job_id: str, services: ServicesDep) -> Response:
-        await run_in_threadpool(lambda: cancel(database=services.database, job_id=job_id))
+    async def export_cancel(request: Request, job_id: str, services: ServicesDep) -> Response:
+        client_id = _client_id(request)
+        await run_in_threadpool(
+            lambda: cancel(database=services.database, job_id=job_id, client_id=client_id)
+        )
         outcome = operation_outcome(
             "informational", f"export job {job_id} cancelled", severity="information"
         )
@@ -787,11 +810,17 @@ def build_export_router() -> APIRouter:
         summary="A Bulk Data export file (NDJSON, streamed)",
         response_class=StreamingResponse,
     )
-    async def export_output(job_id: str, file_name: str, services: ServicesDep) -> Response:
+    async def export_output(
+        request: Request, job_id: str, file_name: str, services: ServicesDep
+    ) -> Response:
         resource_type = file_name.removesuffix(".ndjson")
+        client_id = _client_id(request)
         job = await run_in_threadpool(
             lambda: completed_job(
-                database=services.database, job_id=job_id, resource_type=resource_type
+                database=services.database,
+                job_id=job_id,
+                resource_type=resource_type,
+                client_id=client_id,
             )
         )
         # A sync iterator: Starlette pulls each page in the threadpool, one page in memory.

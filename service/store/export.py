@@ -105,6 +105,11 @@ class ExportJob:
     are absent."""
     patients: tuple[str, ...] = ()
     """The Patient ids a Patient-level export is limited to; empty for every patient."""
+    client_id: str | None = None
+    """The client that started the job (None for jobs of earlier releases: anyone's)."""
+
+    def belongs_to(self, client_id: str) -> bool:
+        return self.client_id is None or self.client_id == client_id
 
     @property
     def patient_level(self) -> bool:
@@ -153,6 +158,7 @@ def _job(row: Any) -> ExportJob:
         completed_at=row.completed_at,
         type_filters=type_filters,
         patients=patients,
+        client_id=row.client_id,
     )
 
 
@@ -173,6 +179,7 @@ class ExportJobs:
         now: datetime,
         type_filters: Mapping[str, Sequence[str]] | None = None,
         patients: Sequence[str] = (),
+        client_id: str | None = None,
     ) -> ExportJob:
         """A new job, in progress and claimed by the caller, its snapshot instant `now`."""
         self._connection.execute(
@@ -189,6 +196,7 @@ class ExportJobs:
                 counts=None,
                 created_at=now,
                 completed_at=None,
+                client_id=client_id,
             )
         )
         job = self.get(job_id)

@@ -254,6 +254,12 @@ export_jobs = Table(
     Column("counts", Text, nullable=True, comment="JSON {type: count} once complete."),
     Column("created_at", UtcDateTime, nullable=False),
     Column("completed_at", UtcDateTime, nullable=True),
+    Column(
+        "client_id",
+        String(200),
+        nullable=True,
+        comment="The client that started the job; only it sees the status and files.",
+    ),
 )
 """One row per Bulk Data export; the files are streamed from the store when downloaded."""
 

@@ -349,6 +349,42 @@ def test_export_and_everything_need_read_on_every_type_they_return(secure: Secur
     assert code(everything, "system/*.read") == 200
 
 
+def test_an_export_job_is_seen_only_by_the_client_that_started_it(secure: SecureApi) -> None:
+    load_patient(secure)
+    owner = secure.headers("system/Patient.rs")  # one client's token, reused
+    other = secure.headers("system/Patient.rs")  # another client, with the same scopes
+    kicked = secure.http.get(
+        "/fhir/$export?_type=Patient", headers=owner | {"Prefer": "respond-async"}
+    )
+    assert kicked.status_code == 202, kicked.text
+    status_url = kicked.headers["content-location"].removeprefix("http://testserver")
+    job_id = status_url.rsplit("/", 1)[1]
+    deadline = time.monotonic() + 30
+    while (mine := secure.http.get(status_url, headers=owner)).status_code == 202:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert mine.status_code == 200, mine.text
+    (output,) = mine.json()["output"]
+    file_url = output["url"].removeprefix("http://testserver")
+    assert secure.http.get(file_url, headers=owner).status_code == 200
+    not_found = {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": "not-found",
+                "diagnostics": f"there is no export job {job_id}",
+            }
+        ],
+    }
+    theirs = secure.http.get(status_url, headers=other)
+    assert (theirs.status_code, theirs.json()) == (404, not_found)
+    assert secure.http.get(file_url, headers=other).status_code == 404
+    assert secure.http.delete(status_url, headers=other).status_code == 404
+    assert secure.http.get(status_url, headers=owner).status_code == 200  # still there
+    assert secure.http.delete(status_url, headers=owner).status_code == 202
+
+
 def test_transaction_entries_are_checked_one_by_one(secure: SecureApi) -> None:
     _, patient_id = load_patient(secure)
     goal = {
