@@ -293,9 +293,9 @@ def _selected(key: str, keep: set[str]) -> bool:
     )
 
 
-def _searchset(request: Request, query: SearchQuery, page: SearchPage) -> bytes:
-    """The searchset Bundle around the stored bytes of the page's resources."""
-    base = _base(request)
+def searchset_bundle(base: str, query: SearchQuery, page: SearchPage) -> bytes:
+    """The searchset Bundle around the stored bytes of the page's resources (its links under
+    `base`): a search's answer, alone or in a Bundle entry."""
     applied = query_string(query.applied)
     self_url = f"{base}/{query.resource_type}" + (f"?{applied}" if applied else "")
     links = [{"relation": "self", "url": self_url}]
@@ -352,7 +352,7 @@ async def _search(
             return run_search(uow.connection, query)
 
     page = await run_in_threadpool(read)
-    return Response(_searchset(request, query, page), media_type=FHIR_JSON)
+    return Response(searchset_bundle(_base(request), query, page), media_type=FHIR_JSON)
 
 
 def _conformance_search(
@@ -375,7 +375,7 @@ def _conformance_search(
             query.ignored.append((name, f"{name}: is not supported on {resource_type} here"))
     conformance: ConformanceResources = request.app.state.conformance
     page = conformance.search(resource_type, query, criteria)
-    return Response(_searchset(request, query, page), media_type=FHIR_JSON)
+    return Response(searchset_bundle(_base(request), query, page), media_type=FHIR_JSON)
 
 
 def build_router() -> APIRouter:

@@ -3,33 +3,54 @@
 A transaction runs every entry in one unit of work, in the spec's order (DELETE, POST, PUT and
 PATCH, then GET), after giving each created resource its id so `urn:uuid:` references between
 entries can be rewritten to `Type/id` first (a conditional create that finds its match points
-those references at the match). Any entry failing rolls back all of them; the OperationOutcome
-names the entry. A PATCH entry carries a FHIRPath Patch (its Parameters resource) or a JSON
-Patch (a Binary). A batch runs each entry in a unit of work of its own and reports each result.
+those references at the match), and after resolving conditional references
+(`Patient?identifier=...`) to the one resource they match. Any entry failing rolls back all of
+them; the OperationOutcome names the entry. A PATCH entry carries a FHIRPath Patch (its
+Parameters resource) or a JSON Patch (a Binary). A GET entry reads (`Type/id`,
+`Type/id/_history/n`) or searches (`Type?params`: the searchset Bundle a search sent alone
+answers); in a transaction it sees the transaction's own writes. A batch runs each entry in a
+unit of work of its own and reports each result.
 
 This module must not write any other way than `service.fhir.writes.FacadeWriter` does, so an
-entry behaves exactly as the same request sent alone; it does no searching of its own either.
+entry behaves exactly as the same request sent alone; nor search any other way than
+`service.fhir.search` does (a conditional reference is matched as a conditional create's
+criteria are).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import DBAPIError
 from starlette.responses import Response
+from starlette.types import Scope
 
 from service.bootstrap import Services
-from service.fhir.api import negotiate
-from service.fhir.errors import FHIR_JSON, FhirError, InvalidResource
+from service.fhir.api import (
+    CONFORMANCE_TYPES,
+    STORED_TYPES,
+    _strict,
+    negotiate,
+    searchset_bundle,
+)
+from service.fhir.errors import (
+    FHIR_JSON,
+    FhirError,
+    InvalidResource,
+    ResourceGone,
+    ResourceNotFound,
+)
+from service.fhir.search import parse_search, run_search
 from service.fhir.writes import (
     RECORD_KINDS,
     Deleted,
@@ -48,7 +69,7 @@ from service.fhir.writes import (
     resource_body,
     run_write,
 )
-from service.security.access import authorize_entries
+from service.security.access import authorize, authorize_entries, requirement
 from service.security.audit import audit_facade_writes
 
 MAX_ENTRIES = 10000
@@ -56,6 +77,8 @@ _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 """Transaction processing order (FHIR R4 http.html#trules)."""
 _RETRIES = 3
 """Attempts of a transaction that PostgreSQL aborted as a deadlock victim."""
+_CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]{1,63})\?(.+)", re.DOTALL)
+"""`Type?criteria`: a reference to the one resource the criteria match (http.html#trules)."""
 
 
 class EntryFailed(FhirError):
@@ -98,6 +121,8 @@ class Entry:
     url: str
     resource_type: str
     resource_id: str | None
+    path: tuple[str, ...]
+    """The URL's path segments: `Type`, `Type/id`, `Type/id/_history/n`, ..."""
     query: str | None
     resource: dict[str, Any] | None
     full_url: str | None
@@ -154,6 +179,7 @@ def _parse_entry(index: int, raw: Any) -> Entry:
         url=url,
         resource_type=parts[0],
         resource_id=parts[1] if len(parts) > 1 else None,
+        path=tuple(parts),
         query=split.query or None,
         resource=resource,
         full_url=full_url if isinstance(full_url, str) else None,
@@ -189,11 +215,16 @@ def _patch_operations(entry: Entry) -> Any:
     return parse_json(raw)
 
 
-def _run_entry(writer: FacadeWriter, entry: Entry) -> Written | Deleted | None:
-    """Run one entry on the writer; None for a GET, whose response is already in the entry."""
+def _run_entry(
+    writer: FacadeWriter, entry: Entry, *, strict: bool = False
+) -> Written | Deleted | None:
+    """Run one entry on the writer; None for a GET, whose response is already in the entry.
+
+    `strict`: the Bundle came with `Prefer: handling=strict`, so a search entry's unknown or
+    unsupported parameter is an error rather than left out and reported."""
     resource_type = entry.resource_type
     if entry.method in ("GET", "HEAD"):
-        _read(writer, entry)
+        _get(writer, entry, strict=strict)
         return None
     if entry.method == "DELETE":
         check_deletable(resource_type)
@@ -234,20 +265,139 @@ def _run_entry(writer: FacadeWriter, entry: Entry) -> Written | Deleted | None:
     return writer.conditional_update(resource_type, criteria, resource, if_match=entry.if_match)
 
 
-def _read(writer: FacadeWriter, entry: Entry) -> None:
-    if entry.resource_id is None or entry.query:
-        raise FhirError(400, "not-supported", "a GET entry here reads one resource by id")
-    stored = writer.resources.read(entry.resource_type, entry.resource_id)
+def _get(writer: FacadeWriter, entry: Entry, *, strict: bool) -> None:
+    """A GET entry: a search (`Type`, `Type?params`), a read (`Type/id`) or a vread
+    (`Type/id/_history/n`), answered into the entry."""
+    path = entry.path
+    if len(path) == 1:
+        _search(writer, entry, strict=strict)
+        return
+    resource_type, resource_id = path[0], path[1]
+    vread = len(path) == 4 and path[2] == "_history"
+    if entry.query or not (len(path) == 2 or vread) or resource_id.startswith(("_", "$")):
+        raise FhirError(
+            400,
+            "not-supported",
+            "a GET entry here searches (Type?params), reads (Type/id) or reads a version "
+            "(Type/id/_history/n)",
+        )
+    if vread:
+        _vread(writer, entry, path[3])
+        return
+    stored = writer.resources.read(resource_type, resource_id)
     if stored is None:
-        raise FhirError(404, "not-found", f"{entry.resource_type}/{entry.resource_id} is not known")
+        raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
     if stored.deleted:
-        raise FhirError(410, "deleted", f"{entry.resource_type}/{entry.resource_id} was deleted")
+        raise FhirError(410, "deleted", f"{resource_type}/{resource_id} was deleted")
     entry.response = {
         "status": "200 OK",
         "etag": f'W/"{stored.version}"',
         "lastModified": stored.last_updated.isoformat(),
     }
     entry.body = stored.body.encode()
+
+
+def _vread(writer: FacadeWriter, entry: Entry, version: str) -> None:
+    resource_type, resource_id = entry.path[0], entry.path[1]
+    found = (
+        writer.resources.version(resource_type, resource_id, int(version))
+        if version.isdigit() and len(version) <= 9
+        else None
+    )
+    if found is None:
+        raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version}")
+    if found.deleted or found.body is None:
+        raise ResourceGone(resource_type, resource_id, found.version)
+    entry.response = {
+        "status": "200 OK",
+        "etag": f'W/"{found.version}"',
+        "lastModified": found.last_updated.isoformat(),
+    }
+    entry.body = found.body.encode()
+
+
+def _search(writer: FacadeWriter, entry: Entry, *, strict: bool) -> None:
+    """A search entry: the searchset Bundle the same search sent alone answers (links, paging,
+    includes, `_summary`, `_elements`, the OperationOutcome of what was left out), over what
+    the entry's unit of work sees (in a transaction, its own writes)."""
+    resource_type = entry.resource_type
+    if resource_type in CONFORMANCE_TYPES:
+        raise FhirError(
+            400,
+            "not-supported",
+            f"{resource_type} is searched by a request of its own, not in a Bundle entry",
+        )
+    if resource_type not in STORED_TYPES:
+        raise ResourceNotFound(f"resource type {resource_type} is not supported here")
+    params = parse_qsl(entry.query or "", keep_blank_values=True)
+    query = parse_search(resource_type, params, base=writer.base, strict=strict)
+    page = run_search(writer.connection, query)
+    entry.response = {"status": "200 OK"}
+    entry.body = searchset_bundle(writer.base, query, page)
+
+
+def conditional_references(value: Any, where: str = "") -> list[tuple[str, str]]:
+    """(FHIRPath, reference) of each conditional reference (`Type?criteria`) in a resource."""
+    if isinstance(value, list):
+        found = []
+        for index, item in enumerate(value):
+            found += conditional_references(item, f"{where}[{index}]")
+        return found
+    if not isinstance(value, dict):
+        return []
+    if not where:
+        where = str(value.get("resourceType", "Resource"))
+    found = []
+    for key, item in value.items():
+        if key == "reference":
+            if isinstance(item, str) and _CONDITIONAL_REFERENCE.fullmatch(item):
+                found.append((where, item))
+        elif isinstance(item, dict | list):
+            found += conditional_references(item, f"{where}.{key}")
+    return found
+
+
+def _resolve_references(writer: FacadeWriter, entry: Entry, resolved: dict[str, str]) -> None:
+    """Add the entry's conditional references to `resolved`, each as `Type/id` of its one match.
+
+    Each search holds its criteria's lock (as a conditional create's does) to the end of the
+    unit of work, so what it matched cannot change before the entry's write commits.
+    """
+    for where, reference in conditional_references(entry.resource):
+        if reference in resolved:
+            continue
+        match = _CONDITIONAL_REFERENCE.fullmatch(reference)
+        assert match is not None
+        target_type, text = match.group(1), match.group(2)
+        if target_type not in STORED_TYPES:
+            raise FhirError(
+                400,
+                "not-supported",
+                f"the conditional reference {reference!r}: {target_type} is not stored here",
+                where,
+            )
+        try:
+            criteria = parse_criteria(target_type, text)
+            writer.resources.serialize(criteria_key(target_type, criteria))
+            found = writer.matching(target_type, criteria)
+        except FhirError as error:
+            raise FhirError(
+                error.status,
+                error.code,
+                f"the conditional reference {reference!r}: {error.diagnostics}",
+                where,
+            ) from None
+        if len(found) != 1:
+            # 412 for none as for several, as HAPI answers: the reference's precondition (one
+            # match) failed; a 404 would say the Bundle's own URL was not found.
+            raise FhirError(
+                412,
+                "multiple-matches" if found else "not-found",
+                f"the conditional reference {reference!r} matches "
+                + (f"more than one {target_type}" if found else f"no {target_type}"),
+                where,
+            )
+        resolved[reference] = f"{target_type}/{found[0]}"
 
 
 def _record(entry: Entry, base: str, outcome: Written | Deleted | None) -> None:
@@ -296,11 +446,16 @@ def _rewrite(value: Any, targets: dict[str, str]) -> Any:
     return value
 
 
-def run_transaction(writer: FacadeWriter, entries: list[Entry]) -> None:
+def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool = False) -> None:
     """Every entry on one writer (one unit of work), in the spec's order; raises EntryFailed."""
     targets: dict[str, str] = {}
     for entry in entries:
         try:
+            # Conditional references are matched against the store as it was before this
+            # transaction, as HAPI FHIR does: not against what its own creates will add (the
+            # spec leaves this open; a create planned here has no searchable content yet).
+            if entry.resource is not None:
+                _resolve_references(writer, entry, targets)
             if entry.method == "POST" and entry.resource is not None:
                 found: list[str] = []
                 if entry.if_none_exist is not None:
@@ -356,7 +511,7 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry]) -> None:
                     entry.resource_type, resource, if_none_exist=criteria
                 )
             else:
-                outcome = _run_entry(writer, entry)
+                outcome = _run_entry(writer, entry, strict=strict)
         except FhirError as error:
             raise EntryFailed(entry.index, entry.method, entry.url, error) from None
         _record(entry, writer.base, outcome)
@@ -375,8 +530,23 @@ def _plain_create(entry: Entry) -> bool:
     )
 
 
+def _batch_entry(writer: FacadeWriter, entry: Entry, *, strict: bool) -> Written | Deleted | None:
+    """One batch entry, its conditional references resolved in its own unit of work."""
+    if entry.resource is not None:
+        resolved: dict[str, str] = {}
+        _resolve_references(writer, entry, resolved)
+        if resolved:
+            entry.resource = _rewrite(entry.resource, resolved)
+    return _run_entry(writer, entry, strict=strict)
+
+
 def run_batch(
-    *, services: Services, base: str, request_id: str | None, entries: list[Entry]
+    *,
+    services: Services,
+    base: str,
+    request_id: str | None,
+    entries: list[Entry],
+    strict: bool = False,
 ) -> None:
     """Each entry in a unit of work of its own; a failed entry reports its OperationOutcome."""
     for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
@@ -385,7 +555,9 @@ def run_batch(
                 services=services,
                 base=base,
                 request_id=request_id,
-                action=lambda writer, entry=entry: _run_entry(writer, entry),  # type: ignore[misc]
+                action=lambda writer, entry=entry: _batch_entry(  # type: ignore[misc]
+                    writer, entry, strict=strict
+                ),
             )
         except FhirError as error:
             failed = EntryFailed(entry.index, entry.method, entry.url, error)
@@ -399,24 +571,31 @@ def run_batch(
 
 
 def transaction(
-    *, services: Services, base: str, request_id: str | None, entries: list[Entry]
+    *,
+    services: Services,
+    base: str,
+    request_id: str | None,
+    entries: list[Entry],
+    strict: bool = False,
 ) -> None:
     """Run a transaction, again if PostgreSQL chose it as a deadlock victim."""
+    sent = [entry.resource for entry in entries]  # rewriting builds copies: these stay as sent
     for attempt in range(_RETRIES):
         try:
             run_write(
                 services=services,
                 base=base,
                 request_id=request_id,
-                action=lambda writer: run_transaction(writer, entries),
+                action=lambda writer: run_transaction(writer, entries, strict=strict),
             )
             return
         except DBAPIError as error:
             code = getattr(error.orig, "sqlstate", None)
             if code not in ("40P01", "40001") or attempt == _RETRIES - 1:
                 raise
-            for entry in entries:
-                entry.response, entry.body = {}, None
+            # Again from the Bundle as sent: ids are planned and references resolved anew.
+            for entry, resource in zip(entries, sent, strict=True):
+                entry.response, entry.body, entry.resource = {}, None, resource
 
 
 def response_bundle(kind: str, entries: list[Entry]) -> bytes:
@@ -447,6 +626,36 @@ def _entry_check(entry: Entry) -> tuple[int, str, str, bool]:
     return entry.index, entry.method, entry.resource_type, bool(entry.query or entry.if_none_exist)
 
 
+def _get_checks(entry: Entry) -> list[tuple[str, str]]:
+    """What a GET entry needs, decided as the access middleware decides it for the same request
+    sent alone: `s` to search (and read on what `_include` / `_revinclude` reach), `r` to read."""
+    params = parse_qsl(entry.query or "", keep_blank_values=True)
+    try:
+        need = requirement("GET", "/fhir/" + "/".join(entry.path), params, {})
+    except Exception:  # as in the middleware: a URL no rule understands is left to the handling
+        return []
+    return [] if need is None else need.checks
+
+
+def authorize_bundle(scope: Scope, entries: list[Entry]) -> None:
+    """Each entry needs the scope its interaction would need alone, and a conditional reference
+    `s` on the type it searches; raises Forbidden naming the first entry that lacks one."""
+    for entry in entries:
+        where = f"entry {entry.index} ({entry.method} {entry.resource_type})"
+        checks = _get_checks(entry) if entry.method in ("GET", "HEAD") else []
+        if checks:
+            authorize(scope, checks, where)
+        else:
+            authorize_entries(scope, [_entry_check(entry)])
+        searched = [
+            (str(match.group(1)), "s")
+            for _, reference in conditional_references(entry.resource)
+            if (match := _CONDITIONAL_REFERENCE.fullmatch(reference))
+        ]
+        if searched:
+            authorize(scope, searched, where)
+
+
 def build_bundle_router() -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiate)])
 
@@ -458,11 +667,11 @@ def build_bundle_router() -> APIRouter:
     ) -> Response:
         check_media_type(request.headers.get("content-type"))
         kind, entries = parse_bundle(parse_json(await request.body()))
-        # Each entry needs the scope its interaction would need alone.
-        authorize_entries(request.scope, [_entry_check(e) for e in entries])
+        authorize_bundle(request.scope, entries)
         base = str(request.base_url).rstrip("/") + "/fhir"
         request_id = getattr(request.state, "request_id", None)
         run: Callable[..., None] = transaction if kind == "transaction" else run_batch
+        strict = _strict(request)
         try:
             await run_in_threadpool(
                 lambda: run(
@@ -470,6 +679,7 @@ def build_bundle_router() -> APIRouter:
                     base=base,
                     request_id=None if request_id is None else str(request_id),
                     entries=entries,
+                    strict=strict,
                 )
             )
         except EntryFailed as failed:
@@ -478,7 +688,8 @@ def build_bundle_router() -> APIRouter:
             )
         if prefer and "return=minimal" in prefer:
             for entry in entries:
-                entry.body = None
+                if entry.method not in ("GET", "HEAD"):  # a read's or search's answer is its body
+                    entry.body = None
         return Response(response_bundle(kind, entries), media_type=FHIR_JSON)
 
     return router
