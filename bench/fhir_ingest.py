@@ -6,7 +6,8 @@ Observations, MedicationAdministration and AdverseEvents, every entry a POST wit
 `urn:uuid:` fullUrl that the others reference (cloned from the demo clinic's resources, with the
 sending system's identifiers). BENCH_INGEST_BUNDLES (default 40) Bundles are posted by a separate
 process over BENCH_INGEST_CONNECTIONS (default 4) concurrent keep-alive connections to
-`infusion-bridge serve` (uvicorn, one worker); resources/s is entries committed over the wall
+`infusion-bridge serve` (uvicorn, with BENCH_INGEST_WORKERS, default 1 then 2, worker
+processes, a fresh store each); resources/s is entries committed over the wall
 time, with p50/p95 per Bundle. The issue's target is at least 2,000 resources/s into PostgreSQL.
 
 Baseline, in the same run on a fresh database of the same kind: the rows the store writes for the
@@ -49,6 +50,8 @@ from service.store.tables import metadata
 ENTRIES = int(os.environ.get("BENCH_INGEST_ENTRIES", "200"))
 BUNDLES = int(os.environ.get("BENCH_INGEST_BUNDLES", "40"))
 CONNECTIONS = int(os.environ.get("BENCH_INGEST_CONNECTIONS", "4"))
+WORKERS = tuple(int(n) for n in os.environ.get("BENCH_INGEST_WORKERS", "1,2").split(","))
+"""uvicorn worker processes of the facade, each count measured on a fresh store."""
 TYPES = ("Encounter", "Observation", "MedicationAdministration", "AdverseEvent")
 SENDER = "http://ehr.example.org/fhir/sid/"
 """The sending system's identifier namespace (the site's own is the service's records')."""
@@ -211,16 +214,16 @@ def _migrate(env: dict[str, str]) -> None:
 
 
 def _bench_store(
-    facade_url: str, ceiling_url: str, bundles: list[bytes], folder: Path
-) -> tuple[dict[str, Any], float]:
+    facade_url: str, bundles: list[bytes], folder: Path, workers: int
+) -> dict[str, Any]:
     # Token checks and the per-client rate limit are off (loopback only): this measures
     # ingest, not authentication or throttling of one client.
     env = _environment(facade_url) | {"AUTH_DISABLED": "true", "RATE_LIMIT_PER_MINUTE": "0"}
     _migrate(env)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    serve = [_cli(), "serve", "--port", str(port)]
-    with _process(serve, env, base + "/readyz", folder / "facade.log"):
+    serve = [_cli(), "serve", "--port", str(port), "--workers", str(workers)]
+    with _process(serve, env, base + "/readyz", folder / f"facade-{workers}.log"):
         # One Bundle first, checked: every entry created.
         response = httpx.post(
             base + "/fhir", content=bundles[0], headers={"Content-Type": FHIR_JSON}, timeout=300
@@ -228,9 +231,7 @@ def _bench_store(
         assert response.status_code == 200, response.text[:2000]
         statuses = {entry["response"]["status"] for entry in response.json()["entry"]}
         assert statuses == {"201 Created"}, statuses
-        measured = _load_process(base, folder, bundles)
-    ceiling = _ceiling(ceiling_url, _rows(bundles))
-    return measured, ceiling
+        return _load_process(base, folder, bundles)
 
 
 def main() -> None:
@@ -239,36 +240,45 @@ def main() -> None:
     print(
         f"\nfhir ingest: POST /fhir transaction Bundles, {BUNDLES} of {ENTRIES} entries "
         f"({', '.join(TYPES)}; urn:uuid references)\n{CONNECTIONS} concurrent connections "
-        f"(httpx, 1 process); facade: uvicorn, 1 worker, log level {UVICORN_LOG_LEVEL}\n"
+        f"(httpx, 1 process); facade: uvicorn, {' and '.join(map(str, WORKERS))} worker "
+        f"processes, log level {UVICORN_LOG_LEVEL}, a fresh store each\n"
         "ceiling: the same rows as batched INSERTs, one transaction per Bundle, one connection; "
         f"ratio = facade / ceiling; target {TARGET:,.0f} resources/s into PostgreSQL"
     )
-    results: list[tuple[str, dict[str, Any], float]] = []
+    rows = _rows(bundles)
+    results: list[tuple[str, list[tuple[int, dict[str, Any]]], float]] = []
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
-        facade, ceiling = f"sqlite:///{folder / 'facade.db'}", f"sqlite:///{folder / 'ceiling.db'}"
-        results.append(
-            ("SQLite (WAL, synchronous=FULL)", *_bench_store(facade, ceiling, bundles, folder))
-        )
-    with postgres_schema() as facade_url, postgres_schema() as ceiling_url:
-        if facade_url is not None and ceiling_url is not None:
-            with tempfile.TemporaryDirectory() as name:
-                results.append(
-                    ("PostgreSQL", *_bench_store(facade_url, ceiling_url, bundles, Path(name)))
-                )
+        levels = [
+            (n, _bench_store(f"sqlite:///{folder / f'facade-{n}.db'}", bundles, folder, n))
+            for n in WORKERS
+        ]
+        ceiling = _ceiling(f"sqlite:///{folder / 'ceiling.db'}", rows)
+        results.append(("SQLite (WAL, synchronous=FULL)", levels, ceiling))
+    with postgres_schema() as ceiling_url, tempfile.TemporaryDirectory() as name:
+        if ceiling_url is not None:
+            levels = []
+            for n in WORKERS:
+                with postgres_schema() as facade_url:
+                    assert facade_url is not None
+                    levels.append((n, _bench_store(facade_url, bundles, Path(name), n)))
+            results.append(("PostgreSQL", levels, _ceiling(ceiling_url, rows)))
     print(
         f"{'store':<32} {'path':<40} {'resources/s':>12} {'p50 ms':>8} {'p95 ms':>8} "
         f"{'ratio':>6} {'target':>7}"
     )
-    for store, measured, ceiling_seconds in results:
-        rate = total / measured["seconds"]
+    for store, levels, ceiling_seconds in results:
         ceiling_rate = total / ceiling_seconds
-        met = ("yes" if rate >= TARGET else "NO") if store == "PostgreSQL" else ""
-        print(
-            f"{store:<32} {'facade (infusion-bridge serve)':<40} {rate:>12,.0f} "
-            f"{measured['p50'] * 1000:>8.0f} {measured['p95'] * 1000:>8.0f} "
-            f"{rate / ceiling_rate:>6.2f} {met:>7}"
-        )
+        for workers, measured in levels:
+            rate = total / measured["seconds"]
+            met = ("yes" if rate >= TARGET else "NO") if store == "PostgreSQL" else ""
+            path = f"facade, {workers} worker{'s' if workers > 1 else ''}"
+            print(
+                f"{store:<32} {path:<40} {rate:>12,.0f} "
+                f"{measured['p50'] * 1000:>8.0f} {measured['p95'] * 1000:>8.0f} "
+                f"{rate / ceiling_rate:>6.2f} {met:>7}"
+            )
+            store = ""
         print(
             f"{'':<32} {'ceiling: batched INSERTs, same rows':<40} {ceiling_rate:>12,.0f} "
             f"{'':>8} {'':>8} {1.0:>6.2f}"
