@@ -507,9 +507,21 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
             if entry.method == "POST" and entry.if_none_exist is not None:
                 criteria = parse_criteria(entry.resource_type, entry.if_none_exist)
                 resource = resource_body(entry.resource, entry.resource_type, None)
-                outcome: Written | Deleted | None = writer.create(
-                    entry.resource_type, resource, if_none_exist=criteria
-                )
+                outcome: Written | Deleted | None
+                if _plain_create(entry, conditional=True) and not writer.matching(
+                    entry.resource_type, criteria
+                ):
+                    # No match (under the lock taken above): created with the id references
+                    # to its fullUrl were pointed at.
+                    assert entry.planned_id is not None
+                    outcome = writer.update(
+                        entry.resource_type,
+                        entry.planned_id,
+                        resource | {"id": entry.planned_id},
+                        must_be_new=True,
+                    )
+                else:
+                    outcome = writer.create(entry.resource_type, resource, if_none_exist=criteria)
             else:
                 outcome = _run_entry(writer, entry, strict=strict)
         except FhirError as error:
@@ -520,11 +532,12 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
     audit_facade_writes(writer.connection, outcomes, subtype="transaction")
 
 
-def _plain_create(entry: Entry) -> bool:
-    """A POST of a stored-as-sent type whose new id is planned: nothing to look up or lock."""
+def _plain_create(entry: Entry, *, conditional: bool = False) -> bool:
+    """A POST of a stored-as-sent type whose new id is planned: nothing to look up or lock
+    (`conditional`: or a conditional create of one, once it is known to match nothing)."""
     return (
         entry.method == "POST"
-        and entry.if_none_exist is None
+        and (conditional or entry.if_none_exist is None)
         and entry.planned_id is not None
         and entry.resource_type not in RECORD_KINDS
     )
