@@ -336,12 +336,12 @@ def _search(writer: FacadeWriter, entry: Entry, *, strict: bool) -> None:
     entry.body = searchset_bundle(writer.base, query, page)
 
 
-def conditional_references(value: Any, where: str = "") -> list[tuple[str, str]]:
+def _conditional_references(value: Any, where: str = "") -> list[tuple[str, str]]:
     """(FHIRPath, reference) of each conditional reference (`Type?criteria`) in a resource."""
     if isinstance(value, list):
         found = []
         for index, item in enumerate(value):
-            found += conditional_references(item, f"{where}[{index}]")
+            found += _conditional_references(item, f"{where}[{index}]")
         return found
     if not isinstance(value, dict):
         return []
@@ -353,7 +353,7 @@ def conditional_references(value: Any, where: str = "") -> list[tuple[str, str]]
             if isinstance(item, str) and _CONDITIONAL_REFERENCE.fullmatch(item):
                 found.append((where, item))
         elif isinstance(item, dict | list):
-            found += conditional_references(item, f"{where}.{key}")
+            found += _conditional_references(item, f"{where}.{key}")
     return found
 
 
@@ -363,7 +363,7 @@ def _resolve_references(writer: FacadeWriter, entry: Entry, resolved: dict[str, 
     Each search holds its criteria's lock (as a conditional create's does) to the end of the
     unit of work, so what it matched cannot change before the entry's write commits.
     """
-    for where, reference in conditional_references(entry.resource):
+    for where, reference in _conditional_references(entry.resource):
         if reference in resolved:
             continue
         match = _CONDITIONAL_REFERENCE.fullmatch(reference)
@@ -662,7 +662,7 @@ def authorize_bundle(scope: Scope, entries: list[Entry]) -> None:
             authorize_entries(scope, [_entry_check(entry)])
         searched = [
             (str(match.group(1)), "s")
-            for _, reference in conditional_references(entry.resource)
+            for _, reference in _conditional_references(entry.resource)
             if (match := _CONDITIONAL_REFERENCE.fullmatch(reference))
         ]
         if searched:

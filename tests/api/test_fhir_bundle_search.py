@@ -191,12 +191,12 @@ def test_under_strict_handling_an_unsupported_parameter_fails_its_entry(
     values, _ = created(client, 1)
     url = f"Observation?identifier={OBS}|{values[0]}&x=1"
     fresh = uuid.uuid4().hex
-    strict = {"Prefer": "handling=strict"}
-    entries = answered(client, bundle("batch", post(observation(fresh)), get(url)), **strict)
+    strict = "handling=strict"
+    entries = answered(client, bundle("batch", post(observation(fresh)), get(url)), Prefer=strict)
     assert entries[0]["response"]["status"] == "201 Created"
     assert entries[1]["response"] == {"status": "400", "outcome": strict_outcome(1, url)}
     other = uuid.uuid4().hex
-    refused = send(client, bundle("transaction", post(observation(other)), get(url)), **strict)
+    refused = send(client, bundle("transaction", post(observation(other)), get(url)), Prefer=strict)
     assert refused.status_code == 400, refused.text
     assert refused.json() == strict_outcome(1, url)
     assert client.get(f"/fhir/Observation?identifier={OBS}|{other}").json()["total"] == 0
@@ -479,3 +479,38 @@ def test_search_entries_and_conditional_references_need_the_scopes_of_a_search(
     assert answer(including, "system/Observation.s system/Patient.r").status_code == 200
     done = answer(referring, "system/Observation.c system/Patient.s")
     assert done.status_code == 200, done.text
+
+
+# --- a FHIR client's models -----------------------------------------------------------------------
+
+
+def test_fhirclient_models_build_the_transaction_and_read_its_searchset_strictly(
+    client: TestClient,
+) -> None:
+    """The SMART python client's strict R4 models write the Bundle and parse the answer."""
+    from fhirclient.models import bundle as fhir_bundle
+    from fhirclient.models import observation as fhir_observation
+
+    patient_id, mrn = load_patient(client)
+    fresh = uuid.uuid4().hex
+    sent = fhir_bundle.Bundle(
+        {
+            "type": "transaction",
+            "entry": [
+                post(observation(fresh, subject={"reference": f"Patient?identifier={MRN}|{mrn}"})),
+                get(f"Observation?subject=Patient/{patient_id}&identifier={OBS}|{fresh}"),
+            ],
+        }
+    )
+    response = send(client, sent.as_json())
+    assert response.status_code == 200, response.text
+    result = fhir_bundle.Bundle(response.json(), strict=True)
+    assert [e.response.status for e in result.entry] == ["201 Created", "200 OK"]
+    searchset = result.entry[1].resource
+    assert isinstance(searchset, fhir_bundle.Bundle)
+    assert searchset.type == "searchset"
+    assert searchset.total == 1
+    found = searchset.entry[0].resource
+    assert isinstance(found, fhir_observation.Observation)
+    assert found.subject.reference == f"Patient/{patient_id}"
+    assert found.as_json() == result.entry[0].resource.as_json()
