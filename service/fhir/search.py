@@ -55,7 +55,7 @@ from service.fhir.search_index import (
     parse_reference,
     quantity_number,
 )
-from service.fhir.search_parameters import SearchParameter, definitions
+from service.fhir.search_parameters import SearchParameter, definitions, index_source
 from service.store.tables import (
     UtcDateTime,
     resources,
@@ -390,15 +390,12 @@ def _condition(
             target_type = modifier
         else:
             raise SearchError(name, f"modifier :{modifier} is not supported on {parameter.type}")
-    sources = (
-        composite_sources(resource_type, parameter.code)
-        if parameter.components
-        else (parameter.code,)
-    )
-    owned = select(table.c.resource_id).where(
-        table.c.resource_type == resource_type,
-        table.c.param == sources[0] if len(sources) == 1 else table.c.param.in_(sources),
-    )
+    if parameter.components:
+        sources = composite_sources(resource_type, parameter.code)
+        rows_of = table.c.param == sources[0] if len(sources) == 1 else table.c.param.in_(sources)
+    else:
+        rows_of = rows_answering(table, resource_type, parameter.code)
+    owned = select(table.c.resource_id).where(table.c.resource_type == resource_type, rows_of)
     if modifier == "missing":
         if value not in ("true", "false"):
             raise SearchError(name, "takes true or false")
@@ -678,7 +675,7 @@ def _chained(
         branches.append(and_(refs.c.target_type == target, refs.c.target_id.in_(target_ids)))
     referring = select(refs.c.resource_id).where(
         refs.c.resource_type == resource_type,
-        refs.c.param == parameter.code,
+        rows_answering(refs, resource_type, parameter.code),
         or_(*branches),
     )
     return subject.in_(referring)
@@ -707,7 +704,7 @@ def _has(
     refs = search_reference.alias()
     targets = select(refs.c.target_id).where(
         refs.c.resource_type == source_type,
-        refs.c.param == reference,
+        rows_answering(refs, source_type, reference),
         refs.c.target_type == resource_type,
         refs.c.resource_id.in_(sources),
     )
@@ -737,6 +734,20 @@ def _decode_cursor(token: str) -> tuple[list[Any], str]:
 # --- running ------------------------------------------------------------------------------------
 
 
+def rows_answering(table: Any, resource_type: str, code: str) -> ColumnElement[bool]:
+    """The condition on `table`'s rows of `resource_type` that answer parameter `code`: its own
+    rows, or for an alias (`patient` on Observation) those of its sources, narrowed to the
+    alias's target type."""
+    source = index_source(resource_type, code)
+    params = source.params
+    condition: ColumnElement[bool] = (
+        table.c.param == params[0] if len(params) == 1 else table.c.param.in_(params)
+    )
+    if source.target_type is not None:
+        condition = and_(condition, table.c.target_type == source.target_type)
+    return condition
+
+
 def _sort_column(key: SortKey, resource_type: str) -> ColumnElement[Any]:
     """The value a resource sorts by for `key`, nulls (no value) last in either direction."""
     if key.kind == "id":
@@ -759,7 +770,7 @@ def _sort_column(key: SortKey, resource_type: str) -> ColumnElement[Any]:
         .where(
             table.c.resource_type == resource_type,
             table.c.resource_id == resources.c.id,
-            table.c.param == key.code,
+            rows_answering(table, resource_type, key.code),
         )
         .scalar_subquery()
     )
@@ -889,7 +900,7 @@ def _include_keys(
             return set()
         statement = select(search_reference.c.resource_type, search_reference.c.resource_id).where(
             search_reference.c.resource_type == include.source_type,
-            search_reference.c.param == include.param,
+            rows_answering(search_reference, include.source_type, include.param),
             tuple_(search_reference.c.target_type, search_reference.c.target_id).in_(targets),
         )
         return {(row[0], row[1]) for row in connection.execute(statement)}
@@ -898,7 +909,7 @@ def _include_keys(
         return set()
     statement = select(search_reference.c.target_type, search_reference.c.target_id).where(
         search_reference.c.resource_type == include.source_type,
-        search_reference.c.param == include.param,
+        rows_answering(search_reference, include.source_type, include.param),
         search_reference.c.resource_id.in_(sources),
         search_reference.c.target_id.is_not(None),
         search_reference.c.target_type == include.target_type if include.target_type else true(),

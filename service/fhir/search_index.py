@@ -35,7 +35,13 @@ from decimal import Decimal, InvalidOperation
 from functools import cache
 from typing import Any, Final
 
-from service.fhir.search_parameters import Component, Definitions, SearchParameter, definitions
+from service.fhir.search_parameters import (
+    Component,
+    Definitions,
+    SearchParameter,
+    definitions,
+    index_aliases,
+)
 
 Resource = dict[str, Any]
 
@@ -342,9 +348,13 @@ def _compile_part(part: str) -> list[Step] | None:
 
 @cache
 def programs(resource_type: str) -> tuple[tuple[SearchParameter, Program], ...]:
-    """The compiled parameters of a resource type (the common ones included), composites
-    aside (`composite_plans`)."""
-    return _programs(definitions().by_type.get(resource_type, {}).values())
+    """The compiled parameters of a resource type (the common ones included) that have rows
+    of their own: composites aside (`composite_plans`), and aliases (`index_aliases`), which
+    other parameters' rows answer."""
+    aliases = index_aliases(resource_type)
+    return _programs(
+        p for p in definitions().by_type.get(resource_type, {}).values() if p.code not in aliases
+    )
 
 
 def _programs(parameters: Iterable[SearchParameter]) -> tuple[tuple[SearchParameter, Program], ...]:

@@ -14,6 +14,7 @@ This module only reads and shapes definitions; it knows nothing of the database.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -115,6 +116,69 @@ def definitions() -> Definitions:
             for resource_type, elements in data["summaryElements"].items()
         },
     )
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSource:
+    """The index rows that answer a parameter: those of `params`, and for a reference only
+    the rows whose target is `target_type` (None: any)."""
+
+    params: tuple[str, ...]
+    target_type: str | None = None
+
+
+_WHERE_TYPE = re.compile(r"(?P<path>.+)\.where\(resolve\(\) is (?P<type>[A-Z][A-Za-z]+)\)")
+
+
+@cache
+def index_aliases(resource_type: str) -> dict[str, IndexSource]:
+    """Parameters whose rows would repeat other parameters' rows, and the rows that answer
+    them instead; they get no rows of their own.
+
+    Two shapes of the official definitions: a reference parameter that is another's path
+    narrowed to one target type (`patient` is `subject.where(resolve() is Patient)`), and a
+    union of other parameters' expressions (`combo-code` is `code | component-code`). About a
+    quarter of an Observation's index rows were such repeats.
+    """
+    parameters = [
+        p for p in definitions().by_type.get(resource_type, {}).values() if not p.components
+    ]
+    by_expression = {p.expression: p for p in parameters}
+    members = {p.code: frozenset(_members(p.expression)) for p in parameters}
+    aliases: dict[str, IndexSource] = {}
+    for parameter in parameters:
+        narrowed = _WHERE_TYPE.fullmatch(parameter.expression)
+        source = by_expression.get(narrowed["path"]) if narrowed else None
+        if (
+            narrowed is not None
+            and source is not None
+            and parameter.type == source.type == "reference"
+        ):
+            aliases[parameter.code] = IndexSource((source.code,), narrowed["type"])
+            continue
+        mine = members[parameter.code]
+        if len(mine) < 2:
+            continue
+        parts = [
+            other.code
+            for other in parameters
+            if other.code != parameter.code
+            and other.type == parameter.type
+            and members[other.code] < mine
+        ]
+        covered = [members[code] for code in parts]
+        if parts and frozenset().union(*covered) == mine and sum(map(len, covered)) == len(mine):
+            aliases[parameter.code] = IndexSource(tuple(parts))
+    return aliases
+
+
+def index_source(resource_type: str, code: str) -> IndexSource:
+    """The rows that answer parameter `code` of `resource_type` (its own, unless an alias)."""
+    return index_aliases(resource_type).get(code) or IndexSource((code,))
+
+
+def _members(expression: str) -> list[str]:
+    return [part.strip() for part in _split_union(expression)]
 
 
 # --- extraction from the official definitions ----------------------------------------------------

@@ -33,6 +33,7 @@ from service.fhir.search_parameters import (
     SearchParameter,
     definitions,
     dump,
+    index_aliases,
 )
 from service.fhir.search_parameters import extract as extract_definitions
 
@@ -88,10 +89,12 @@ def test_where_resolve_is_evaluated_on_the_reference_type() -> None:
         "code": {"text": "x"},
         "subject": {"reference": "Patient/p1"},
     }
-    rows = extract(observation)
+    # `patient` keeps no rows of its own (its `subject` rows answer it): evaluated here on the
+    # whole catalogue, aliases included.
+    rows = extract(observation, definitions())
     assert ("patient", "Patient", "p1", None) in rows.references
     group = dict(observation, subject={"reference": "Group/g1"})
-    assert not [r for r in extract(group).references if r[0] == "patient"]
+    assert not [r for r in extract(group, definitions()).references if r[0] == "patient"]
     assert ("subject", "Group", "g1", None) in extract(group).references
 
 
@@ -296,3 +299,36 @@ def test_composite_rows_of_each_second_part_type() -> None:
     assert extract(observation("x", valueBoolean=True)).composites == []
     text_only = observation("x", valueQuantity={"value": 1}) | {"code": {"text": "free"}}
     assert extract(text_only).composites == []
+
+
+def test_aliases_are_answered_by_exactly_the_rows_their_expressions_would_give(
+    r4_examples: Path,
+) -> None:
+    """Every alias parameter's own rows (from its official expression) are the rows of its
+    sources, narrowed to its target type: the rows it no longer gets lose nothing."""
+    checked = 0
+    every = definitions()
+    for resource_type in INDEXED_TYPES:
+        aliases = index_aliases(resource_type)
+        if not aliases:
+            continue
+        for path in sorted(r4_examples.glob(f"{resource_type}-*.json")):
+            resource = json.loads(path.read_text(encoding="utf-8"))
+            if resource.get("resourceType") != resource_type:
+                continue
+            stored = extract(resource)
+            with_aliases = extract(resource, every)
+            for kind in ("strings", "tokens", "dates", "references", "quantities"):
+                own = getattr(stored, kind)
+                assert not [row for row in own if row[0] in aliases], path.name
+                for code, source in aliases.items():
+                    expected = {row for row in getattr(with_aliases, kind) if row[0] == code}
+                    answered = {
+                        (code, *row[1:])
+                        for row in own
+                        if row[0] in source.params
+                        and (source.target_type is None or row[1] == source.target_type)
+                    }
+                    assert answered == expected, f"{path.name} {code}"
+                    checked += len(expected)
+    assert checked > 300
