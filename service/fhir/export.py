@@ -36,7 +36,6 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import cache
 from typing import Any
 from urllib.parse import unquote
 
@@ -58,7 +57,7 @@ from service.fhir.errors import (
 )
 from service.fhir.search import RESULT_PARAMETERS, SearchError, parse_search
 from service.fhir.search_index import date_range, parse_reference
-from service.fhir.search_parameters import definitions, index_source
+from service.fhir.search_parameters import compartment_sources
 from service.security.authorization import LOCAL_PRINCIPAL
 from service.store.db import Database
 from service.store.export import (
@@ -174,18 +173,8 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/") + "/fhir"
 
 
-@cache
 def _compartment() -> Compartment:
-    """Each type's compartment parameters, as the index rows that answer them (`patient` on
-    CarePlan is its `subject` rows; every compartment query asks for Patient targets)."""
-    return {
-        resource_type: tuple(
-            dict.fromkeys(
-                source for param in params for source in index_source(resource_type, param).params
-            )
-        )
-        for resource_type, params in definitions().patient_compartment.items()
-    }
+    return compartment_sources()
 
 
 def _compartment_types() -> tuple[str, ...]:

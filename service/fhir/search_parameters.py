@@ -177,6 +177,21 @@ def index_source(resource_type: str, code: str) -> IndexSource:
     return index_aliases(resource_type).get(code) or IndexSource((code,))
 
 
+@cache
+def compartment_sources() -> dict[str, tuple[str, ...]]:
+    """Each type's Patient-compartment parameters, as the parameters whose index rows answer
+    them (`patient` on a CarePlan is its `subject` rows; compartment queries ask for Patient
+    targets, so an alias's narrowing to Patient is implied)."""
+    return {
+        resource_type: tuple(
+            dict.fromkeys(
+                source for param in params for source in index_source(resource_type, param).params
+            )
+        )
+        for resource_type, params in definitions().patient_compartment.items()
+    }
+
+
 def _members(expression: str) -> list[str]:
     return [part.strip() for part in _split_union(expression)]
 

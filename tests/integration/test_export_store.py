@@ -15,7 +15,7 @@ import orjson
 import pytest
 from sqlalchemy import delete
 
-from service.fhir.search_parameters import definitions
+from service.fhir.search_parameters import compartment_sources
 from service.store.db import Database
 from service.store.export import (
     ExportJob,
@@ -30,6 +30,7 @@ from service.store.tables import (
     outbox,
     resource_versions,
     resources,
+    search_composite,
     search_date,
     search_quantity,
     search_reference,
@@ -40,7 +41,7 @@ from service.store.tables import (
 BEFORE = datetime(1990, 1, 1, 8, tzinfo=UTC)
 SNAPSHOT = datetime(1990, 1, 2, 8, tzinfo=UTC)
 AFTER = datetime(1990, 1, 3, 8, tzinfo=UTC)
-COMPARTMENT = definitions().patient_compartment
+COMPARTMENT = compartment_sources()
 
 
 def _patient(pid: str, gender: str) -> dict[str, Any]:
@@ -122,11 +123,15 @@ class World:
             for table in (resources, resource_versions):
                 uow.connection.execute(delete(table).where(table.c.id.in_(ids)))
             uow.connection.execute(delete(outbox).where(outbox.c.resource_id.in_(ids)))
-            for index in (search_string, search_token, search_date, search_reference):
+            for index in (
+                search_string,
+                search_token,
+                search_date,
+                search_reference,
+                search_quantity,
+                search_composite,
+            ):
                 uow.connection.execute(delete(index).where(index.c.resource_id.in_(ids)))
-            uow.connection.execute(
-                delete(search_quantity).where(search_quantity.c.resource_id.in_(ids))
-            )
             uow.connection.execute(
                 delete(export_jobs).where(export_jobs.c.transaction_time == SNAPSHOT)
             )
