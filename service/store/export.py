@@ -549,20 +549,7 @@ def everything_page(
         )
         .where(resources.c.deleted == false())
     )
-    if types is not None:
-        query = query.where(resources.c.resource_type.in_(tuple(types)))
-    if since is not None:
-        query = query.where(resources.c.last_updated >= since)
-    if after is not None:
-        after_type, after_id = after
-        query = query.where(
-            or_(
-                resources.c.resource_type > after_type,
-                and_(resources.c.resource_type == after_type, resources.c.id > after_id),
-            )
-        )
-    query = query.order_by(resources.c.resource_type, resources.c.id).limit(limit)
-    return [EverythingRow(*row) for row in connection.execute(query)]
+    return _everything_rows(connection, query, types=types, since=since, after=after, limit=limit)
 
 
 def _compartment_members(
@@ -690,6 +677,19 @@ def every_patients_page(
             and_(resources.c.resource_type.in_(tuple(referenced_types)), referenced),
         ),
     )
+    return _everything_rows(connection, query, types=types, since=since, after=after, limit=limit)
+
+
+def _everything_rows(
+    connection: Connection,
+    query: Select[Any],
+    *,
+    types: Sequence[str] | None,
+    since: datetime | None,
+    after: tuple[str, str] | None,
+    limit: int,
+) -> list[EverythingRow]:
+    """One page of an $everything query: `_type`, `_since`, after the keyset bound, in order."""
     if types is not None:
         query = query.where(resources.c.resource_type.in_(tuple(types)))
     if since is not None:
