@@ -188,6 +188,20 @@ def own_id(clinic: factory.Clinic, kind: str) -> str:
     return resource_id(kind, getattr(clinic, {"diagnosis": "diagnosis"}[kind])["external_id"])
 
 
+def audit_events_saying(services: Services, text: str) -> list[dict[str, Any]]:
+    """The stored AuditEvents whose JSON contains `text`."""
+    with services.database.unit_of_work(write=False) as uow:
+        return [
+            orjson.loads(body)
+            for body in uow.connection.execute(
+                select(resources_table.c.body).where(
+                    resources_table.c.resource_type == "AuditEvent",
+                    resources_table.c.body.contains(text),
+                )
+            ).scalars()
+        ]
+
+
 def encounter_id(clinic: factory.Clinic) -> str:
     from mappings.encounter import encounter_reference
 
@@ -483,16 +497,7 @@ def test_care_plans_sync_both_ways_without_echoes_and_conflicts_are_kept(
                 assert resolved.json() == {"id": mine[0]["id"], "status": "resolved"}
                 again = http.post(f"/api/v1/sync/conflicts/{mine[0]['id']}/resolve")
                 assert again.status_code == 404
-            with clinic_services.database.unit_of_work(write=False) as uow:
-                (event,) = [
-                    orjson.loads(body)
-                    for body in uow.connection.execute(
-                        select(resources_table.c.body).where(
-                            resources_table.c.resource_type == "AuditEvent",
-                            resources_table.c.body.like(f'%"resolve conflict {mine[0]["id"]}"%'),
-                        )
-                    ).scalars()
-                ]
+            (event,) = audit_events_saying(clinic_services, f'"resolve conflict {mine[0]["id"]}"')
             assert {"reference": mine[0]["resource"]} in [e.get("what") for e in event["entity"]]
             assert {"reference": f"Patient/{patient_resource_id(clinic)}"} in [
                 e.get("what") for e in event["entity"]
@@ -629,16 +634,7 @@ def test_dead_letters_through_the_api_and_the_cli(
     assert listed[0]["name"] == target.name
     assert mine["status"] == "dead"
     # Each action is audited with its change: what, to which destination, by whom.
-    with clinic_services.database.unit_of_work(write=False) as uow:
-        events = [
-            orjson.loads(body)
-            for body in uow.connection.execute(
-                select(resources_table.c.body).where(
-                    resources_table.c.resource_type == "AuditEvent",
-                    resources_table.c.body.like(f"%dead letter {letter['id']} to%"),
-                )
-            ).scalars()
-        ]
+    events = audit_events_saying(clinic_services, f"dead letter {letter['id']} to")
     assert sorted(
         (e["outcomeDesc"], e["agent"][0]["who"]["identifier"]["value"]) for e in events
     ) == [
