@@ -43,7 +43,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from mappings.context import resource_id
 from service.fhir.search_index import IndexRows, cut, date_range, normalize, parse_reference
 from service.store.db import Database
-from service.store.resources import insert_rows, patient_of
+from service.store.resources import INDEX_COLUMNS, insert_values, patient_of
 from service.store.tables import (
     records,
     resource_versions,
@@ -203,10 +203,10 @@ def store_events(connection: Connection, events: list[dict[str, Any]], *, now: d
         return
     last_updated = now.isoformat()
     current, versions = [], []
-    strings: list[dict[str, Any]] = []
-    tokens: list[dict[str, Any]] = []
-    dates: list[dict[str, Any]] = []
-    references: list[dict[str, Any]] = []
+    strings: list[tuple[Any, ...]] = []
+    tokens: list[tuple[Any, ...]] = []
+    dates: list[tuple[Any, ...]] = []
+    references: list[tuple[Any, ...]] = []
     for event in events:
         meta = {"versionId": "1", "lastUpdated": last_updated}
         resource = {"resourceType": AUDIT_TYPE, "id": event["id"], "meta": meta} | {
@@ -214,30 +214,35 @@ def store_events(connection: Connection, events: list[dict[str, Any]], *, now: d
         }
         body = orjson.dumps(resource).decode()
         digest = hashlib.sha256(orjson.dumps(event)).hexdigest()
-        row = {"resource_type": AUDIT_TYPE, "id": event["id"], "version": 1}
-        row |= {"last_updated": now, "deleted": False, "body": body}
-        current.append(row | {"content_hash": digest})
-        versions.append(row)
+        current.append((AUDIT_TYPE, event["id"], 1, now, False, body, digest))
+        versions.append((AUDIT_TYPE, event["id"], 1, now, False, body))
         rows = audit_index_rows(resource)
-        head = {"resource_type": AUDIT_TYPE, "resource_id": event["id"]}
-        strings += [head | {"param": p, "value": v, "exact": e} for p, v, e in rows.strings]
-        tokens += [
-            head | {"param": p, "system": s, "code": c, "text": t} for p, s, c, t in rows.tokens
-        ]
-        dates += [head | {"param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates]
-        references += [
-            head | {"param": p, "target_type": t, "target_id": i, "url": u}
-            for p, t, i, u in rows.references
-        ]
-    insert_rows(connection, resources, current)
-    insert_rows(connection, resource_versions, versions)
+        head = (AUDIT_TYPE, event["id"])
+        strings += [head + row for row in rows.strings]
+        tokens += [head + row for row in rows.tokens]
+        dates += [head + row for row in rows.dates]
+        references += [head + row for row in rows.references]
+    insert_values(connection, resources, _CURRENT_COLUMNS, current)
+    insert_values(connection, resource_versions, _CURRENT_COLUMNS[:-1], versions)
     for table, values in (
         (search_string, strings),
         (search_token, tokens),
         (search_date, dates),
         (search_reference, references),
     ):
-        insert_rows(connection, table, values)
+        insert_values(connection, table, INDEX_COLUMNS[table], values)
+
+
+_CURRENT_COLUMNS = (
+    "resource_type",
+    "id",
+    "version",
+    "last_updated",
+    "deleted",
+    "body",
+    "content_hash",
+)
+"""The columns of an event's `resources` row; its `resource_versions` row has all but the last."""
 
 
 def audit_index_rows(event: dict[str, Any]) -> IndexRows:

@@ -403,6 +403,19 @@ class ResourceRepository:
 
 
 _INDEX_TABLES = (search_string, search_token, search_date, search_reference, search_quantity)
+_OWNER = ("resource_type", "resource_id")
+INDEX_COLUMNS: dict[Table, tuple[str, ...]] = {
+    search_string: (*_OWNER, "param", "value", "exact"),
+    search_token: (*_OWNER, "param", "system", "code", "text"),
+    search_date: (*_OWNER, "param", "low", "high"),
+    search_reference: (*_OWNER, "param", "target_type", "target_id", "url"),
+    search_quantity: (*_OWNER, "param", "value", "system", "code"),
+    search_composite: (
+        *(*_OWNER, "param", "system", "code", "value_system", "value_code"),
+        *("value_number", "value_low", "value_high", "value_text"),
+    ),
+}
+"""Each index table's columns: the resource's key, then its `IndexRows` tuples' fields."""
 
 
 class SearchIndexWriter:
@@ -428,47 +441,25 @@ class SearchIndexWriter:
 
     def insert(self, batch: Sequence[Resource], *, tables: Collection[Table] | None = None) -> None:
         """Write the index rows of `batch` (into `tables` only, when given)."""
-        strings: list[dict[str, Any]] = []
-        tokens: list[dict[str, Any]] = []
-        dates: list[dict[str, Any]] = []
-        references: list[dict[str, Any]] = []
-        quantities: list[dict[str, Any]] = []
-        composites: list[dict[str, Any]] = []
+        # Rows as tuples in each table's column order (`INDEX_COLUMNS`), not dicts: a write
+        # makes dozens per resource, on the write path.
+        found: dict[Table, list[tuple[Any, ...]]] = {table: [] for table in INDEX_COLUMNS}
+        strings, tokens, dates = found[search_string], found[search_token], found[search_date]
+        references, quantities = found[search_reference], found[search_quantity]
+        composites = found[search_composite]
         for resource in batch:
             rows: IndexRows = extract(resource)
-            head = {"resource_type": resource["resourceType"], "resource_id": resource["id"]}
+            head = (resource["resourceType"], resource["id"])
             # A FHIRPath union has no duplicates; neither do the index rows.
-            strings += [
-                head | {"param": p, "value": v, "exact": e}
-                for p, v, e in dict.fromkeys(rows.strings)
-            ]
-            tokens += [
-                head | {"param": p, "system": s, "code": c, "text": t}
-                for p, s, c, t in dict.fromkeys(rows.tokens)
-            ]
-            dates += [
-                head | {"param": p, "low": lo, "high": hi}
-                for p, lo, hi in dict.fromkeys(rows.dates)
-            ]
-            references += [
-                head | {"param": p, "target_type": t, "target_id": i, "url": u}
-                for p, t, i, u in dict.fromkeys(rows.references)
-            ]
-            quantities += [
-                head | {"param": p, "value": v, "system": s, "code": c}
-                for p, v, s, c in dict.fromkeys(rows.quantities)
-            ]
-            composites += self._composite_values(head, rows)
-        for table, values in (
-            (search_string, strings),
-            (search_token, tokens),
-            (search_date, dates),
-            (search_reference, references),
-            (search_quantity, quantities),
-            (search_composite, composites),
-        ):
+            strings += [head + row for row in dict.fromkeys(rows.strings)]
+            tokens += [head + row for row in dict.fromkeys(rows.tokens)]
+            dates += [head + row for row in dict.fromkeys(rows.dates)]
+            references += [head + row for row in dict.fromkeys(rows.references)]
+            quantities += [head + row for row in dict.fromkeys(rows.quantities)]
+            composites += [head + row for row in dict.fromkeys(rows.composites)]
+        for table, values in found.items():
             if values and (tables is None or table in tables):
-                insert_rows(self._connection, table, values)
+                insert_values(self._connection, table, INDEX_COLUMNS[table], values)
 
     def insert_bodies(self, bodies: Sequence[str]) -> None:
         """Index stored resources (a reindex, or the migration that added the index).
@@ -480,31 +471,29 @@ class SearchIndexWriter:
         tables = {t for t in (*_INDEX_TABLES, search_composite) if t.name in there}
         self.insert([orjson.loads(body) for body in bodies], tables=tables)
 
-    @staticmethod
-    def _composite_values(head: dict[str, Any], rows: IndexRows) -> list[dict[str, Any]]:
-        return [
-            head
-            | {
-                "param": p,
-                "system": s,
-                "code": c,
-                "value_system": vs,
-                "value_code": vc,
-                "value_number": n,
-                "value_low": lo,
-                "value_high": hi,
-                "value_text": t,
-            }
-            for p, s, c, vs, vc, n, lo, hi, t in dict.fromkeys(rows.composites)
-        ]
-
 
 _COPY_FROM = 50
 """Rows from which PostgreSQL gets them by COPY: a batched INSERT is faster for a few."""
 
 
 def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """INSERT `rows` (dicts with the same keys) into `table`, on the caller's transaction.
+    """INSERT `rows` (dicts with the same keys) into `table`, on the caller's transaction."""
+    if not rows:
+        return
+    columns = tuple(rows[0])
+    if any(tuple(row) != columns for row in rows):
+        raise ValueError(f"rows for {table.name} do not all have the columns {columns}")
+    insert_values(connection, table, columns, [tuple(row.values()) for row in rows])
+
+
+def insert_values(
+    connection: Connection,
+    table: Table,
+    columns: tuple[str, ...],
+    values: Sequence[tuple[Any, ...]],
+) -> None:
+    """INSERT `values` (tuples in the order of `columns`) into `table`, on the caller's
+    transaction.
 
     Without SQLAlchemy's per-row parameter processing, which dominated the cost of a write:
     values go through each column type's bind processor, as SQLAlchemy binds them, so what is
@@ -512,39 +501,43 @@ def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, A
     PostgreSQL takes larger batches by COPY on the same connection, SQLite a prepared INSERT's
     executemany; any other connection SQLAlchemy's own executemany.
     """
-    if not rows:
+    if not values:
         return
     dialect = connection.dialect
-    columns = tuple(rows[0])
     if dialect.name not in ("sqlite", "postgresql") or (
-        dialect.name == "postgresql" and len(rows) < _COPY_FROM
+        dialect.name == "postgresql" and len(values) < _COPY_FROM
     ):
-        connection.execute(insert(table), list(rows))
+        connection.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in values])
         return
     statement, processors = _prepared(dialect, table, columns)
-    values: Iterable[tuple[Any, ...]] = (
-        tuple(
-            value if process is None else process(value)
-            for value, process in zip(row.values(), processors, strict=True)
-        )
-        for row in rows
-    )
-    if any(tuple(row) != columns for row in rows):
-        raise ValueError(f"rows for {table.name} do not all have the columns {columns}")
+    # Only the columns that have a bind processor are touched (most index columns have none).
+    processed = [(index, process) for index, process in enumerate(processors) if process]
+    rows: Sequence[tuple[Any, ...]] = values
+    if processed:
+        rows = [_processed(row, processed) for row in values]
     if dialect.name == "sqlite":
-        connection.exec_driver_sql(statement, list(values))
+        connection.exec_driver_sql(statement, rows)
         return
     raw = connection.connection.driver_connection
     assert raw is not None
     driver_error = dialect.loaded_dbapi.Error
     try:
         with raw.cursor() as cursor, cursor.copy(statement) as copy:
-            for value in values:
-                copy.write_row(value)
+            for row in rows:
+                copy.write_row(row)
     except driver_error as error:
         # As SQLAlchemy raises it for an INSERT (IntegrityError, OperationalError, ...), so
         # callers that look at the error (a deadlock retried, say) see what they would.
         raise DBAPIError.instance(statement, None, error, driver_error) from error
+
+
+def _processed(
+    row: tuple[Any, ...], processed: list[tuple[int, Callable[[Any], Any]]]
+) -> tuple[Any, ...]:
+    values = list(row)
+    for index, process in processed:
+        values[index] = process(values[index])
+    return tuple(values)
 
 
 @functools.lru_cache(maxsize=512)
