@@ -79,6 +79,13 @@ _RETRIES = 3
 """Attempts of a transaction that PostgreSQL aborted as a deadlock victim."""
 _CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]{1,63})\?(.+)", re.DOTALL)
 """`Type?criteria`: a reference to the one resource the criteria match (http.html#trules)."""
+# References found in a resource's compact JSON (orjson writes no whitespace) by a regex over
+# its bytes rather than by a walk through every element: each transaction entry is looked
+# through twice for conditional references and once to point references at fullUrls, which
+# walks cost more than the entry's validation did. `"reference":"` with unescaped quotes can
+# only be a key and the start of its string value, at any depth, as the walks found them.
+_REFERENCE_VALUE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+_CONDITIONAL_VALUE = re.compile(rb'"reference":"[A-Z][A-Za-z]{1,63}\?')
 
 
 class EntryFailed(FhirError):
@@ -336,12 +343,18 @@ def _search(writer: FacadeWriter, entry: Entry, *, strict: bool) -> None:
     entry.body = searchset_bundle(writer.base, query, page)
 
 
-def _conditional_references(value: Any, where: str = "") -> list[tuple[str, str]]:
+def _conditional_references(value: Any) -> list[tuple[str, str]]:
     """(FHIRPath, reference) of each conditional reference (`Type?criteria`) in a resource."""
+    if value is None or not _CONDITIONAL_VALUE.search(orjson.dumps(value)):
+        return []  # the common case, found without building every element's path
+    return _conditional_references_at(value, "")
+
+
+def _conditional_references_at(value: Any, where: str) -> list[tuple[str, str]]:
     if isinstance(value, list):
         found = []
         for index, item in enumerate(value):
-            found += _conditional_references(item, f"{where}[{index}]")
+            found += _conditional_references_at(item, f"{where}[{index}]")
         return found
     if not isinstance(value, dict):
         return []
@@ -353,7 +366,7 @@ def _conditional_references(value: Any, where: str = "") -> list[tuple[str, str]
             if isinstance(item, str) and _CONDITIONAL_REFERENCE.fullmatch(item):
                 found.append((where, item))
         elif isinstance(item, dict | list):
-            found += _conditional_references(item, f"{where}.{key}")
+            found += _conditional_references_at(item, f"{where}.{key}")
     return found
 
 
@@ -431,19 +444,19 @@ def _planned_id(writer: FacadeWriter, entry: Entry) -> str | None:
     return None
 
 
-def _rewrite(value: Any, targets: dict[str, str]) -> Any:
-    """`value` with every reference to a fullUrl of the Bundle pointed at its resource."""
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if key == "reference" and isinstance(item, str) and item in targets:
-                out[key] = targets[item]
-            else:
-                out[key] = _rewrite(item, targets)
-        return out
-    if isinstance(value, list):
-        return [_rewrite(item, targets) for item in value]
-    return value
+def _rewrite(resource: dict[str, Any], targets: dict[str, str]) -> dict[str, Any]:
+    """A copy of `resource` with every reference to a fullUrl of the Bundle pointed at its
+    resource."""
+
+    def point(match: re.Match[bytes]) -> bytes:
+        raw = match.group(1)
+        reference = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+        target = targets.get(reference)
+        return match.group(0) if target is None else b'"reference":' + orjson.dumps(target)
+
+    data = orjson.dumps(resource)
+    rewritten: dict[str, Any] = orjson.loads(_REFERENCE_VALUE.sub(point, data) if targets else data)
+    return rewritten
 
 
 def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool = False) -> None:

@@ -1465,20 +1465,20 @@ def _storability_issues(resource: dict[str, Any]) -> list[dict[str, Any]]:
     return issues
 
 
+# Reference values found in the compact JSON (orjson writes no whitespace) by a regex over its
+# bytes, not by a walk through every element: this runs on every write. `"reference":"` with
+# unescaped quotes can only be a key and the start of its string value, at any depth.
+_REFERENCE_VALUE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+
+
 def _has_bad_reference(resource: dict[str, Any]) -> bool:
     """Whether a relative reference anywhere in the resource has an id that is not a FHIR id."""
-    stack: list[Any] = [resource]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            reference = value.get("reference")
-            if isinstance(reference, str):
-                match = _RELATIVE.fullmatch(reference)
-                if match is not None and not _ID.fullmatch(match["id"]):
-                    return True
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
+    for match in _REFERENCE_VALUE.finditer(orjson.dumps(resource)):
+        raw = match.group(1)
+        reference = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+        found = _RELATIVE.fullmatch(reference)
+        if found is not None and not _ID.fullmatch(found["id"]):
+            return True
     return False
 
 
