@@ -55,6 +55,8 @@ from service.fhir.writes import (
     RECORD_KINDS,
     Deleted,
     FacadeWriter,
+    IdentifierUpdate,
+    UpdateFailed,
     Written,
     check_deletable,
     check_id,
@@ -62,6 +64,7 @@ from service.fhir.writes import (
     check_writable,
     criteria_key,
     derived_id,
+    identifier_criteria,
     parse_criteria,
     parse_fhirpath_patch,
     parse_if_match,
@@ -504,7 +507,47 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
             outcomes.append(outcome)
         pending.clear()
 
+    # Conditional updates by identifier, checked and waiting to be matched and written
+    # together (the form an EHR's feed takes): one query and one write for a run of them.
+    updates: list[tuple[Entry, IdentifierUpdate]] = []
+
+    def write_updates() -> None:
+        if not updates:
+            return
+        run = list(updates)
+        updates.clear()
+        try:
+            written = writer.conditional_updates_by_identifier([update for _, update in run])
+        except UpdateFailed as failed:
+            entry = run[failed.position][0]
+            raise EntryFailed(entry.index, entry.method, entry.url, failed.error) from None
+        except FhirError as error:
+            entry = run[0][0]
+            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+        if written is None:  # they depend on one another: in turn, as any other entry
+            for entry, _ in run:
+                try:
+                    outcome = _run_entry(writer, entry, strict=strict)
+                except FhirError as error:
+                    raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+                _record(entry, writer.base, outcome)
+                outcomes.append(outcome)
+            return
+        for (entry, _), written_one in zip(run, written, strict=True):
+            _record(entry, writer.base, written_one)
+            outcomes.append(written_one)
+
     for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
+        try:
+            update = _identifier_update(entry)
+        except FhirError as error:
+            write_updates()  # an earlier entry's failure is the one to report
+            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+        if update is not None:
+            write_pending()
+            updates.append((entry, update))
+            continue
+        write_updates()
         try:
             if _plain_create(entry):
                 assert entry.planned_id is not None
@@ -542,7 +585,30 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
         _record(entry, writer.base, outcome)
         outcomes.append(outcome)
     write_pending()
+    write_updates()
     audit_facade_writes(writer.connection, outcomes, subtype="transaction")
+
+
+def _identifier_update(entry: Entry) -> IdentifierUpdate | None:
+    """The entry as a conditional update by one identifier, checked as `_run_entry` checks a
+    conditional PUT; None for any other entry (an If-Match, a record-backed type ...)."""
+    if (
+        entry.method != "PUT"
+        or entry.resource_id is not None
+        or entry.if_match is not None
+        or entry.resource_type in RECORD_KINDS
+        or entry.resource is None
+    ):
+        return None
+    identifier = identifier_criteria(entry.query or "")
+    if identifier is None or entry.resource_type not in STORED_TYPES:
+        return None
+    check_writable(entry.resource_type)
+    given = entry.resource.get("id")
+    resource = resource_body(
+        entry.resource, entry.resource_type, given if isinstance(given, str) else None
+    )
+    return IdentifierUpdate(entry.resource_type, identifier, resource)
 
 
 def _plain_create(entry: Entry, *, conditional: bool = False) -> bool:

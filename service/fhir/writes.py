@@ -50,7 +50,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from fhirpathpy.engine.nodes import ResourceNode
 from fhirpathpy.models import models as fhirpath_models
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select, tuple_
 from starlette.responses import Response
 
 from mappings.care_plan import course_from_care_plan
@@ -71,7 +71,7 @@ from service.fhir.errors import (
     ResourceNotFound,
     UnsupportedMediaType,
 )
-from service.fhir.search import matching_ids
+from service.fhir.search import matching_ids, rows_answering
 from service.fhir.validation import ResourceValidator
 from service.records.materialize import Materializer
 from service.records.models import Diagnosis, Patient, RecordModel, TreatmentCourse
@@ -79,6 +79,7 @@ from service.records.repository import RecordRepository, RecordVersion
 from service.records.service import Outcome, load, repository_lookup, write_record
 from service.security.audit import audit_facade_writes
 from service.store.resources import ResourceRepository, StoredResource, WrittenResource
+from service.store.tables import search_token
 
 WRITE_INTERACTIONS = ("create", "update", "patch", "delete")
 """CapabilityStatement `TypeRestfulInteraction` codes this module implements for stored types."""
@@ -397,31 +398,92 @@ class FacadeWriter:
         """Update the one match; with none create; several are a 412."""
         self.resources.serialize(criteria_key(resource_type, criteria))
         found = self.matching(resource_type, criteria)
-        if len(found) > 1:
-            raise PreconditionFailed(
-                f"the criteria match {len(found)} {resource_type} resources: be more selective"
-            )
-        given = resource.get("id")
-        if given is not None and (not isinstance(given, str) or not _ID.fullmatch(given)):
-            raise FhirError(400, "invalid", "the body's id is not a FHIR id", f"{resource_type}.id")
-        if found:
-            if given is not None and given != found[0]:
-                raise FhirError(
-                    400,
-                    "invalid",
-                    f"the criteria match {resource_type}/{found[0]}, but the body's id is {given}",
-                    expression=f"{resource_type}.id",
-                )
+        target, must_be_new = _conditional_target(resource_type, found, resource)
+        if target is not None:
             return self.update(
-                resource_type, found[0], {**resource, "id": found[0]}, if_match=if_match
+                resource_type,
+                target,
+                {**resource, "id": target},
+                if_match=if_match,
+                must_be_new=must_be_new,
             )
-        if given is not None:
-            # No match, an id given: create it with that id, unless that id exists (and so
-            # did not match the criteria).
-            return self.update(resource_type, given, resource, if_match=if_match, must_be_new=True)
         if if_match is not None:
             raise PreconditionFailed(f"If-Match names a version, but no {resource_type} matches")
         return self.create(resource_type, resource)
+
+    def conditional_updates_by_identifier(
+        self, updates: Sequence[IdentifierUpdate]
+    ) -> list[Written] | None:
+        """Conditional updates by one identifier each, as `conditional_update` would run them one
+        after another, but matched in one query per type and written in one write.
+
+        None, with nothing done but locks taken, when running them together could differ from
+        running them in turn: two name the same identifier or end at the same resource, or one's
+        body carries an identifier another's criteria name. Raises `UpdateFailed` for the first
+        update, in order, that cannot be made. Types kept as records (Patient ...) are not
+        taken here.
+        """
+        criteria = [(u.resource_type, u.identifier) for u in updates]
+        if len(set(criteria)) != len(criteria) or any(
+            key in criteria and key != own
+            for own, update in zip(criteria, updates, strict=True)
+            for key in _identifier_keys(update.resource_type, update.resource)
+        ):
+            return None
+        for update in updates:
+            if update.resource_type in RECORD_KINDS:
+                raise ValueError(f"{update.resource_type} is record-backed")
+            system, value = update.identifier
+            self.resources.serialize(
+                criteria_key(update.resource_type, [("identifier", f"{system}|{value}")])
+            )
+        matches: dict[tuple[str, tuple[str, str]], list[str]] = {}
+        for resource_type in dict.fromkeys(u.resource_type for u in updates):
+            pairs = [u.identifier for u in updates if u.resource_type == resource_type]
+            for pair, ids in identifier_matches(self.connection, resource_type, pairs).items():
+                matches[(resource_type, pair)] = ids
+        planned: list[tuple[dict[str, Any], bool]] = []
+        for position, update in enumerate(updates):
+            found = matches.get((update.resource_type, update.identifier), [])
+            try:
+                target, must_be_new = _conditional_target(
+                    update.resource_type, found, update.resource
+                )
+            except FhirError as error:
+                raise UpdateFailed(position, error) from None
+            resource_id = str(uuid.uuid4()) if target is None else target
+            planned.append(({**update.resource, "id": resource_id}, must_be_new))
+        keys = [(str(r["resourceType"]), str(r["id"])) for r, _ in planned]
+        if len(set(keys)) != len(keys):
+            return None
+        for (_, must_be_new), key in zip(planned, keys, strict=True):
+            if must_be_new:  # an id the client chose, which may not exist yet: as `lock` does
+                self.resources.serialize(f"{key[0]}/{key[1]}")
+        current = self.resources.lock_many(keys)
+        for position, ((resource, must_be_new), key) in enumerate(zip(planned, keys, strict=True)):
+            before = current.get(key)
+            try:
+                if must_be_new and before is not None and not before.deleted:
+                    raise ResourceConflict(
+                        f"{key[0]}/{key[1]} exists but does not match the criteria",
+                        f"{key[0]}.id",
+                    )
+                if before is not None:
+                    self._check_not_maintained(before)
+                self._check_valid(resource)
+            except FhirError as error:
+                raise UpdateFailed(position, error) from None
+        written = {
+            w.key: w for w in self.resources.write([r for r, _ in planned], now=datetime.now(UTC))
+        }
+        outcomes = []
+        for key in keys:
+            before = current.get(key)
+            # Nothing written: the content is the current version's, which `before` holds.
+            stored = _stored(written[key]) if key in written else before
+            assert stored is not None  # written, or current and unchanged
+            outcomes.append(Written(stored, created=before is None or before.deleted))
+        return outcomes
 
     # patch ----------------------------------------------------------------------------------
 
@@ -782,6 +844,98 @@ def run_write(
         audit_facade_writes(uow.connection, [result])  # with the change, in its transaction
         uow.commit()
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifierUpdate:
+    """A conditional update whose criteria are one identifier: `Type?identifier=system|value`."""
+
+    resource_type: str
+    identifier: tuple[str, str]
+    resource: dict[str, Any]
+
+
+class UpdateFailed(Exception):
+    """One of several updates made together could not be made."""
+
+    def __init__(self, position: int, error: FhirError) -> None:
+        super().__init__(error.diagnostics)
+        self.position = position
+        self.error = error
+
+
+def identifier_criteria(criteria: str) -> tuple[str, str] | None:
+    """(system, value) of criteria that are one `identifier=system|value` and nothing else."""
+    params = parse_qsl(criteria, keep_blank_values=True)
+    if len(params) != 1 or params[0][0] != "identifier":
+        return None
+    system, bar, value = params[0][1].partition("|")
+    if not bar or not system or not value or "," in params[0][1] or "\\" in params[0][1]:
+        return None
+    return system, value
+
+
+def identifier_matches(
+    connection: Connection, resource_type: str, identifiers: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], list[str]]:
+    """The ids of the current resources of each identifier (system, value), in id order, two at
+    most: what `matching_ids` finds for `identifier=system|value`, for many in one query."""
+    found: dict[tuple[str, str], list[str]] = {}
+    wanted = sorted(set(identifiers))
+    t = search_token
+    for start in range(0, len(wanted), 500):
+        query = (
+            select(t.c.system, t.c.code, t.c.resource_id)
+            .where(
+                t.c.resource_type == resource_type,
+                rows_answering(t, resource_type, "identifier"),
+                tuple_(t.c.system, t.c.code).in_(wanted[start : start + 500]),
+            )
+            .distinct()
+            .order_by(t.c.system, t.c.code, t.c.resource_id)
+        )
+        for system, code, found_id in connection.execute(query):
+            ids = found.setdefault((system, code), [])
+            if len(ids) < 2:
+                ids.append(found_id)
+    return found
+
+
+def _identifier_keys(
+    resource_type: str, resource: dict[str, Any]
+) -> list[tuple[str, tuple[str, str]]]:
+    return [
+        (resource_type, (identifier["system"], identifier["value"]))
+        for identifier in _identifiers(resource)
+        if isinstance(identifier.get("system"), str) and isinstance(identifier.get("value"), str)
+    ]
+
+
+def _conditional_target(
+    resource_type: str, found: list[str], resource: dict[str, Any]
+) -> tuple[str | None, bool]:
+    """Where a conditional update of `resource` goes, given the ids its criteria matched: the
+    id to update (and whether it must be new: a client's id that matched nothing), or None for
+    a create."""
+    if len(found) > 1:
+        raise PreconditionFailed(
+            f"the criteria match {len(found)} {resource_type} resources: be more selective"
+        )
+    given = resource.get("id")
+    if given is not None and (not isinstance(given, str) or not _ID.fullmatch(given)):
+        raise FhirError(400, "invalid", "the body's id is not a FHIR id", f"{resource_type}.id")
+    if found:
+        if given is not None and given != found[0]:
+            raise FhirError(
+                400,
+                "invalid",
+                f"the criteria match {resource_type}/{found[0]}, but the body's id is {given}",
+                expression=f"{resource_type}.id",
+            )
+        return found[0], False
+    # No match, an id given: create it with that id, unless that id exists (and so did not
+    # match the criteria).
+    return (given, True) if given is not None else (None, False)
 
 
 def _stored(written: WrittenResource) -> StoredResource:

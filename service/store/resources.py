@@ -393,6 +393,30 @@ class ResourceRepository:
         ).first()
         return None if row is None else StoredResource(*row)
 
+    def lock_many(self, keys: Collection[Key]) -> dict[Key, StoredResource]:
+        """The current versions of `keys` that exist, each locked as `lock` locks one: one
+        query for them all (ids that may not exist yet are `serialize`d by the caller)."""
+        wanted = sorted(set(keys))
+        found: dict[Key, StoredResource] = {}
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            query = (
+                select(
+                    resources.c.resource_type,
+                    resources.c.id,
+                    resources.c.version,
+                    resources.c.last_updated,
+                    resources.c.deleted,
+                    resources.c.body,
+                )
+                .where(tuple_(resources.c.resource_type, resources.c.id).in_(chunk))
+                .order_by(resources.c.resource_type, resources.c.id)
+                .with_for_update()
+            )
+            for row in self._connection.execute(query):
+                found[(row.resource_type, row.id)] = StoredResource(*row)
+        return found
+
     def serialize(self, name: str) -> None:
         """Queue this transaction behind any other holding `name` (PostgreSQL), until it ends."""
         if self._connection.dialect.name != "postgresql":
