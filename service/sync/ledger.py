@@ -466,6 +466,63 @@ def record_remote(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteEntry:
+    """What `record_remote` records for one resource (None leaves a version as it is)."""
+
+    key: Key
+    remote_type: str
+    remote_id: str
+    remote_version: str | None = None
+    pushed_version: int | None = None
+    origin_version: int | None = None
+
+
+_VERSIONS = ("remote_version", "pushed_version", "origin_version")
+
+
+def record_remotes(
+    connection: Connection, destination: str, entries: Sequence[RemoteEntry], *, now: datetime
+) -> None:
+    """`record_remote` for many resources in one statement, as if recorded one after another:
+    a delivered batch's ledger entries, without building a statement per resource."""
+    merged: dict[Key, dict[str, Any]] = {}
+    for entry in entries:
+        values = merged.setdefault(entry.key, dict.fromkeys(_VERSIONS))
+        values |= {"remote_type": entry.remote_type, "remote_id": entry.remote_id}
+        for name in _VERSIONS:
+            if getattr(entry, name) is not None:
+                values[name] = getattr(entry, name)
+    if not merged:
+        return
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(sync_ledger)
+    connection.execute(
+        statement.on_conflict_do_update(
+            index_elements=["destination", "resource_type", "resource_id"],
+            set_={
+                "remote_type": statement.excluded.remote_type,
+                "remote_id": statement.excluded.remote_id,
+                "updated_at": statement.excluded.updated_at,
+            }
+            | {
+                name: func.coalesce(statement.excluded[name], sync_ledger.c[name])
+                for name in _VERSIONS
+            },
+        ),
+        [
+            {
+                "destination": destination,
+                "resource_type": key[0],
+                "resource_id": key[1],
+                "updated_at": now,
+            }
+            | values
+            for key, values in merged.items()
+        ],
+    )
+
+
 # --- dead letters, status ---------------------------------------------------------------------
 
 

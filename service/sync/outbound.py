@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from service.records.models import Assessment, InfusionSession, RecordModel
 from service.sync.client import parse_location
@@ -31,17 +33,27 @@ class UnresolvedPatient(Exception):
     """The resource names a Patient the EHR has no match for."""
 
 
-def references(value: Any) -> Iterator[dict[str, Any]]:
-    """Every Reference-like object (a dict with a string `reference`) inside a resource."""
-    if isinstance(value, dict):
-        if isinstance(value.get("reference"), str):
-            yield value
-        for key, item in value.items():
-            if key != "contained":
-                yield from references(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from references(item)
+def references(value: Any) -> list[dict[str, Any]]:
+    """Every Reference-like object (a dict with a string `reference`) inside a resource, in
+    document order, outside `contained`.
+
+    Iterative, not a recursive generator: every delivered resource is looked through, twice.
+    """
+    found: list[dict[str, Any]] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("reference"), str):
+                found.append(item)
+            stack.extend(
+                child
+                for key, child in reversed(item.items())
+                if key != "contained" and isinstance(child, dict | list)
+            )
+        elif isinstance(item, list):
+            stack.extend(child for child in reversed(item) if isinstance(child, dict | list))
+    return found
 
 
 def relative_key(reference: str) -> Key | None:
@@ -126,11 +138,8 @@ def bundle_full_url(key: Key) -> str:
 
 
 def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
+    """A deep copy of JSON (orjson's round trip: several times `copy.deepcopy`'s speed)."""
+    return orjson.loads(orjson.dumps(value))
 
 
 # --- the DocumentReference fallback -----------------------------------------------------------

@@ -279,17 +279,17 @@ class DeliveryWorker:
         done = 0
         with self.database.unit_of_work(write=True) as uow:
             connection = uow.connection
-            for key, remote_type, remote_id, version, pushed in results.ledger:
-                store.record_remote(
-                    connection,
-                    name,
-                    key,
-                    remote_type=remote_type,
-                    remote_id=remote_id,
-                    remote_version=version,
-                    pushed_version=pushed,
-                    now=now,
-                )
+            store.record_remotes(
+                connection,
+                name,
+                [
+                    store.RemoteEntry(
+                        key, remote_type, remote_id, remote_version=version, pushed_version=pushed
+                    )
+                    for key, remote_type, remote_id, version, pushed in results.ledger
+                ],
+                now=now,
+            )
             by_strategy: dict[str, list[Delivery]] = {}
             for work, strategy in results.delivered:
                 by_strategy.setdefault(strategy, []).extend(work.covers)

@@ -170,3 +170,44 @@ def ledger_now() -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC)
+
+
+def test_ledger_entries_recorded_together_are_those_recorded_in_turn(services: Services) -> None:
+    """`record_remotes` (a delivered batch's entries in one statement) leaves what
+    `record_remote` one after another leaves, a None keeping the version there was."""
+    from datetime import UTC, datetime
+
+    one, together = f"one-{uuid.uuid4().hex[:8]}", f"together-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    first, second = ("Observation", uuid.uuid4().hex), ("Encounter", uuid.uuid4().hex)
+    steps = [
+        [ledger.RemoteEntry(first, "Observation", "r1", remote_version="1", pushed_version=1)],
+        [
+            ledger.RemoteEntry(first, "Observation", "r1", pushed_version=2),
+            ledger.RemoteEntry(second, "Encounter", "e1", remote_version="3"),
+            ledger.RemoteEntry(second, "Encounter", "e2", origin_version=4),
+        ],
+    ]
+    with services.database.unit_of_work() as uow:
+        for batch in steps:
+            for entry in batch:
+                ledger.record_remote(
+                    uow.connection,
+                    one,
+                    entry.key,
+                    remote_type=entry.remote_type,
+                    remote_id=entry.remote_id,
+                    remote_version=entry.remote_version,
+                    pushed_version=entry.pushed_version,
+                    origin_version=entry.origin_version,
+                    now=now,
+                )
+            ledger.record_remotes(uow.connection, together, batch, now=now)
+        uow.commit()
+    with services.database.unit_of_work(write=False) as uow:
+        rows = {
+            name: ledger.ledger(uow.connection, name, [first, second]) for name in (one, together)
+        }
+    assert rows[one] == rows[together]
+    assert rows[one][first] == ledger.LedgerEntry("Observation", "r1", "1", 2, None)
+    assert rows[one][second] == ledger.LedgerEntry("Encounter", "e2", "3", None, 4)
