@@ -46,13 +46,17 @@ def references(value: Any) -> list[dict[str, Any]]:
         if isinstance(item, dict):
             if isinstance(item.get("reference"), str):
                 found.append(item)
-            stack.extend(
+            children = [
                 child
-                for key, child in reversed(item.items())
+                for key, child in item.items()
                 if key != "contained" and isinstance(child, dict | list)
-            )
+            ]
         elif isinstance(item, list):
-            stack.extend(child for child in reversed(item) if isinstance(child, dict | list))
+            children = [child for child in item if isinstance(child, dict | list)]
+        else:
+            continue
+        children.reverse()  # popped first to last: document order
+        stack += children
     return found
 
 
