@@ -315,6 +315,16 @@ sync_destinations = Table(
 )
 """Per destination: how far the outbox is fanned out, the strategies, the care-plan cursors."""
 
+sync_pull_cursors = Table(
+    "sync_pull_cursors",
+    metadata,
+    Column("destination", String(64), primary_key=True),
+    Column("remote_patient_id", String(64), primary_key=True, comment="The EHR's Patient id."),
+    Column("cursor", String(64), nullable=False, comment="Newest _lastUpdated pulled."),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+"""Care-plan cursors of destinations polled per patient (`care_plan_sync.by_patient`)."""
+
 sync_deliveries = Table(
     "sync_deliveries",
     metadata,

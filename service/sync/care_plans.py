@@ -1,10 +1,13 @@
 """Care-plan sync from an EHR: pulled CarePlans merged into the courses they plan.
 
 Plans arrive two ways: the worker polls `CarePlan?_lastUpdated=ge<cursor>` (optionally by
-category), and EHRs send R4 Subscriptions Backport notifications (a `history` Bundle whose first
+category) or, for EHRs that search CarePlans only within a patient (`by_patient`),
+`CarePlan?patient=<id>&_lastUpdated=ge<its cursor>` for each EHR Patient delivery has matched,
+and EHRs send R4 Subscriptions Backport notifications (a `history` Bundle whose first
 entry is the status Parameters) to `POST /api/v1/sync/notifications/{destination}`. A handshake
 starts the event count, a heartbeat or event-notification whose event number skips ahead marks a
-catch-up poll as due; full-resource notifications are applied at once.
+catch-up poll (of every patient, with `by_patient`) as due; full-resource notifications are
+applied at once.
 
 A pulled plan goes through `mappings.care_plan.course_from_care_plan` and is merged field by
 field with the course (`merge`): the EHR owns the plan (status, period, schedule and dose order,
@@ -37,7 +40,7 @@ from service.records.service import load, repository_lookup, write_record
 from service.store.db import Database
 from service.store.tables import search_token
 from service.sync import ledger as store
-from service.sync.client import EhrClient
+from service.sync.client import DeliveryError, EhrClient
 from service.sync.destinations import Destination
 from service.sync.outbound import references, relative_key
 
@@ -136,6 +139,14 @@ def parse_notification(bundle: Any) -> Notification:
     return Notification(str(kind), since, tuple(sorted(numbers)), resources)
 
 
+@dataclass(frozen=True)
+class _Pulled:
+    seen: int
+    changed: int
+    cursor: str | None
+    """The newest `lastUpdated` seen, or the cursor searched from."""
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -172,13 +183,92 @@ class CarePlanSync:
         return self.poll(destination, client) if due else 0
 
     def poll(self, destination: Destination, client: EhrClient) -> int:
-        """Pull CarePlans changed since the cursor; how many changed a course."""
+        """Pull CarePlans changed since the cursor, or each patient's; how many changed a course.
+
+        With `by_patient`, a patient whose search fails keeps its cursor and is searched again
+        at the next poll; the others' progress is saved as each one is done.
+        """
+        config = destination.care_plan_sync
+        by_patient = config is not None and config.by_patient
+        name = destination.name
         with self.database.unit_of_work(write=True) as uow:
             store.ensure_destinations(uow.connection, [destination])
-            state = store.destination_state(uow.connection, destination.name)
+            state = store.destination_state(uow.connection, name)
+            patients = store.patient_cursors(uow.connection, name) if by_patient else []
             uow.commit()
-        cursor = state.care_plan_cursor if state is not None else None
+        started = self.clock()
+        values: dict[str, Any] = {"last_pull_at": started, "pull_requested": False}
+        if by_patient:
+            seen, changed, failed = self._poll_patients(destination, client, patients)
+        else:
+            pulled = self._pull(
+                destination, client, state.care_plan_cursor if state is not None else None
+            )
+            seen, changed, failed = pulled.seen, pulled.changed, 0
+            values["care_plan_cursor"] = pulled.cursor
+        with self.database.unit_of_work(write=True) as uow:
+            store.update_destination(uow.connection, name, **values)
+            uow.commit()
+        log.info(
+            "care plans polled",
+            extra={
+                "destination": name,
+                "patients": len(patients) if by_patient else None,
+                "failed": failed,
+                "seen": seen,
+                "changed": changed,
+            },
+        )
+        return changed
+
+    def _poll_patients(
+        self,
+        destination: Destination,
+        client: EhrClient,
+        patients: list[tuple[str, str | None]],
+    ) -> tuple[int, int, int]:
+        """Pull each EHR Patient's changed CarePlans; (seen, changed, patients failed)."""
+        name = destination.name
+        seen = changed = failed = 0
+        for remote_patient, cursor in patients:
+            try:
+                pulled = self._pull(destination, client, cursor, patient=remote_patient)
+            except DeliveryError as error:
+                failed += 1
+                log.warning(
+                    "care plans of Patient/%s from %s not polled: %s",
+                    remote_patient,
+                    name,
+                    error.message,
+                    extra={
+                        "destination": name,
+                        "patient": f"Patient/{remote_patient}",
+                        "status": error.status,
+                    },
+                )
+                continue
+            seen += pulled.seen
+            changed += pulled.changed
+            if pulled.cursor is not None and pulled.cursor != cursor:
+                with self.database.unit_of_work(write=True) as uow:
+                    store.save_patient_cursor(
+                        uow.connection, name, remote_patient, pulled.cursor, now=self.clock()
+                    )
+                    uow.commit()
+        return seen, changed, failed
+
+    def _pull(
+        self,
+        destination: Destination,
+        client: EhrClient,
+        cursor: str | None,
+        *,
+        patient: str | None = None,
+    ) -> _Pulled:
+        """Search CarePlans changed since `cursor` (of one EHR Patient) and apply each."""
         params = [("_sort", "_lastUpdated"), ("_count", "100")]
+        if patient is not None:
+            params.insert(0, ("patient", patient))
         if cursor:
             # ge, not gt: plans sharing the cursor's instant are seen again, and skipped by
             # their version id.
@@ -186,7 +276,6 @@ class CarePlanSync:
         config = destination.care_plan_sync
         if config is not None and config.category:
             params.append(("category", config.category))
-        started = self.clock()
         plans = client.search("CarePlan", params)
         changed = 0
         newest = cursor
@@ -197,20 +286,7 @@ class CarePlanSync:
                 newest is None or _instant(updated) > _instant(newest)
             ):
                 newest = updated
-        with self.database.unit_of_work(write=True) as uow:
-            store.update_destination(
-                uow.connection,
-                destination.name,
-                care_plan_cursor=newest,
-                last_pull_at=started,
-                pull_requested=False,
-            )
-            uow.commit()
-        log.info(
-            "care plans polled",
-            extra={"destination": destination.name, "seen": len(plans), "changed": changed},
-        )
-        return changed
+        return _Pulled(seen=len(plans), changed=changed, cursor=newest)
 
     # notifications -------------------------------------------------------------------------
 

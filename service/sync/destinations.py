@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
 
 
 class DestinationsError(ValueError):
@@ -74,9 +82,16 @@ class PatientMatching(_Strict):
 
 
 class CarePlanSync(_Strict):
+    """How CarePlans are pulled back from the EHR: polled, and from Subscription notifications."""
+
     poll_interval_seconds: float = Field(default=60, gt=0)
     category: str | None = None
     """Poll `CarePlan?category=` (token) rather than every CarePlan."""
+    by_patient: StrictBool = False
+    """Poll `CarePlan?patient=<EHR id>` for each patient matched in this EHR, each with its own
+    `_lastUpdated` cursor, for EHRs that search CarePlans only within a patient (Epic, Oracle
+    Health). The patients are those delivery has matched to an EHR Patient; off: one search of
+    every CarePlan, one cursor."""
     notification_token: str | None = None
     """When set, Subscription notifications must carry `Authorization: Bearer <token>`."""
 

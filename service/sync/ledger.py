@@ -40,6 +40,7 @@ from service.store.tables import (
     sync_destinations,
     sync_lanes,
     sync_ledger,
+    sync_pull_cursors,
 )
 from service.sync.destinations import Destination
 
@@ -523,6 +524,52 @@ def record_remotes(
     )
 
 
+# --- care-plan cursors per patient -------------------------------------------------------------
+
+
+def patient_cursors(connection: Connection, destination: str) -> list[tuple[str, str | None]]:
+    """The EHR Patient ids delivery matched for `destination`, each with its care-plan cursor
+    (None: never pulled), in id order."""
+    matched = (
+        select(sync_ledger.c.remote_id)
+        .where(
+            sync_ledger.c.destination == destination,
+            sync_ledger.c.resource_type == "Patient",
+            sync_ledger.c.remote_type == "Patient",
+        )
+        .distinct()
+        .subquery()
+    )
+    rows = connection.execute(
+        select(matched.c.remote_id, sync_pull_cursors.c.cursor)
+        .select_from(matched)
+        .outerjoin(
+            sync_pull_cursors,
+            and_(
+                sync_pull_cursors.c.destination == destination,
+                sync_pull_cursors.c.remote_patient_id == matched.c.remote_id,
+            ),
+        )
+        .order_by(matched.c.remote_id)
+    )
+    return [(row.remote_id, row.cursor) for row in rows]
+
+
+def save_patient_cursor(
+    connection: Connection, destination: str, remote_patient_id: str, cursor: str, *, now: datetime
+) -> None:
+    values = {"cursor": cursor, "updated_at": now}
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(sync_pull_cursors).values(
+        destination=destination, remote_patient_id=remote_patient_id, **values
+    )
+    connection.execute(
+        statement.on_conflict_do_update(
+            index_elements=["destination", "remote_patient_id"], set_=values
+        )
+    )
+
+
 # --- dead letters, status ---------------------------------------------------------------------
 
 
@@ -621,6 +668,13 @@ def status(
             .group_by(sync_conflicts.c.destination)
         ).all()
     )
+    patient_cursors_of: dict[str, int] = dict(
+        connection.execute(
+            select(sync_pull_cursors.c.destination, func.count()).group_by(
+                sync_pull_cursors.c.destination
+            )
+        ).all()
+    )
     state_rows = {row.name: row for row in connection.execute(select(sync_destinations)).all()}
     out = []
     for destination in destinations:
@@ -649,6 +703,7 @@ def status(
                 "last_error": row.last_error if row else None,
                 "strategies": orjson.loads(row.strategies) if row and row.strategies else {},
                 "care_plan_cursor": row.care_plan_cursor if row else None,
+                "care_plan_patient_cursors": int(patient_cursors_of.get(name, 0)),
                 "last_pull_at": _iso(row.last_pull_at) if row else None,
                 "subscription_events": row.subscription_events if row else None,
             }

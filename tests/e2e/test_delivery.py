@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from starlette.requests import Request
+from starlette.responses import Response
 
 from service.app import create_app
 from service.bootstrap import Services, bootstrap, ehr_clients
@@ -29,6 +31,7 @@ from service.records.service import parse_record, put_record
 from service.store.tables import resources as resources_table
 from service.sync import ledger
 from service.sync.care_plans import CarePlanSync
+from service.sync.client import PermanentFailure
 from service.sync.destinations import Destination, parse_destinations
 from service.sync.outbound import business_identifier
 from service.sync.worker import DeliveryWorker, WorkerSettings
@@ -594,6 +597,244 @@ def test_subscription_notifications_apply_plans_and_a_gap_asks_for_a_catch_up(
         assert state.pull_requested is True
         assert stored is not None
         assert orjson.loads(stored.body)["status"] == "completed"
+
+
+# --- care plans polled per patient (care_plan_sync.by_patient) ------------------------------------
+
+CARE_PLAN_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category|assess-plan"
+
+
+class PatientScopedEhr(RestrictedEhr):
+    """A `RestrictedEhr` that searches CarePlans only within a patient, as Epic and Oracle Health
+    do: 400 for a search that names no patient (a lookup by identifier, as delivery makes before
+    a create, is let through). Keeps the parameters of each CarePlan search that is no such
+    lookup; a search of a patient in `failing` answers `failing_status`."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.care_plan_searches: list[dict[str, str]] = []
+        self.failing: set[str] = set()
+        self.failing_status = 503
+
+    async def search_or_create(self, request: Request) -> Response:
+        query = dict(request.query_params)
+        if (
+            request.method == "GET"
+            and request.path_params["type"] == "CarePlan"
+            and "identifier" not in query
+        ):
+            self.care_plan_searches.append(query)
+            if "patient" not in query:
+                return _operation_outcome(400, "CarePlan searches need a patient", "required")
+            if query["patient"] in self.failing:
+                return _operation_outcome(self.failing_status, "not now", "transient")
+        return await super().search_or_create(request)
+
+
+def _operation_outcome(status: int, text: str, code: str) -> Response:
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+    }
+    return Response(orjson.dumps(body), status_code=status, media_type="application/fhir+json")
+
+
+def by_patient_setup(
+    clinic_services: Services, ehr: PatientScopedEhr, base: str
+) -> tuple[Destination, DeliveryWorker, list[tuple[factory.Clinic, str]]]:
+    """A destination polled per patient, a worker delivering to it, and two patients whose plans
+    it pushed to the EHR: each clinic with its EHR Patient id."""
+    ehr.base = base
+    target = destination(
+        base,
+        send="[CarePlan]",
+        extra="    care_plan_sync: {poll_interval_seconds: 3600, by_patient: true,\n"
+        f'                     category: "{CARE_PLAN_CATEGORY}"}}',
+    )
+    # The worker only delivers: the tests poll when they mean to.
+    worker = worker_for(clinic_services, target.model_copy(update={"care_plan_sync": None}))
+    clinics = [_restricted_setup(clinic_services, ehr, with_encounter=False) for _ in range(2)]
+    drain(worker, clinic_services, target)
+    pairs = []
+    for clinic in clinics:
+        (value,) = [i["value"] for i in clinic.patient["ehr_identifiers"]]
+        (patient,) = [p for p in ehr.of("Patient") if p["identifier"][0]["value"] == value]
+        pairs.append((clinic, patient["id"]))
+    return target, worker, pairs
+
+
+def plan_of(ehr: RestrictedEhr, patient_id: str) -> dict[str, Any]:
+    (plan,) = [
+        p for p in ehr.of("CarePlan") if p["subject"]["reference"] == f"Patient/{patient_id}"
+    ]
+    return plan
+
+
+def patient_cursors(services: Services, target: Destination) -> dict[str, str | None]:
+    with services.database.unit_of_work(write=False) as uow:
+        return dict(ledger.patient_cursors(uow.connection, target.name))
+
+
+def course_of(services: Services, clinic: factory.Clinic) -> tuple[int, dict[str, Any]]:
+    """The course's record version and body."""
+    from service.records.repository import RecordRepository
+
+    with services.database.unit_of_work(write=False) as uow:
+        stored = RecordRepository(uow.connection).get("course", clinic.course["external_id"])
+    assert stored is not None
+    return stored.version, orjson.loads(stored.body)
+
+
+def test_care_plans_are_polled_per_patient_where_the_ehr_searches_them_only_within_one(
+    clinic_services: Services,
+) -> None:
+    ehr = PatientScopedEhr(writable=frozenset({"CarePlan"}), updatable=frozenset({"CarePlan"}))
+    with serve_in_thread(ehr.app) as base:
+        target, worker, pairs = by_patient_setup(clinic_services, ehr, base)
+        (first, first_id), (second, second_id) = pairs
+        sync, client = worker.care_plans, worker.clients[target.name]
+        try:
+            # One search of every CarePlan is what this EHR refuses.
+            assert target.care_plan_sync is not None
+            everything = target.model_copy(
+                update={
+                    "care_plan_sync": target.care_plan_sync.model_copy(update={"by_patient": False})
+                }
+            )
+            with pytest.raises(PermanentFailure) as refusal:
+                sync.poll(everything, client)
+            assert refusal.value.status == 400
+            ehr.care_plan_searches.clear()
+            # What the worker pushed is not pulled back as new; each patient gets a cursor.
+            assert sync.poll(target, client) == 0
+            assert ehr.care_plan_searches == [
+                {
+                    "patient": patient_id,
+                    "_sort": "_lastUpdated",
+                    "_count": "100",
+                    "category": CARE_PLAN_CATEGORY,
+                }
+                for patient_id in sorted([first_id, second_id])
+            ]
+            pushed = {p: plan_of(ehr, p)["meta"]["lastUpdated"] for p in (first_id, second_id)}
+            assert patient_cursors(clinic_services, target) == pushed
+            # The EHR puts both plans on hold: each patient's search brings its plan.
+            for patient_id in (first_id, second_id):
+                ehr.change("CarePlan", plan_of(ehr, patient_id)["id"], status="on-hold")
+            assert sync.poll(target, client) == 2
+            for clinic in (first, second):
+                assert course_of(clinic_services, clinic)[1]["status"] == "on_hold"
+            held = {p: plan_of(ehr, p)["meta"]["lastUpdated"] for p in (first_id, second_id)}
+            assert patient_cursors(clinic_services, target) == held
+            # Nothing new: nothing changes, each search starts at its patient's cursor.
+            versions = [course_of(clinic_services, c)[0] for c in (first, second)]
+            ehr.care_plan_searches.clear()
+            assert sync.poll(target, client) == 0
+            assert [course_of(clinic_services, c)[0] for c in (first, second)] == versions
+            assert patient_cursors(clinic_services, target) == held
+            assert sorted(
+                (s["patient"], s["_lastUpdated"]) for s in ehr.care_plan_searches
+            ) == sorted((p, f"ge{cursor}") for p, cursor in held.items())
+            # One patient's plan changes: only that patient's cursor moves.
+            ehr.change("CarePlan", plan_of(ehr, first_id)["id"], status="active")
+            assert sync.poll(target, client) == 1
+            assert course_of(clinic_services, first)[1]["status"] == "active"
+            assert course_of(clinic_services, second)[1]["status"] == "on_hold"
+            assert patient_cursors(clinic_services, target) == {
+                first_id: plan_of(ehr, first_id)["meta"]["lastUpdated"],
+                second_id: held[second_id],
+            }
+            assert held[first_id] < plan_of(ehr, first_id)["meta"]["lastUpdated"]
+            assert status_of(clinic_services, target)["care_plan_patient_cursors"] == 2
+        finally:
+            worker.close()
+
+
+@pytest.mark.parametrize("failing_status", [403, 503])
+def test_a_patients_failed_care_plan_search_keeps_its_cursor_and_not_the_others_progress(
+    clinic_services: Services, failing_status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    ehr = PatientScopedEhr(writable=frozenset({"CarePlan"}), updatable=frozenset({"CarePlan"}))
+    ehr.failing_status = failing_status
+    with serve_in_thread(ehr.app) as base:
+        target, worker, pairs = by_patient_setup(clinic_services, ehr, base)
+        (first, first_id), (second, second_id) = pairs
+        sync, client = worker.care_plans, worker.clients[target.name]
+        try:
+            assert sync.poll(target, client) == 0
+            before = patient_cursors(clinic_services, target)
+            for patient_id in (first_id, second_id):
+                ehr.change("CarePlan", plan_of(ehr, patient_id)["id"], status="on-hold")
+            ehr.failing = {first_id}
+            with caplog.at_level("WARNING", logger="service.sync.care_plans"):
+                assert sync.poll(target, client) == 1
+            assert course_of(clinic_services, first)[1]["status"] == "active"
+            assert course_of(clinic_services, second)[1]["status"] == "on_hold"
+            assert patient_cursors(clinic_services, target) == {
+                first_id: before[first_id],
+                second_id: plan_of(ehr, second_id)["meta"]["lastUpdated"],
+            }
+            assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+                f"care plans of Patient/{first_id} from {target.name} not polled: "
+                f"GET /CarePlan answered {failing_status}"
+            ]
+            # The next poll searches it again from its cursor.
+            ehr.failing = set()
+            ehr.care_plan_searches.clear()
+            assert sync.poll(target, client) == 1
+            assert course_of(clinic_services, first)[1]["status"] == "on_hold"
+            assert {s["patient"]: s["_lastUpdated"] for s in ehr.care_plan_searches} == {
+                first_id: f"ge{before[first_id]}",
+                second_id: f"ge{plan_of(ehr, second_id)['meta']['lastUpdated']}",
+            }
+            assert patient_cursors(clinic_services, target) == {
+                p: plan_of(ehr, p)["meta"]["lastUpdated"] for p in (first_id, second_id)
+            }
+        finally:
+            worker.close()
+
+
+def test_a_notification_gap_makes_a_catch_up_poll_of_every_patient(
+    clinic_services: Services,
+) -> None:
+    ehr = PatientScopedEhr(writable=frozenset({"CarePlan"}), updatable=frozenset({"CarePlan"}))
+    with serve_in_thread(ehr.app) as base:
+        target, worker, pairs = by_patient_setup(clinic_services, ehr, base)
+        sync, client = worker.care_plans, worker.clients[target.name]
+        try:
+            assert sync.poll(target, client) == 0
+            for _, patient_id in pairs:
+                ehr.change("CarePlan", plan_of(ehr, patient_id)["id"], status="on-hold")
+            ehr.care_plan_searches.clear()
+            assert sync.poll_if_due(target, client) == 0  # the next poll is an hour away
+            assert ehr.care_plan_searches == []
+
+            def status(kind: str, events: int) -> dict[str, Any]:
+                parameters = [
+                    {"name": "type", "valueCode": kind},
+                    {"name": "events-since-subscription-start", "valueString": str(events)},
+                ]
+                return {
+                    "resourceType": "Bundle",
+                    "type": "history",
+                    "entry": [
+                        {"resource": {"resourceType": "Parameters", "parameter": parameters}}
+                    ],
+                }
+
+            sync.notify(target, status("handshake", 0))
+            assert sync.notify(target, status("heartbeat", 2))["catch_up"] is True
+            assert sync.poll_if_due(target, client) == 2
+            assert sorted(s["patient"] for s in ehr.care_plan_searches) == sorted(
+                p for _, p in pairs
+            )
+            for clinic, _ in pairs:
+                assert course_of(clinic_services, clinic)[1]["status"] == "on_hold"
+            ehr.care_plan_searches.clear()
+            assert sync.poll_if_due(target, client) == 0
+            assert ehr.care_plan_searches == []
+        finally:
+            worker.close()
 
 
 def test_dead_letters_through_the_api_and_the_cli(

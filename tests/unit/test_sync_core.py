@@ -83,11 +83,33 @@ _F = "base_url: 'http://f'"
             "unique",
         ),
         (": : :", "not YAML"),
+        (
+            f"destinations: [{{name: x, {_F}, {_M}, care_plan_sync: {{by_patient: often}}}}]",
+            "care_plan_sync.by_patient: Input should be a valid boolean",
+        ),
+        (
+            f"destinations: [{{name: x, {_F}, {_M}, care_plan_sync: {{by_patient: 1}}}}]",
+            "care_plan_sync.by_patient: Input should be a valid boolean",
+        ),
     ],
 )
 def test_a_bad_destinations_file_names_the_problem(text: str, problem: str) -> None:
     with pytest.raises(DestinationsError, match=problem):
         parse_destinations(text)
+
+
+def test_care_plans_may_be_polled_per_patient() -> None:
+    on, off = parse_destinations(
+        f"""
+destinations:
+  - {{name: epic, {_F}, {_M}, care_plan_sync: {{by_patient: true}}}}
+  - {{name: hapi, {_F}, {_M}, care_plan_sync: {{poll_interval_seconds: 30}}}}
+"""
+    )
+    assert on.care_plan_sync is not None
+    assert on.care_plan_sync.by_patient
+    assert off.care_plan_sync is not None
+    assert not off.care_plan_sync.by_patient
 
 
 def _statement(resources: list[dict[str, Any]], *, transaction: bool = False) -> dict[str, Any]:
