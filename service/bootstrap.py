@@ -21,6 +21,7 @@ from mappings.terminology import load_terminology
 from service.config import Settings
 from service.fhir.profile_validation import ProfileValidator, default_validator
 from service.fhir.validation import ResourceValidator
+from service.logs import configure_logging
 from service.records.materialize import Materializer
 from service.security.access import Limits
 from service.security.audit import AuditWriter
@@ -126,12 +127,7 @@ def bootstrap(
     http: httpx.Client | None = None,
 ) -> Services:
     settings = settings or Settings()
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    # httpx logs every URL it calls at INFO (JWK Sets, EHR resources by id): not in our logs.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, settings.log_format)
     database = database or Database(
         settings.database_url,
         pool_size=settings.database_pool_size,

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
         "write waits for SQLite's lock; past it the request is a 503 and nothing is written.",
     )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: one line per event, its ids as key=value; json: one object per line.",
+    )
     destinations_file: Path | None = Field(
         default=None, description="YAML file of EHR destinations, read by serve and worker."
     )
