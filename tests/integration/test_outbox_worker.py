@@ -4,6 +4,7 @@ pulled-back plan is not pushed again."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -17,6 +18,7 @@ from sqlalchemy import select
 
 from service.bootstrap import Services, bootstrap
 from service.config import Settings
+from service.logs import JsonFormatter, TextFormatter
 from service.records.service import parse_record, put_record
 from service.store.tables import resources
 from service.sync import ledger
@@ -111,8 +113,9 @@ def _write(services: Services, record: dict[str, Any]) -> None:
 
 
 def test_two_workers_deliver_each_change_once_and_each_patient_in_order(
-    services: Services,
+    services: Services, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="service")
     target = _destination()
     ehr = FakeEhr()
     workers = [_worker(services, target, ehr) for _ in range(2)]
@@ -164,6 +167,13 @@ def test_two_workers_deliver_each_change_once_and_each_patient_in_order(
     assert audited
     named = {e["what"]["reference"] for event in audited for e in event.get("entity", [])}
     assert any(reference.startswith("Encounter/") for reference in named)
+    # The worker's log lines name the destination, and no patient.
+    lines = [f.format(r) for r in caplog.records for f in (TextFormatter(), JsonFormatter())]
+    assert any(f"destination={target.name}" in line for line in lines)
+    for clinic in clinics:
+        patient = clinic.patient
+        for private in (patient["mrn"], patient["birth_date"], patient["name"]["family"]):
+            assert not [line for line in lines if private in line]
 
 
 def ledger_now() -> Any:
