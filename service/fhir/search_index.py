@@ -19,7 +19,14 @@ The official expressions use a handful of FHIRPath shapes (paths, choice types w
 `where(resolve() is Type)`, `where(system='...')`); those are evaluated here by hand because this
 runs for every parameter of every resource version written (fhirpathpy takes ~100 µs per
 expression, the path program a few µs, and a write of 13 resources has ~300 expressions). Any
-other expression is evaluated with fhirpathpy. A test runs both over the official examples.
+other expression is evaluated with fhirpathpy (of the stored types' only Patient's `deceased`,
+whose usual shapes are answered by hand too). A test runs both over the official examples.
+
+Per shape of resource (its top-level keys) the programs that can select something there are
+chosen and bound once: their first step resolved to the keys it reads (`Program.bind`). What is
+left per resource is a few µs of Python per parameter that has a value, which is why the row
+makers below inline their common cases and the values that recur within a write (dates,
+references) are remembered.
 
 Pure: no database, no settings.
 """
@@ -32,8 +39,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from functools import cache
-from typing import Any, Final
+from functools import cache, lru_cache, partial, wraps
+from itertools import repeat
+from typing import Any, Final, TypeVar
 
 from service.fhir.search_parameters import (
     Component,
@@ -60,8 +68,27 @@ def cut(value: str | None) -> str | None:
     return None if value is None else value[:MAX_TEXT]
 
 
+_T = TypeVar("_T")
+
+
+def _memoized(function: Callable[[str], _T]) -> Callable[[str], _T]:
+    """`function`, keeping its results for the last few thousand strings of up to 64
+    characters: the values of one write recur (the session's patient and encounter in each of
+    its resources, the time its vital signs were taken in each of them). Anything else is
+    passed on as it is, to fail as it would."""
+    cached = lru_cache(maxsize=4096)(function)
+
+    @wraps(function)
+    def call(value: str) -> _T:
+        return cached(value) if isinstance(value, str) and len(value) <= 64 else function(value)
+
+    return call
+
+
 def normalize(text: str) -> str:
     """Case- and accent-insensitive form of a string, as string search compares them."""
+    if text.isascii():  # no accents to strip, and casefold() is lower() (a test checks each)
+        return " ".join(text.lower().split())[:MAX_TEXT]
     decomposed = unicodedata.normalize("NFKD", text)
     folded = "".join(char for char in decomposed if not unicodedata.combining(char)).casefold()
     return " ".join(folded.split())[:MAX_TEXT]
@@ -76,6 +103,7 @@ _DATE = re.compile(
 )
 
 
+@_memoized
 def date_range(value: str) -> tuple[datetime, datetime]:
     """The inclusive UTC range a FHIR date, dateTime or instant covers at its precision.
 
@@ -85,50 +113,80 @@ def date_range(value: str) -> tuple[datetime, datetime]:
     if match is None:
         raise ValueError(f"{value!r} is not a FHIR date or dateTime")
     try:
-        return _range(match.groupdict())
+        return _range(*match.groups())
     except (ValueError, OverflowError):  # a month 13, a 30 February, a 25th hour
         raise ValueError(f"{value!r} is not a FHIR date or dateTime") from None
 
 
-def _range(parts: dict[str, str | None]) -> tuple[datetime, datetime]:
-    assert parts["year"] is not None
-    year = int(parts["year"])
-    if parts["month"] is None:
-        low = datetime(year, 1, 1, tzinfo=UTC)
-        return low, _end(datetime(year + 1, 1, 1, tzinfo=UTC) if year < 9999 else None)
-    month = int(parts["month"])
-    if parts["day"] is None:
-        low = datetime(year, month, 1, tzinfo=UTC)
+# Each index row of a date costs its range: the ranges are built with as few datetime and
+# timedelta objects as the precision allows (the spans are constants).
+_MICROSECOND: Final = timedelta(microseconds=1)
+_DAY: Final = timedelta(days=1, microseconds=-1)
+_LAST_DAY: Final = datetime(9999, 12, 31, tzinfo=UTC)
+_MINUTE: Final = timedelta(minutes=1, microseconds=-1)
+_SPANS: Final = tuple(timedelta(microseconds=10 ** (6 - digits) - 1) for digits in range(7))
+"""A time to the second and to 1-6 digits of a fraction of it covers these."""
+
+
+def _range(
+    year: str,
+    month: str | None,
+    day: str | None,
+    hour: str | None,
+    minute: str | None,
+    second: str | None,
+    fraction: str | None,
+    zone: str | None,
+) -> tuple[datetime, datetime]:
+    number = int(year)
+    if month is None:
+        low = datetime(number, 1, 1, tzinfo=UTC)
+        return low, _end(datetime(number + 1, 1, 1, tzinfo=UTC) if number < 9999 else None)
+    months = int(month)
+    if day is None:
+        low = datetime(number, months, 1, tzinfo=UTC)
         following = (
-            datetime(year + 1, 1, 1, tzinfo=UTC)
-            if month == 12
-            else datetime(year, month + 1, 1, tzinfo=UTC)
+            datetime(number + 1, 1, 1, tzinfo=UTC)
+            if months == 12
+            else datetime(number, months + 1, 1, tzinfo=UTC)
         )
-        return low, _end(following if year < 9999 or month < 12 else None)
-    day = datetime(year, month, int(parts["day"]), tzinfo=UTC)
-    if parts["hour"] is None or parts["minute"] is None:
-        return day, _end(day + timedelta(days=1) if day.date() < MAX_DATE.date() else None)
-    offset = timedelta(0)
-    zone = parts["tz"]
+        return low, _end(following if number < 9999 or months < 12 else None)
+    if hour is None or minute is None:
+        low = datetime(number, months, int(day), tzinfo=UTC)
+        return low, (low + _DAY if low < _LAST_DAY else MAX_DATE)
+    seconds = 0 if second is None else int(second)
+    digits = "" if fraction is None else fraction[1:7]
+    micro = int(digits.ljust(6, "0")) if digits else 0
+    # The zone moves whole minutes, so the seconds can be set before it is applied (the same
+    # instant, out of range for the same values), unless a leap second or a 99th carries over.
+    carried = seconds > 59
+    start = datetime(
+        number,
+        months,
+        int(day),
+        int(hour),
+        int(minute),
+        0 if carried else seconds,
+        0 if carried else micro,
+        tzinfo=UTC,
+    )
     if zone is not None and zone != "Z":
-        sign = -1 if zone[0] == "-" else 1
-        hours, minutes = zone[1:].split(":")
-        offset = sign * timedelta(hours=int(hours), minutes=int(minutes))
-    start = day.replace(hour=int(parts["hour"]), minute=int(parts["minute"])) - offset
-    if parts["second"] is None:
-        return start, start + timedelta(minutes=1, microseconds=-1)
-    start += timedelta(seconds=int(parts["second"]))
-    fraction = parts["fraction"]
-    if fraction is None:
-        return start, start + timedelta(seconds=1, microseconds=-1)
-    digits = fraction[1:7]
-    start += timedelta(microseconds=int(digits.ljust(6, "0")))
-    step = 10 ** (6 - len(digits))
-    return start, start + timedelta(microseconds=step - 1)
+        start -= _offset(zone)
+    if carried:
+        start += timedelta(seconds=seconds, microseconds=micro)
+    if second is None:
+        return start, start + _MINUTE
+    return start, start + _SPANS[len(digits)]
+
+
+@lru_cache(maxsize=256)  # a handful of zones in practice (`\d` is any script's digit)
+def _offset(zone: str) -> timedelta:
+    sign = -1 if zone[0] == "-" else 1
+    return timedelta(minutes=sign * (int(zone[1:3]) * 60 + int(zone[4:6])))
 
 
 def _end(following: datetime | None) -> datetime:
-    return MAX_DATE if following is None else following - timedelta(microseconds=1)
+    return MAX_DATE if following is None else following - _MICROSECOND
 
 
 # --- rows ---------------------------------------------------------------------------------------
@@ -173,7 +231,10 @@ CompositeRow = tuple[
 
 # --- path programs ------------------------------------------------------------------------------
 
-Node = Any
+Node = tuple[str, Any]
+"""A selected value with the name of the element it was found under: the name tells a Timing
+from a Period, a telecom from an identifier. "" for the resource itself and for the values
+fhirpathpy selects. A plain tuple: the programs make one per value of every parameter."""
 Step = Callable[[list[Node]], list[Node]]
 
 _SIMPLE_PART = re.compile(
@@ -187,18 +248,22 @@ _SIMPLE_PART = re.compile(
 
 def _children(name: str) -> Step:
     """The `name` children of each node, choice-type elements (`value[x]`) included."""
+    size = len(name)
 
     def step(nodes: list[Node]) -> list[Node]:
         out: list[Node] = []
-        for named in nodes:
-            node = named.value if isinstance(named, _Named) else named
+        for _, node in nodes:
             if not isinstance(node, dict):
                 continue
-            if name in node:
-                _extend(out, node[name], name)
+            if name in node:  # _extend(), inline for the common case
+                value = node[name]
+                if isinstance(value, list):
+                    out += zip(repeat(name), value)
+                else:
+                    out.append((name, value))
                 continue
             for key, value in node.items():
-                if key.startswith(name) and len(key) > len(name) and key[len(name)].isupper():
+                if key.startswith(name) and len(key) > size and key[size].isupper():
                     _extend(out, value, key)
         return out
 
@@ -207,12 +272,11 @@ def _children(name: str) -> Step:
 
 def _typed(name: str, type_name: str) -> Step:
     """`name as Type`: the choice element of that type only (`valueQuantity`)."""
-    key = name + type_name[0].upper() + type_name[1:]
+    key = _typed_key(name, type_name)
 
     def step(nodes: list[Node]) -> list[Node]:
         out: list[Node] = []
-        for named in nodes:
-            node = named.value if isinstance(named, _Named) else named
+        for _, node in nodes:
             if isinstance(node, dict) and key in node:
                 _extend(out, node[key], key)
         return out
@@ -220,33 +284,27 @@ def _typed(name: str, type_name: str) -> Step:
     return step
 
 
+def _typed_key(name: str, type_name: str) -> str:
+    return name + type_name[0].upper() + type_name[1:]
+
+
 def _extend(out: list[Node], value: Any, key: str) -> None:
-    # Remember the element name: it tells a Timing from a Period, a telecom from an identifier.
-    for item in value if isinstance(value, list) else [value]:
-        out.append(_Named(key, item))
-
-
-@dataclass(frozen=True, slots=True)
-class _Named:
-    key: str
-    value: Any
-
-
-def _unwrap(nodes: list[Node]) -> list[Node]:
-    return [node.value if isinstance(node, _Named) else node for node in nodes]
+    if isinstance(value, list):
+        out += zip(repeat(key), value)
+    else:
+        out.append((key, value))
 
 
 def _where_reference_to(type_name: str) -> Step:
     prefix = f"{type_name}/"
+    inner = f"/{prefix}"
 
     def step(nodes: list[Node]) -> list[Node]:
         kept = []
         for node in nodes:
-            value = node.value if isinstance(node, _Named) else node
+            value = node[1]
             reference = value.get("reference", "") if isinstance(value, dict) else ""
-            if isinstance(reference, str) and (
-                reference.startswith(prefix) or f"/{prefix}" in reference
-            ):
+            if isinstance(reference, str) and (reference.startswith(prefix) or inner in reference):
                 kept.append(node)
         return kept
 
@@ -255,12 +313,7 @@ def _where_reference_to(type_name: str) -> Step:
 
 def _where_equals(key: str, wanted: str) -> Step:
     def step(nodes: list[Node]) -> list[Node]:
-        return [
-            node
-            for node in nodes
-            if isinstance(node.value if isinstance(node, _Named) else node, dict)
-            and (node.value if isinstance(node, _Named) else node).get(key) == wanted
-        ]
+        return [node for node in nodes if isinstance(node[1], dict) and node[1].get(key) == wanted]
 
     return step
 
@@ -270,15 +323,15 @@ class Program:
 
     def __init__(self, expression: str) -> None:
         self.expression = expression
-        self._parts: list[list[Step]] | None = []
+        self._parts: list[_Part] | None = []
         roots: set[str] = set()
-        for part in (p.strip() for p in expression.split(" | ")):
-            steps = _compile_part(part)
-            if steps is None:
+        for member in (p.strip() for p in expression.split(" | ")):
+            part = _compile_part(member)
+            if part is None:
                 self._parts = None
                 break
-            self._parts.append(steps)
-            root = _ROOT.match(part.lstrip("("))
+            self._parts.append(part)
+            root = _ROOT.match(member.lstrip("("))
             roots.add(root[1] if root else "")  # "": the resource itself (a composite's)
         self.roots: frozenset[str] | None = (
             None if self._parts is None or "" in roots else frozenset(roots)
@@ -286,34 +339,134 @@ class Program:
         """The top-level elements the expression starts from: absent ones select nothing
         (None: the program cannot tell, so it always runs)."""
         self._fhirpath: Callable[[Resource], list[Any]] | None = None
+        self._shortcut: Callable[[Resource], list[Node] | None] | None = None
         if self._parts is None:
             import fhirpathpy  # only for expressions outside the hand-evaluated subset
             from fhirpathpy.models import models
 
             compiled = fhirpathpy.compile(expression, models["r4"])
             self._fhirpath = lambda resource: list(compiled(resource, None))
+            self._shortcut = _exists_and_not_false(expression, models["r4"])
 
     @property
     def by_hand(self) -> bool:
         return self._parts is not None
 
     def nodes(self, resource: Resource) -> list[Node]:
-        """Selected nodes; from the hand path each remembers its element name."""
+        """Selected nodes, each with its element name."""
         if self._parts is None:
+            found = None if self._shortcut is None else self._shortcut(resource)
+            if found is not None:
+                return found
             assert self._fhirpath is not None
-            return self._fhirpath(resource)
+            return [("", value) for value in self._fhirpath(resource)]
         out: list[Node] = []
-        for steps in self._parts:
-            nodes: list[Node] = [resource]
-            for step in steps:
+        for part in self._parts:
+            nodes: list[Node] = [("", resource)]
+            for step in part.steps:
                 nodes = step(nodes)
                 if not nodes:
                     break
+            if len(self._parts) == 1:
+                return nodes
             out += nodes
         return out
 
     def values(self, resource: Resource) -> list[Any]:
-        return _unwrap(self.nodes(resource))
+        return [value for _, value in self.nodes(resource)]
+
+    @property
+    def selects_resource(self) -> bool:
+        """Whether it selects the resource itself (a composite's `Observation`)."""
+        return self._parts is not None and all(
+            part.first is None and not part.steps for part in self._parts
+        )
+
+    def bind(self, keys: tuple[str, ...]) -> Callable[[Resource], list[Node]] | None:
+        """`nodes` for a resource with these top-level keys, or None if it selects nothing
+        there: the first step of each part (`Observation.code`'s one) resolved to the keys it
+        reads. `extract` binds the programs once per shape of resource (`_selected`)."""
+        if self._parts is None:
+            return self.nodes
+        bound: list[tuple[tuple[str, ...] | None, tuple[Step, ...]]] = []
+        for part in self._parts:
+            if part.first is None:
+                bound.append((None, part.steps))
+            else:
+                reads = _reads(*part.first, keys)
+                if reads:
+                    bound.append((reads, part.steps[1:]))
+        if not bound:
+            return None
+        read, steps = bound[0]
+        if len(bound) == 1 and read is not None and len(read) == 1:
+            # Most parameters: one element, often nothing after it.
+            return partial(_element, read[0]) if not steps else partial(_below, read[0], steps)
+        return partial(_run, tuple(bound))
+
+
+def _reads(name: str, type_name: str | None, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The keys among these that `_typed(name, type_name)` or `_children(name)` reads."""
+    if type_name is not None:
+        key = _typed_key(name, type_name)
+        return (key,) if key in keys else ()
+    if name in keys:
+        return (name,)
+    size = len(name)
+    return tuple(
+        key for key in keys if key.startswith(name) and len(key) > size and key[size].isupper()
+    )
+
+
+def _run(
+    parts: tuple[tuple[tuple[str, ...] | None, tuple[Step, ...]], ...], resource: Resource
+) -> list[Node]:
+    """A bound program (`Program.bind`): per part, the values of the keys its first step
+    reads (or the resource itself), then its other steps."""
+    out: list[Node] = []
+    for read, steps in parts:
+        if read is None:
+            nodes: list[Node] = [("", resource)]
+        else:
+            nodes = []
+            for key in read:  # _extend(), inline: this is every parameter's first step
+                value = resource[key]
+                if isinstance(value, list):
+                    nodes += zip(repeat(key), value)
+                else:
+                    nodes.append((key, value))
+        for step in steps:
+            nodes = step(nodes)
+            if not nodes:
+                break
+        out += nodes
+    return out
+
+
+def _element(key: str, resource: Resource) -> list[Node]:
+    """A bound program that reads one top-level element (`Observation.code`)."""
+    value = resource[key]
+    return list(zip(repeat(key), value)) if isinstance(value, list) else [(key, value)]
+
+
+def _below(key: str, steps: tuple[Step, ...], resource: Resource) -> list[Node]:
+    """A bound program that walks down from one top-level element (`Observation.meta.tag`)."""
+    nodes = _element(key, resource)
+    for step in steps:
+        nodes = step(nodes)
+        if not nodes:
+            break
+    return nodes
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One member of an expression's union, compiled."""
+
+    steps: tuple[Step, ...]
+    first: tuple[str, str | None] | None
+    """The element (and choice type, for `_typed`) the first step reads from the resource;
+    None: the steps start from the resource itself."""
 
 
 _ROOT = re.compile(r"[A-Za-z]+\.([A-Za-z]+)")
@@ -327,7 +480,7 @@ def _element_of(key: str) -> str:
     return _CHOICE_SUFFIX.sub("", key)
 
 
-def _compile_part(part: str) -> list[Step] | None:
+def _compile_part(part: str) -> _Part | None:
     match = _SIMPLE_PART.fullmatch(part)
     if match is None or (part.startswith("(") != (match["as2"] is not None)):
         return None
@@ -343,7 +496,41 @@ def _compile_part(part: str) -> list[Step] | None:
         steps.append(_where_equals(match["key"], match["value"]))
     for name in (match["tail"] or "").split(".")[1:]:
         steps.append(_children(name))
-    return steps
+    first = (names[0], type_name if len(names) == 1 else None) if names else None
+    return _Part(tuple(steps), first)
+
+
+_EXISTS_AND_NOT_FALSE = re.compile(
+    r"(?P<type>[A-Za-z]+)\.(?P<name>[a-z][A-Za-z]*)\.exists\(\) and (?P=type)\.(?P=name) != false"
+)
+
+
+def _exists_and_not_false(
+    expression: str, model: dict[str, Any]
+) -> Callable[[Resource], list[Node] | None] | None:
+    """`Patient.deceased.exists() and Patient.deceased != false`, by hand for the two shapes
+    nearly every resource has (no such element: false; a boolean one: itself), None for any
+    other, which fhirpathpy answers: for a string, a list, an extension... FHIRPath's
+    equality and three-valued `and` decide, and fhirpathpy reads choice elements by type."""
+    match = _EXISTS_AND_NOT_FALSE.fullmatch(expression)
+    if match is None:
+        return None
+    type_name, name = match["type"], match["name"]
+    choices = model["choiceTypePaths"].get(f"{type_name}.{name}", ())
+    flag = [name + "Boolean"] if "Boolean" in choices else None
+    prefixes = (name, f"_{name}")
+
+    def run(resource: Resource) -> list[Node] | None:
+        if not isinstance(resource, dict) or resource.get("resourceType") != type_name:
+            return None
+        found = [key for key in resource if key.startswith(prefixes)]
+        if not found:
+            return [("", False)]
+        if found == flag and isinstance(resource[found[0]], bool):
+            return [("", resource[found[0]])]
+        return None
+
+    return run
 
 
 @cache
@@ -465,8 +652,16 @@ _REFERENCE = re.compile(
 )
 
 
+_RELATIVE = re.compile(r"(?P<type>[A-Z][A-Za-z]{0,63})/(?P<id>[A-Za-z0-9\-.]{1,64})")
+"""`Type/id`, which _REFERENCE reads the same way, after trying (and backtracking) a base."""
+
+
+@_memoized
 def parse_reference(reference: str) -> tuple[str | None, str | None, str | None]:
     """(type, id, absolute URL) of a reference string; the URL only when it is absolute."""
+    relative = _RELATIVE.fullmatch(reference)
+    if relative is not None:
+        return relative["type"], relative["id"], None
     match = _REFERENCE.fullmatch(reference)
     if match is None:
         return None, None, reference if ":" in reference else None
@@ -479,69 +674,169 @@ def extract(resource: Resource, catalogue: Definitions | None = None) -> IndexRo
     """Every index row of a resource."""
     rows = IndexRows()
     resource_type = resource["resourceType"]
+    keys = tuple(resource) if isinstance(resource, dict) else ()
     if catalogue is None:
-        parameter_programs = programs(resource_type)
-        plans = composite_plans(resource_type)
+        parameters, plans = _selected(resource_type, keys)
     else:
-        parameter_programs = _programs(catalogue.by_type.get(resource_type, {}).values())
-        plans = _plans(catalogue.by_type.get(resource_type, {}).values())
-    # Most of a type's parameters start from elements a given resource does not have: skip
-    # those programs outright (choice elements count by their base name, effective[x]).
-    present = set(resource)
-    present.update(_element_of(key) for key in resource)
-    for parameter, program in parameter_programs:
-        if program.roots is not None and program.roots.isdisjoint(present):
-            continue
-        nodes = program.nodes(resource)
-        if not nodes:
-            continue
-        _add(rows, parameter, nodes)
-    for plan in plans:
-        if plan.elements.roots is not None and plan.elements.roots.isdisjoint(present):
-            continue
-        for element in plan.elements.values(resource):
+        every = catalogue.by_type.get(resource_type, {}).values()
+        parameters, plans = _select(_programs(every), _plans(every), keys)
+    for code, nodes_of, add in parameters:
+        nodes = nodes_of(resource)
+        if nodes:
+            add(rows, code, nodes)
+    for elements_of, plan in plans:
+        for _, element in elements_of(resource):
             if isinstance(element, dict):
                 rows.composites += _composites(plan, element)
     return rows
 
 
-def _add(rows: IndexRows, parameter: SearchParameter, nodes: list[Node]) -> None:
-    code = parameter.code
-    kind = parameter.type
-    for node in nodes:
-        key = node.key if isinstance(node, _Named) else ""
-        value = node.value if isinstance(node, _Named) else node
-        if kind == "string":
-            rows.strings += [(code, normalize(text), text[:MAX_TEXT]) for text in _strings(value)]
-        elif kind == "token":
-            rows.tokens += [
-                (code, _text(system), _text(token), folded)
-                for system, token, folded in _tokens(value, key)
-            ]
-        elif kind == "uri":
-            if isinstance(value, str):
-                rows.tokens.append((code, None, cut(value), None))
-        elif kind == "date":
-            rows.dates += [(code, *span) for span in _dates(value, key)]
-        elif kind == "reference":
-            target = _reference(value)
-            if target is not None:
-                target_type, target_id, url = target
-                rows.references.append((code, target_type, target_id, cut(url)))
-        elif kind == "quantity":
-            quantity = _quantity(value)
-            if quantity is not None:
-                rows.quantities.append((code, *quantity))
+Adder = Callable[[IndexRows, str, list[Node]], None]
+"""Adds the rows of one parameter's selected nodes (its code given) to the rows of its kind."""
+Bound = Callable[[Resource], list[Node]]
+Selected = tuple[tuple[tuple[str, Bound, Adder], ...], tuple[tuple[Bound, CompositePlan], ...]]
+"""What runs on a resource: (code, bound program, row maker) per parameter, and the
+composites with their bound element programs."""
+
+
+@lru_cache(maxsize=1024)
+def _selected(resource_type: str, keys: tuple[str, ...]) -> Selected:
+    """The parameters and composites of a type bound for a resource with these top-level keys,
+    which resources of one kind mostly share; those that select nothing there left out (most
+    of a type's parameters start from elements a given resource does not have)."""
+    return _select(programs(resource_type), composite_plans(resource_type), keys)
+
+
+def _select(
+    parameters: Iterable[tuple[SearchParameter, Program]],
+    plans: Iterable[CompositePlan],
+    keys: tuple[str, ...],
+) -> Selected:
+    # Choice elements count by their base name too (`effectiveDateTime` is `effective`).
+    present = frozenset(keys).union(map(_element_of, keys))
+
+    def bound(program: Program) -> Bound | None:
+        if program.roots is not None and program.roots.isdisjoint(present):
+            return None
+        return program.bind(keys)
+
+    selected = []
+    for parameter, program in parameters:
+        nodes_of = bound(program)
+        if nodes_of is not None:
+            selected.append((parameter.code, nodes_of, _ADDERS.get(parameter.type, _add_nothing)))
+    composites = []
+    for plan in plans:
+        elements_of = bound(plan.elements)
+        if elements_of is not None and plan.elements.selects_resource:
+            # The element is the resource: its keys tell which second parts can have a value
+            # (of an Observation's value[x] types one is there), as `_composites` would.
+            applicable = tuple(
+                composite
+                for composite in plan.composites
+                if composite[2].keys is None or not composite[2].keys.isdisjoint(keys)
+            )
+            plan = CompositePlan(plan.elements, applicable)
+        if elements_of is not None and plan.composites:
+            composites.append((elements_of, plan))
+    return tuple(selected), tuple(composites)
+
+
+# One row maker per parameter kind, with the loop over the selected nodes inside, chosen once
+# per parameter (`_select`); a plain code or dateTime is handled inline.
+
+
+def _add_strings(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+    out = rows.strings
+    for _, value in nodes:
+        if isinstance(value, str):
+            out.append((code, normalize(value), value[:MAX_TEXT]))
+        else:
+            out += [(code, normalize(text), text[:MAX_TEXT]) for text in _strings(value)]
+
+
+def _add_tokens(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+    out = rows.tokens
+    for key, value in nodes:
+        if isinstance(value, str):
+            out.append((code, None, value[:MAX_TEXT], None))
+        else:
+            for system, token, folded in _tokens(value, key):  # _text(), inline
+                out.append(
+                    (
+                        code,
+                        system[:MAX_TEXT] if isinstance(system, str) else None,
+                        token[:MAX_TEXT] if isinstance(token, str) else None,
+                        folded,
+                    )
+                )
+
+
+def _add_uris(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+    out = rows.tokens
+    for _, value in nodes:
+        if isinstance(value, str):
+            out.append((code, None, value[:MAX_TEXT], None))
+
+
+def _add_dates(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+    out = rows.dates
+    for key, value in nodes:
+        if isinstance(value, str):
+            try:
+                low, high = date_range(value)
+            except (ValueError, OverflowError):
+                continue
+            out.append((code, low, high))
+        else:
+            out += [(code, low, high) for low, high in _dates(value, key)]
+
+
+def _add_references(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+    out = rows.references
+    for _, value in nodes:
+        target = _reference(value)
+        if target is not None:
+            target_type, target_id, url = target
+            out.append((code, target_type, target_id, cut(url)))
+
+
+def _add_quantities(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+    out = rows.quantities
+    for _, value in nodes:
+        quantity = _quantity(value)
+        if quantity is not None:
+            out.append((code, *quantity))
+
+
+def _add_nothing(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+    """A kind without rows (only in a catalogue passed in)."""
+
+
+_ADDERS: Final[dict[str, Adder]] = {
+    "string": _add_strings,
+    "token": _add_tokens,
+    "uri": _add_uris,
+    "date": _add_dates,
+    "reference": _add_references,
+    "quantity": _add_quantities,
+}
 
 
 def _quantity(value: Any) -> tuple[float, str | None, str | None] | None:
     if not isinstance(value, dict):
         return None
     number = value.get("value")
-    if not isinstance(number, int | float) or isinstance(number, bool):
+    # A tuple, not `int | float`: that builds a union object on every call.
+    if not isinstance(number, (int, float)) or isinstance(number, bool):
         return None
     unit = value.get("code") or value.get("unit")
-    return float(number), _text(value.get("system")), _text(unit)
+    system = value.get("system")  # _text(), inline
+    return (
+        float(number),
+        system[:MAX_TEXT] if isinstance(system, str) else None,
+        unit[:MAX_TEXT] if isinstance(unit, str) else None,
+    )
 
 
 def _composites(plan: CompositePlan, element: dict[str, Any]) -> list[CompositeRow]:
@@ -550,7 +845,7 @@ def _composites(plan: CompositePlan, element: dict[str, Any]) -> list[CompositeR
     rows: list[CompositeRow] = []
     seen: dict[Part, list[Values]] = {}
     for code, first, second in plan.composites:
-        if second.keys is not None and second.keys.isdisjoint(element):
+        if second.keys is not None and element.keys().isdisjoint(second.keys):
             continue  # of an Observation's value[x] types one is there: most composites end here
         values = seen.get(second)
         if values is None:
@@ -560,46 +855,52 @@ def _composites(plan: CompositePlan, element: dict[str, Any]) -> list[CompositeR
         tokens = seen.get(first)
         if tokens is None:
             tokens = seen[first] = list(dict.fromkeys(_values(first, element)))
-        rows += [(code, token[0], token[1], *value) for token in tokens for value in values]
+        for token in tokens:
+            for value in values:
+                rows.append((code, token[0], token[1], *value))
     return rows
 
 
 def _values(compiled: Part, element: dict[str, Any]) -> list[Values]:
-    return [
-        value
-        for node in compiled.program.nodes(element)
-        for value in _part(compiled.type, node.value, node.key)
-    ]
+    found: list[Values] = []
+    for key, node in compiled.program.nodes(element):
+        found += _part(compiled.type, node, key)
+    return found
 
 
-def _codes(value: Any, key: str) -> Iterator[tuple[Any, Any]]:
+def _codes(value: Any, key: str) -> list[tuple[Any, Any]]:
     """(system, code) of a token value, without the folded text a composite does not keep."""
     if isinstance(value, dict) and "coding" in value:
-        for coding in value["coding"] if isinstance(value["coding"], list) else ():
+        codings = value["coding"]
+        if not isinstance(codings, list):
+            return []
+        codes = []
+        for coding in codings:
             if isinstance(coding, dict):
-                yield coding.get("system"), coding.get("code")
-    else:
-        for system, token, _ in _tokens(value, key):
-            yield system, token
+                codes.append((coding.get("system"), coding.get("code")))
+        return codes
+    return [(system, token) for system, token, _ in _tokens(value, key)]
 
 
-def _part(kind: str, value: Any, key: str) -> Iterator[Values]:
+def _part(kind: str, value: Any, key: str) -> list[Values]:
     """A composite's second part as its columns, one per value it takes from `value`."""
     if kind == "token":
+        tokens: list[Values] = []
         for system, token in _codes(value, key):
             if token is not None:
-                yield _text(system), _text(token), None, None, None, None
-    elif kind == "quantity":
+                tokens.append((_text(system), _text(token), None, None, None, None))
+        return tokens
+    if kind == "quantity":
         quantity = _quantity(value)
-        if quantity is not None:
-            number, system, unit = quantity
-            yield system, unit, number, None, None, None
-    elif kind == "date":
-        for low, high in _dates(value, key):
-            yield None, None, None, low, high, None
-    elif kind == "string":
-        for text in _strings(value):
-            yield None, None, None, None, None, normalize(text)
+        if quantity is None:
+            return []
+        number, system, unit = quantity
+        return [(system, unit, number, None, None, None)]
+    if kind == "date":
+        return [(None, None, None, low, high, None) for low, high in _dates(value, key)]
+    if kind == "string":
+        return [(None, None, None, None, None, normalize(text)) for text in _strings(value)]
+    return []
 
 
 def _text(value: Any) -> str | None:
@@ -624,42 +925,49 @@ def _texts(value: Any) -> Iterator[str]:
             yield item
 
 
-def _tokens(value: Any, key: str) -> Iterator[tuple[str | None, str | None, str | None]]:
+def _tokens(value: Any, key: str) -> list[tuple[Any, Any, str | None]]:
+    """(system, code, folded text) of each token a value has, as written (`_text` cuts them)."""
     if isinstance(value, bool):
-        yield None, "true" if value else "false", None
-    elif isinstance(value, str):
-        yield None, value, None
-    elif isinstance(value, dict):
-        if "coding" in value or ("text" in value and "code" not in value and "value" not in value):
-            text = value.get("text")
-            folded = normalize(text) if isinstance(text, str) else None
-            codings = [c for c in value.get("coding", []) if isinstance(c, dict)]
-            for coding in codings:
+        return [(None, "true" if value else "false", None)]
+    if isinstance(value, str):
+        return [(None, value, None)]
+    if not isinstance(value, dict):
+        return []
+    if "coding" in value or ("text" in value and "code" not in value and "value" not in value):
+        text = value.get("text")
+        folded = normalize(text) if isinstance(text, str) else None
+        tokens = []
+        for coding in value.get("coding", []):
+            if isinstance(coding, dict):
                 display = coding.get("display")
-                yield (
-                    coding.get("system"),
-                    coding.get("code"),
-                    folded or (normalize(display) if isinstance(display, str) else None),
+                tokens.append(
+                    (
+                        coding.get("system"),
+                        coding.get("code"),
+                        folded or (normalize(display) if isinstance(display, str) else None),
+                    )
                 )
-            if not codings and folded:
-                yield None, None, folded
-        elif key.endswith("telecom") or key == "telecom":
-            # ContactPoint: the token is the value (`email=...`), its system the kind.
-            yield None, value.get("value"), None
-        elif "value" in value and "code" not in value:
-            type_text = (value.get("type") or {}).get("text")
-            yield (
+        return [(None, None, folded)] if not tokens and folded else tokens
+    if key.endswith("telecom") or key == "telecom":
+        # ContactPoint: the token is the value (`email=...`), its system the kind.
+        return [(None, value.get("value"), None)]
+    if "value" in value and "code" not in value:
+        type_text = (value.get("type") or {}).get("text")
+        return [
+            (
                 value.get("system"),
                 value.get("value"),
                 normalize(type_text) if isinstance(type_text, str) else None,
             )
-        else:
-            display = value.get("display")
-            yield (
-                value.get("system"),
-                value.get("code"),
-                normalize(display) if isinstance(display, str) else None,
-            )
+        ]
+    display = value.get("display")
+    return [
+        (
+            value.get("system"),
+            value.get("code"),
+            normalize(display) if isinstance(display, str) else None,
+        )
+    ]
 
 
 def _dates(value: Any, key: str) -> Iterator[tuple[datetime, datetime]]:

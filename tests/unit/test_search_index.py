@@ -4,7 +4,8 @@ over the official R4 examples, and the values each parameter type indexes."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import unicodedata
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from hypothesis import strategies as st
 
 from service.fhir.search_index import (
     MAX_DATE,
+    MAX_TEXT,
     Program,
+    composite_plans,
     composite_sources,
     date_range,
     extract,
@@ -79,6 +82,72 @@ def test_path_programs_select_what_fhirpath_selects_on_the_official_examples(
                 )
                 compared += 1
     assert compared > 4000
+
+
+def _examples(r4_examples: Path) -> list[dict[str, Any]]:
+    found = []
+    for resource_type in INDEXED_TYPES:
+        for path in sorted(r4_examples.glob(f"{resource_type}-*.json")):
+            resource = json.loads(path.read_text(encoding="utf-8"))
+            if resource.get("resourceType") == resource_type:
+                found.append(resource)
+    return found
+
+
+# Keys a program may read by its choice-element rule besides the element itself: `codeX` is
+# read as `code` when there is no `code`, `valueΣ` too (an upper-case letter of any script).
+_ODD_SHAPES: list[dict[str, Any]] = [
+    {"resourceType": "Observation", "codeX": {"text": "a"}, "valueQuantity": {"value": 1}},
+    {"resourceType": "Observation", "valueΣ": "x", "valueString": "y", "effectiveFoo": "2026"},
+    {"resourceType": "Observation", "component": [{"codeA": {"text": "b"}, "valueQuantity": 1}]},
+    {"resourceType": "Patient", "nameX": [{"family": "F"}], "telecom": {"system": "phone"}},
+    {"resourceType": "Patient", "managingOrganizationX": {"reference": "Organization/o"}},
+    {"resourceType": "Encounter", "meta": [{"tag": {"code": "t"}}, "x"], "period": [{}, 5]},
+]
+
+
+def test_bound_programs_select_what_the_programs_select(r4_examples: Path) -> None:
+    """`extract` runs each program bound to the resource's top-level keys (its first step
+    resolved to the keys it reads): the same nodes as the program, or none where it binds to
+    nothing."""
+    compared = 0
+    for resource in _examples(r4_examples) + _ODD_SHAPES:
+        resource_type = resource["resourceType"]
+        elements = [plan.elements for plan in composite_plans(resource_type)]
+        for program in [program for _, program in programs(resource_type)] + elements:
+            bound = program.bind(tuple(resource))
+            nodes = program.nodes(resource)
+            assert (bound(resource) if bound else []) == nodes, program.expression
+            compared += bound is not None
+    assert compared > 2000
+
+
+DECEASED_SHAPES: list[dict[str, Any]] = [
+    {},
+    {"deceasedBoolean": False},
+    {"deceasedBoolean": True},
+    {"deceasedDateTime": "2015-02-14T13:42:00+10:00"},
+    {"deceasedBoolean": 0},
+    {"deceasedBoolean": [True, False]},
+    {"deceasedBoolean": None},
+    {"deceasedBoolean": True, "deceasedDateTime": "2015"},
+    {"_deceasedBoolean": {"extension": []}},
+    {"deceasedFoo": True},
+    {"deceased": True},
+]
+
+
+def test_deceased_is_what_fhirpath_gives(r4_examples: Path) -> None:
+    """`deceased` is the one expression of the stored types outside the path programs: its
+    usual shapes (no deceased[x], a boolean one) by hand, the rest by fhirpathpy."""
+    (program,) = [program for p, program in programs("Patient") if p.code == "deceased"]
+    assert not program.by_hand
+    compiled = fhirpathpy.compile(program.expression, models["r4"])
+    patients = [r for r in _examples(r4_examples) if r["resourceType"] == "Patient"]
+    for resource in patients + [{"resourceType": "Patient", **shape} for shape in DECEASED_SHAPES]:
+        expected = [("", value) for value in compiled(resource, None)]
+        assert program.nodes(resource) == expected, resource
+    assert len(patients) > 10
 
 
 def test_where_resolve_is_evaluated_on_the_reference_type() -> None:
@@ -143,6 +212,31 @@ def test_date_ranges_follow_precision_and_zone() -> None:
             date_range(bad)
 
 
+def test_date_ranges_at_the_limits_of_seconds_and_zones() -> None:
+    def at(*parts: int) -> datetime:
+        return datetime(*parts, tzinfo=UTC)
+
+    second = timedelta(seconds=1, microseconds=-1)
+    # A leap second (or any two digits) runs into the next minute, after the zone is applied.
+    assert date_range("2026-06-30T23:59:60Z") == (at(2026, 7, 1), at(2026, 7, 1) + second)
+    assert date_range("2026-05-01T10:30:99.5+01:00")[0] == at(2026, 5, 1, 9, 31, 39, 500000)
+    assert date_range("9999-12-31T23:59:99+00:01")[0] == at(9999, 12, 31, 23, 59, 39)
+    assert date_range("9999-12-31T23:59:59+00:01")[0] == at(9999, 12, 31, 23, 58, 59)
+    assert date_range("0001-01-01T00:00:30-00:01")[0] == at(1, 1, 1, 0, 1, 30)
+    assert date_range("2026-05-01T10:30:15.1234567Z")[1] == at(2026, 5, 1, 10, 30, 15, 123456)
+    assert date_range("9999-12-31")[1] == MAX_DATE
+    assert date_range(" 2026-05-01 " + " " * 64) == date_range("2026-05-01")
+    for bad in (
+        "9999-12-31T23:59:59-00:01",
+        "0001-01-01T00:00:30+00:01",
+        "2026-05-01T10:60Z",
+        "2026-05-01T24:00Z",
+        "2026-02-29T10:00:00Z",
+    ):
+        with pytest.raises(ValueError, match="not a FHIR date"):
+            date_range(bad)
+
+
 @given(st.datetimes(timezones=st.just(UTC)))
 def test_a_date_range_contains_its_own_instant(moment: datetime) -> None:
     low, high = date_range(moment.isoformat())
@@ -154,6 +248,22 @@ def test_normalize_folds_case_accents_and_spaces() -> None:
     assert normalize("Straße") == "strasse"
 
 
+def _folded(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    folded = "".join(char for char in decomposed if not unicodedata.combining(char)).casefold()
+    return " ".join(folded.split())[:MAX_TEXT]
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=127)))
+def test_normalize_of_ascii_text_is_its_unicode_folding(text: str) -> None:
+    assert normalize(text) == _folded(text)
+
+
+def test_normalize_of_each_ascii_character_is_its_unicode_folding() -> None:
+    for code in range(128):
+        assert normalize(f"A{chr(code)}b") == _folded(f"A{chr(code)}b"), code
+
+
 def test_references_and_numbers() -> None:
     assert parse_reference("Patient/123") == ("Patient", "123", None)
     assert parse_reference("https://ehr.example.org/fhir/Patient/9/_history/2") == (
@@ -162,6 +272,11 @@ def test_references_and_numbers() -> None:
         "https://ehr.example.org/fhir/Patient/9",
     )
     assert parse_reference("urn:uuid:1234") == (None, None, "urn:uuid:1234")
+    assert parse_reference("a/Patient/1") == ("Patient", "1", "a/Patient/1")
+    assert parse_reference("Patient/1/_history/2") == ("Patient", "1", None)
+    assert parse_reference("patient/1") == (None, None, None)
+    long = "https://ehr.example.org/" + "x" * 64 + "/Patient/9"
+    assert parse_reference(long) == ("Patient", "9", long)
     assert quantity_number("5.4") == (Decimal("5.4"), Decimal("5.35"), Decimal("5.45"))
     assert quantity_number("100") == (Decimal("100"), Decimal("99.5"), Decimal("100.5"))
     with pytest.raises(ValueError, match="not a number"):
