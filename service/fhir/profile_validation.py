@@ -16,9 +16,11 @@ resource types:
 Everything is compiled once, when a `ProfileValidator` is built: each profile's differential
 becomes a tree of element checks keyed by JSON property, every FHIRPath expression is parsed once,
 and invariants get a cheap guard that skips the evaluation where the expression cannot be false
-(`per-1` needs both a start and an end), because fhirpathpy costs ~50-100 us per evaluation and
-validation sits on the write path. An invariant is broken only by a `false` result: an empty one
-(a `$this as dateTime` on a Period, say) passes.
+(`per-1` needs both a start and an end, and two instants in order are true), because fhirpathpy
+costs ~50-500 us per evaluation and validation sits on the write path. For the same reason the
+walk skips the parts of a resource that nothing checks and formats a location only for an
+issue. An invariant is broken only by a `false` result: an empty one (a `$this as dateTime` on a
+Period, say) passes.
 
 The validator is pure: it reads the package folder and the core data file
 (`r4_core_constraints.json`, written by `profiles/build.py` from the official R4 definitions)
@@ -31,11 +33,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cache
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from fhirpathpy import compile as fhirpath_compile
 from fhirpathpy.engine.nodes import ResourceNode
@@ -46,6 +50,12 @@ Json = Any
 
 Issue = dict[str, Any]
 """One OperationOutcome.issue."""
+
+Location: TypeAlias = "str | tuple[Location, str, int | None]"
+"""Where an occurrence is: a FHIRPath location, or (parent, step, index) for `parent.step[index]`.
+
+The walk carries the tuples and `_text` formats them only when an issue is reported: most
+occurrences of a valid resource never need theirs."""
 
 CORE_DATA: Final = Path(__file__).with_name("r4_core_constraints.json")
 """R4 core invariants, vital-signs profiles and code lists, extracted by profiles/build.py."""
@@ -137,10 +147,10 @@ class _Binding:
 
 @dataclass(slots=True)
 class _Item:
-    """One occurrence of an element in a resource."""
+    """One occurrence of an element in a resource, as slicing sees it."""
 
     value: Json
-    location: str
+    location: Location
     type: str | None = None
 
 
@@ -156,6 +166,12 @@ class _Node:
     base: str = field(init=False)
     min: int = 0
     max: int | None = None
+    most: int = field(init=False, default=sys.maxsize)
+    """`max` as a number to compare counts with, filled by `_finalize`."""
+    counted: bool = field(init=False, default=False)
+    """Whether there is a min or a max to count occurrences for, filled by `_finalize`."""
+    closed: bool = field(init=False, default=False)
+    """Whether the slicing is closed: every occurrence must be in a slice."""
     fixed: Any = _MISSING
     pattern: Any = _MISSING
     types: frozenset[str] | None = None
@@ -167,10 +183,36 @@ class _Node:
     slicing: dict[str, Any] | None = None
     slices: dict[str, _Node] = field(default_factory=dict)
     matchers: dict[str, Callable[[_Item], bool]] = field(default_factory=dict)
-    keys: dict[str, tuple[_Node, str | None]] = field(default_factory=dict)
-    """JSON property -> (child node, data type of a choice), filled by `_finalize`."""
-    required: tuple[_Node, ...] = ()
-    """Children with a minimum: checked even when absent."""
+    keys: dict[str, _Key] = field(default_factory=dict)
+    """JSON property -> how it occurs, filled by `_finalize` for the children with something
+    to check (the walk never looks at the others, nor below them)."""
+    required: tuple[tuple[_Node, frozenset[str]], ...] = ()
+    """Children with a minimum, with the JSON properties they occur as: checked even when
+    absent."""
+    required_names: frozenset[str] = frozenset()
+    """The names of the required children (`status`): when an object has them all, only the
+    required choices (`effective[x]`) are left to look for."""
+    required_choices: tuple[tuple[_Node, frozenset[str]], ...] = ()
+    """The required children that are choices, from `required`."""
+    properties: frozenset[str] = frozenset()
+    """The properties of `keys`, to tell at once whether an object has any of them."""
+    own: bool = False
+    """Whether an occurrence has checks of its own (type, fixed, pattern, target, binding,
+    invariants), filled by `_finalize`."""
+    only_fixed: bool = False
+    """Whether a fixed value is all there is to check on an occurrence (coding.system)."""
+    one_invariant: bool = False
+    """Whether one invariant is all there is to check on an occurrence itself (ref-1)."""
+    values: bool = False
+    """Whether an occurrence's value has a fixed value, pattern, target or binding to meet."""
+    inspect: bool = False
+    """Whether an occurrence has anything to check on it or beneath it, filled by `_finalize`."""
+    slice_types: dict[str, frozenset[str]] = field(default_factory=dict)
+    """The data type of each type slice of a choice (valueQuantity: Quantity)."""
+    type_slices: dict[str, tuple[tuple[str, _Node], ...]] | None = None
+    """When every slice is an optional type slice and the slicing is open: the slices of each
+    data type, in order (an occurrence of another type, valueString, leaves them nothing to
+    check), filled by `_finalize`."""
 
     def __post_init__(self) -> None:
         self.choice = self.name.endswith("[x]")
@@ -189,6 +231,13 @@ class _Node:
         if node is None:
             node = self.slices[name] = _Node(self.name, self.path)
         return node
+
+
+_Key: TypeAlias = "tuple[_Node, str | None, str, bool, frozenset[str]]"
+"""A JSON property of an object: the child node, the data type of a choice (valueQuantity:
+Quantity), the FHIRPath step of its occurrences (`value.ofType(Quantity)`), whether it is the
+`_given` of a primitive (its extensions), and the other properties of a choice (valueString
+...), which may hold more of its occurrences."""
 
 
 @dataclass(slots=True)
@@ -254,7 +303,7 @@ class ProfileValidator:
 
     def issues(self, resource: Mapping[str, Any], profile: str | None = None) -> list[Issue]:
         """Every issue of `resource` against `profile` (None: the ones it claims); [] if none."""
-        if isinstance(resource, Mapping) and not isinstance(resource, dict):
+        if not isinstance(resource, dict) and isinstance(resource, Mapping):
             resource = dict(resource)  # the walk reads JSON objects as dicts
         resource_type = resource.get("resourceType") if isinstance(resource, dict) else None
         if not isinstance(resource_type, str):
@@ -264,10 +313,12 @@ class ProfileValidator:
         else:
             meta = resource.get("meta")
             listed = meta.get("profile", []) if isinstance(meta, dict) else []
-            claimed = tuple(p for p in listed if isinstance(p, str))
+            claimed = tuple([p for p in listed if isinstance(p, str)])
         trees, issues = self._resolve(resource_type, claimed)
+        walk = _Walk(resource, "", self._trees)
         for tree in trees:
-            _Walk(resource, tree.url, self._trees).run(tree.root, issues)
+            walk.source = tree.url
+            walk.run(tree.root, issues)
         return _dedupe(issues)
 
     # --- resolving profiles ---
@@ -452,27 +503,100 @@ class ProfileValidator:
 
 
 def _finalize(node: _Node, url: str) -> None:
-    """Index a node's children by JSON property and build its slice matchers, recursively."""
+    """Index a node's children by JSON property and build its slice matchers, recursively.
+
+    A child with nothing to check on it or beneath it (no cardinality, slices or checks of its
+    own, which is most of the core trees and of the profiles' backbone elements) is left out of
+    the index, so that the walk skips its occurrences and everything below them.
+    """
     for child in node.children.values():
-        if child.choice:
-            for suffix, type_ in _TYPE_BY_SUFFIX.items():
-                node.keys[child.base + suffix] = (child, type_)
-        else:
-            node.keys[child.name] = (child, None)
-            node.keys[f"_{child.name}"] = (child, None)
         _finalize(child, url)
-    node.required = tuple(child for child in node.children.values() if child.min > 0)
+        if not (child.inspect or child.min > 0 or child.max is not None or child.slices):
+            continue
+        if child.choice:
+            names = frozenset(_json_keys(child))
+            for suffix, type_ in _TYPE_BY_SUFFIX.items():
+                key = child.base + suffix
+                step = f"{child.base}.ofType({type_})"
+                node.keys[key] = (child, type_, step, False, names - {key})
+        else:
+            node.keys[child.name] = (child, None, child.name, False, frozenset())
+            node.keys[f"_{child.name}"] = (child, None, child.name, True, frozenset())
+    node.required = tuple(
+        (child, frozenset(_json_keys(child))) for child in node.children.values() if child.min > 0
+    )
+    node.required_names = frozenset(c.name for c, _ in node.required if not c.choice)
+    node.required_choices = tuple((c, names) for c, names in node.required if c.choice)
     for name, slice_node in node.slices.items():
         node.matchers[name] = _matcher(node, name, slice_node, url)
+        sliced = _slice_type(node, name)
+        if sliced is not None:
+            node.slice_types[name] = frozenset({sliced})
         _finalize(slice_node, url)
+    if (
+        node.slices
+        and len(node.slice_types) == len(node.slices)
+        and all(s.min == 0 for s in node.slices.values())
+        and (node.slicing or {}).get("rules") != "closed"
+    ):
+        node.type_slices = {
+            type_: tuple((n, s) for n, s in node.slices.items() if type_ in node.slice_types[n])
+            for type_ in frozenset().union(*node.slice_types.values())
+        }
+    node.own = bool(
+        node.types is not None
+        or node.fixed is not _MISSING
+        or node.pattern is not _MISSING
+        or node.targets is not None
+        or node.binding is not None
+        or node.invariants
+    )
+    node.inspect = node.own or bool(node.keys or node.type_profiles)
+    node.properties = frozenset(node.keys)
+    node.most = sys.maxsize if node.max is None else node.max
+    node.counted = node.min > 0 or node.max is not None
+    node.closed = (node.slicing or {}).get("rules") == "closed"
+    node.values = (
+        node.fixed is not _MISSING
+        or node.pattern is not _MISSING
+        or node.targets is not None
+        or node.binding is not None
+    )
+    node.one_invariant = len(node.invariants) == 1 and node.types is None and not node.values
+    node.only_fixed = (
+        node.fixed is not _MISSING
+        and node.types is None
+        and node.pattern is _MISSING
+        and node.targets is None
+        and node.binding is None
+        and not node.invariants
+        and not node.keys
+        and not node.type_profiles
+    )
+
+
+def _json_keys(node: _Node) -> Iterator[str]:
+    """The JSON properties an element occurs as: `valueQuantity` ..., or `status` and `_status`."""
+    if node.choice:
+        yield from (node.base + suffix for suffix in _TYPE_BY_SUFFIX)
+    else:
+        yield from (node.name, f"_{node.name}")
+
+
+def _slice_type(node: _Node, name: str) -> str | None:
+    """The data type of a type slice of a choice element (value[x]:valueQuantity), else None."""
+    suffix = name[len(node.base) :]
+    if node.choice and name.startswith(node.base) and suffix in _TYPE_BY_SUFFIX:
+        return _TYPE_BY_SUFFIX[suffix]
+    return None
 
 
 def _matcher(node: _Node, name: str, slice_node: _Node, url: str) -> Callable[[_Item], bool]:
     """Whether an occurrence belongs to a slice, from the slicing's discriminators."""
-    suffix = name[len(node.base) :]
-    if node.choice and name.startswith(node.base) and suffix in _TYPE_BY_SUFFIX:
+    type_ = _slice_type(node, name)
+    if type_ is not None:
         # A type slice of a choice element (value[x]:valueQuantity) needs no discriminator.
-        return _type_test(frozenset({_TYPE_BY_SUFFIX[suffix]}))
+        return _type_test(frozenset({type_}))
     discriminators = (node.slicing or {}).get("discriminator", [])
     if not discriminators:
         raise ProfileError(f"{url}: slice {node.path}:{name} has no discriminator")
@@ -502,86 +626,215 @@ def _matcher(node: _Node, name: str, slice_node: _Node, url: str) -> Callable[[_
         if expected is _MISSING:
             raise ProfileError(f"{url}: slice {node.path}:{name} fixes nothing at {path!r}")
         tests.append(_value_test(steps, expected, exact))
-    return lambda item: all(test(item) for test in tests)
+    if len(tests) == 1:
+        return tests[0]
+    if len(tests) == 2:  # coding.system and coding.code, say
+        first, second = tests
+        return lambda item: first(item) and second(item)
+
+    def matcher(item: _Item) -> bool:
+        for test in tests:  # noqa: SIM110 (a loop, not all(), makes no generator per call)
+            if not test(item):
+                return False
+        return True
+
+    return matcher
 
 
 # --- walking a resource ------------------------------------------------------------------------
 
 
 class _Walk:
-    """One resource checked against one tree."""
+    """One resource checked against its trees, one after the other (`source` names the tree).
 
-    __slots__ = ("resource", "source", "trees", "variables")
+    Hand-written for speed, since it runs on every write: locations are carried as `Location`
+    tuples and formatted only for an issue, cardinality is compared before anything is called,
+    only the properties of `_Node.keys` (those with something checked at or below them) are
+    looked at, and the commonest cases are handled inline rather than through a call.
+    """
+
+    __slots__ = ("resource", "source", "trees")
 
     def __init__(self, resource: Mapping[str, Any], source: str, trees: Mapping[str, _Tree]):
         self.resource = resource
         self.source = source
         self.trees = trees
-        # %resource and %rootResource, which some core invariants use (dom-3, ref-1).
-        self.variables = {"resource": resource, "rootResource": resource}
 
     def run(self, root: _Node, out: list[Issue]) -> None:
         """Check the resource itself, then its elements."""
-        self._check_item(root, _Item(self.resource, str(self.resource["resourceType"])), out, True)
+        resource_type = str(self.resource["resourceType"])
+        self._check_item(root, self.resource, None, resource_type, out, True)
 
     def _check_children(
-        self, node: _Node, value: Mapping[str, Any], at: str, out: list[Issue]
+        self, node: _Node, value: Mapping[str, Any], at: Location, out: list[Issue]
     ) -> None:
-        """Group the object's properties by the child nodes that check them, then check each."""
-        found: dict[_Node, list[_Item]] = {}
+        """Check the children a profile requires that are absent, then the others in the order
+        the object has them.
+
+        An element is one property, but for a choice given as several types (valueQuantity and
+        valueString): those are checked together, where the first one is. The common case, one
+        property, is checked here rather than through `_check_element`, which does the same,
+        in one pass over the object.
+        """
+        if node.required:
+            present = value.keys()
+            for child, names in (
+                node.required_choices if present >= node.required_names else node.required
+            ):
+                if present.isdisjoint(names):
+                    self._check_element(child, [], at, out)
         keys = node.keys
+        done: set[_Node] | None = None
         for key, child_value in value.items():
             entry = keys.get(key)
             if entry is None:
                 continue
-            child, type_ = entry
-            if type_ is not None:
-                items = _spread(child_value, f"{at}.{child.base}.ofType({type_})", type_)
-            elif key[0] != "_":
-                items = _spread(child_value, f"{at}.{key}", None)
-            elif key[1:] in value:
+            child, type_, step, extensions, others = entry
+            if extensions and step in value:
                 continue  # the extensions of a primitive that has its value: counted with it
-            else:
-                # A primitive present only through its extensions still occurs, with no value.
-                count = len(child_value) if isinstance(child_value, list) else 1
-                items = [_Item(None, f"{at}.{key[1:]}")] * count
-            found.setdefault(child, []).extend(items)
-        for child in node.required:
-            if child not in found:
-                self._check_element(child, [], at, out)
-        for child, items in found.items():
-            self._check_element(child, items, at, out)
+            if others and not value.keys().isdisjoint(others):
+                if done is None or child not in done:
+                    done = {child} if done is None else done | {child}
+                    properties = [(v, keys[k]) for k, v in value.items() if k in others or k == key]
+                    self._check_element(child, properties, at, out)
+                continue
+            many = isinstance(child_value, list)
+            if child.counted:
+                count = len(child_value) if many else 1
+                if count < child.min or count > child.most:
+                    self._cardinality(child, count, (at, child.base, None), None, out)
+            if child.inspect and not extensions:
+                # What `_check_item` does, with its commonest cases inline: a fixed value
+                # (coding.system), an invariant its guard rules out (ref-1 on a Reference),
+                # and an object with nothing of its own to check.
+                for position, occurrence in (
+                    enumerate(child_value) if many else ((None, child_value),)
+                ):
+                    if child.only_fixed:
+                        if occurrence is not None and occurrence != child.fixed:
+                            self._not_fixed(child, occurrence, (at, step, position), out)
+                        continue
+                    if child.own:
+                        # One invariant whose guard rules it out leaves only the children.
+                        guard = child.invariants[0].may_fail if child.one_invariant else None
+                        if guard is None or guard(occurrence):
+                            self._check_item(child, occurrence, type_, (at, step, position), out)
+                            continue
+                    if isinstance(occurrence, dict):
+                        if child.required or not occurrence.keys().isdisjoint(child.properties):
+                            self._check_children(child, occurrence, (at, step, position), out)
+                        if child.type_profiles:
+                            self._check_profiles(child, occurrence, (at, step, position), out)
+            if child.slices:
+                by_type = child.type_slices
+                if many and len(child_value) == 1 and not extensions:
+                    item = _Item(child_value[0], (at, step, 0), type_)
+                    self._check_slices_of_one(child, item, (at, child.base, None), out)
+                elif by_type is None or many:
+                    items = _occurrences([(child_value, entry)], at)
+                    self._check_slices(child, items, (at, child.base, None), out)
+                elif child_value is not None and type_ in by_type:
+                    # What `_check_slices` does for one occurrence that only type slices take.
+                    where: Location = (at, child.base, None)
+                    for name, slice_node in by_type[type_]:
+                        if slice_node.most < 1:
+                            self._cardinality(slice_node, 1, where, name, out)
+                        if not slice_node.inspect:
+                            continue
+                        guard = (
+                            slice_node.invariants[0].may_fail if slice_node.one_invariant else None
+                        )
+                        if (
+                            guard is None
+                            or guard(child_value)
+                            or slice_node.properties
+                            or slice_node.type_profiles
+                        ):
+                            self._check_item(slice_node, child_value, type_, (at, step, None), out)
 
-    def _check_element(self, node: _Node, items: list[_Item], at: str, out: list[Issue]) -> None:
+    def _check_element(
+        self, node: _Node, properties: list[tuple[Json, _Key]], at: Location, out: list[Issue]
+    ) -> None:
         """Cardinality, then each occurrence, then the slices."""
-        where = f"{at}.{node.base}"
-        self._cardinality(node, len(items), where, None, out)
-        for item in items:
-            self._check_item(node, item, out)
+        count = 0
+        for child_value, _ in properties:
+            count += len(child_value) if isinstance(child_value, list) else 1
+        if count < node.min or count > node.most:
+            self._cardinality(node, count, (at, node.base, None), None, out)
+        if node.inspect:
+            check_item = self._check_item
+            for child_value, (_, type_, step, extensions, _) in properties:
+                if extensions:
+                    continue  # a primitive present only through its extensions: no value
+                if isinstance(child_value, list):
+                    for index, entry in enumerate(child_value):
+                        check_item(node, entry, type_, (at, step, index), out)
+                else:
+                    check_item(node, child_value, type_, (at, step, None), out)
         if node.slices:
-            self._check_slices(node, items, where, out)
+            self._check_slices(node, _occurrences(properties, at), (at, node.base, None), out)
 
-    def _check_slices(self, node: _Node, items: list[_Item], where: str, out: list[Issue]) -> None:
+    def _check_slices(
+        self, node: _Node, items: list[_Item], where: Location, out: list[Issue]
+    ) -> None:
         """Assign the occurrences to slices, then check each slice's cardinality and rules."""
+        if len(items) == 1:
+            self._check_slices_of_one(node, items[0], where, out)
+            return
         claimed = [False] * len(items)
         for name, slice_node in node.slices.items():
-            matcher = node.matchers[name]
             matched = []
-            for index, item in enumerate(items):
-                if item.value is not None and matcher(item):
-                    matched.append(item)
-                    claimed[index] = True
-            self._cardinality(slice_node, len(matched), where, name, out)
-            for item in matched:
-                self._check_item(slice_node, item, out)
-        if (node.slicing or {}).get("rules") == "closed":
+            types = node.slice_types.get(name)
+            if types is not None:
+                # What the matcher tests, without a call per occurrence.
+                for index, item in enumerate(items):
+                    if item.value is not None and item.type in types:
+                        matched.append(item)
+                        claimed[index] = True
+            else:
+                matcher = node.matchers[name]
+                for index, item in enumerate(items):
+                    if item.value is not None and matcher(item):
+                        matched.append(item)
+                        claimed[index] = True
+            count = len(matched)
+            if count < slice_node.min or count > slice_node.most:
+                self._cardinality(slice_node, count, where, name, out)
+            if slice_node.inspect:
+                for item in matched:
+                    self._check_item(slice_node, item.value, item.type, item.location, out)
+        if node.closed:
             for item, taken in zip(items, claimed, strict=True):
                 if not taken:
                     text = f"{node.path}: this element matches none of the profile's slices"
                     out.append(self._issue("error", "structure", text, item.location))
 
+    def _check_slices_of_one(
+        self, node: _Node, item: _Item, where: Location, out: list[Issue]
+    ) -> None:
+        """What `_check_slices` does for a single occurrence (category, a coding), the common
+        case, without lists of matches."""
+        taken = False
+        for name, slice_node in node.slices.items():
+            types = node.slice_types.get(name)
+            if item.value is None:
+                hit = False
+            elif types is not None:
+                hit = item.type in types
+            else:
+                hit = node.matchers[name](item)
+            taken = taken or hit
+            count = 1 if hit else 0
+            if count < slice_node.min or count > slice_node.most:
+                self._cardinality(slice_node, count, where, name, out)
+            if hit and slice_node.inspect:
+                self._check_item(slice_node, item.value, item.type, item.location, out)
+        if node.closed and not taken:
+            text = f"{node.path}: this element matches none of the profile's slices"
+            out.append(self._issue("error", "structure", text, item.location))
+
     def _cardinality(
-        self, node: _Node, count: int, where: str, slice_name: str | None, out: list[Issue]
+        self, node: _Node, count: int, where: Location, slice_name: str | None, out: list[Issue]
     ) -> None:
         """An element's (or a slice's) number of occurrences against its min and max."""
         label = node.path if slice_name is None else f"{node.path}:{slice_name}"
@@ -592,42 +845,71 @@ class _Walk:
             text = f"{label}: max allowed = {node.max}, but found {count}"
             out.append(self._issue("error", "structure", text, where))
 
-    def _check_item(self, node: _Node, item: _Item, out: list[Issue], root: bool = False) -> None:
-        """Every check of a node on one occurrence, then its children."""
-        value = item.value
-        if node.types is not None and item.type is not None and item.type not in node.types:
-            allowed = ", ".join(sorted(node.types))
-            text = f"{node.path}: type {item.type} is not allowed here (allowed: {allowed})"
-            out.append(self._issue("error", "structure", text, item.location))
-            return
-        if value is None:
-            return  # a primitive with only extensions: no value to check
-        if node.fixed is not _MISSING and value != node.fixed:
-            text = f"{node.path}: value must be exactly {_show(node.fixed)}, found {_show(value)}"
-            out.append(self._issue("error", "value", text, item.location))
-        if node.pattern is not _MISSING and not _matches(node.pattern, value):
-            text = f"{node.path}: value must match the pattern {_show(node.pattern)}"
-            out.append(self._issue("error", "value", text, item.location))
-        if node.targets is not None and isinstance(value, dict):
-            self._check_target(node, node.targets, value, item.location, out)
-        if node.binding is not None:
-            self._check_binding(node, node.binding, value, item.location, out)
-        for invariant in node.invariants:
-            self._check_invariant(invariant, item, out, root)
+    def _check_item(
+        self,
+        node: _Node,
+        value: Json,
+        type_: str | None,
+        at: Location,
+        out: list[Issue],
+        root: bool = False,
+    ) -> None:
+        """Every check of a node on one occurrence (of a data type, for a choice), then its
+        children."""
+        if node.own:
+            if node.types is not None and type_ is not None and type_ not in node.types:
+                allowed = ", ".join(sorted(node.types))
+                text = f"{node.path}: type {type_} is not allowed here (allowed: {allowed})"
+                out.append(self._issue("error", "structure", text, at))
+                return
+            if value is None:
+                return  # a primitive with only extensions: no value to check
+            if node.values:
+                if node.fixed is not _MISSING and value != node.fixed:
+                    self._not_fixed(node, value, at, out)
+                if node.pattern is not _MISSING and not _matches(node.pattern, value):
+                    text = f"{node.path}: value must match the pattern {_show(node.pattern)}"
+                    out.append(self._issue("error", "value", text, at))
+                if node.targets is not None and isinstance(value, dict):
+                    self._check_target(node, node.targets, value, at, out)
+                if node.binding is not None:
+                    self._check_binding(node, node.binding, value, at, out)
+            guard, open_ = None, True
+            for invariant in node.invariants:
+                may_fail = invariant.may_fail
+                if may_fail is not guard:  # invariants often share one (dom-2 ... dom-5)
+                    guard, open_ = may_fail, may_fail is None or may_fail(value)
+                if open_:
+                    self._check_invariant(invariant, value, type_, at, out, root)
         if isinstance(value, dict):
-            if node.keys or node.required:
-                self._check_children(node, value, item.location, out)
-            for profile in node.type_profiles:
-                tree = self.trees.get(profile)
-                if tree is not None:
-                    self._check_children(tree.root, value, item.location, out)
+            # Not even a call for an object with none of the properties checked below it.
+            if node.required or not value.keys().isdisjoint(node.properties):
+                self._check_children(node, value, at, out)
+            if node.type_profiles:
+                self._check_profiles(node, value, at, out)
+
+    def _check_profiles(
+        self, node: _Node, value: Mapping[str, Any], at: Location, out: list[Issue]
+    ) -> None:
+        """The children an extension's profiles check (of an element of type Extension)."""
+        for profile in node.type_profiles:
+            tree = self.trees.get(profile)
+            if tree is not None and (
+                tree.root.required or not value.keys().isdisjoint(tree.root.properties)
+            ):
+                self._check_children(tree.root, value, at, out)
+
+    def _not_fixed(self, node: _Node, value: Json, at: Location, out: list[Issue]) -> None:
+        """The issue of a value other than the fixed one."""
+        text = f"{node.path}: value must be exactly {_show(node.fixed)}, found {_show(value)}"
+        out.append(self._issue("error", "value", text, at))
 
     def _check_target(
         self,
         node: _Node,
         targets: frozenset[str],
         reference: Mapping[str, Any],
-        at: str,
+        at: Location,
         out: list[Issue],
     ) -> None:
         """A reference's target type against the types the profile allows."""
@@ -638,7 +920,7 @@ class _Walk:
             out.append(self._issue("error", "structure", text, at))
 
     def _check_binding(
-        self, node: _Node, binding: _Binding, value: Json, at: str, out: list[Issue]
+        self, node: _Node, binding: _Binding, value: Json, at: Location, out: list[Issue]
     ) -> None:
         """A code, Coding, Quantity or CodeableConcept against a required binding."""
         if isinstance(value, str):
@@ -659,30 +941,35 @@ class _Walk:
             out.append(self._issue("error", "code-invalid", text, at))
 
     def _check_invariant(
-        self, invariant: _Invariant, item: _Item, out: list[Issue], root: bool
+        self,
+        invariant: _Invariant,
+        value: Json,
+        type_: str | None,
+        at: Location,
+        out: list[Issue],
+        root: bool,
     ) -> None:
-        """Evaluate one invariant on one occurrence (unless its guard rules a failure out)."""
-        value = item.value
-        if invariant.may_fail is not None and not invariant.may_fail(value):
-            return
-        context = invariant.context or item.type
+        """Evaluate one invariant on one occurrence (its guard has not ruled a failure out)."""
+        context = invariant.context or type_
         target = value if root or context is None else _node(value, context)
         try:
-            result = invariant.evaluate(target, self.variables)
+            # %resource and %rootResource, which some core invariants use (dom-3, ref-1).
+            variables = {"resource": self.resource, "rootResource": self.resource}
+            result = invariant.evaluate(target, variables)
         except Exception as error:  # a fhirpathpy failure must not fail a write: reported
             text = f"{invariant.key} could not be evaluated ({error}): {invariant.expression}"
-            out.append(self._issue("warning", "processing", text, item.location, invariant.source))
+            out.append(self._issue("warning", "processing", text, at, invariant.source))
             return
         if result == [False]:
             text = f"{invariant.key}: {invariant.human}"
             severity = "error" if invariant.severity == "error" else "warning"
-            out.append(self._issue(severity, "invariant", text, item.location, invariant.source))
+            out.append(self._issue(severity, "invariant", text, at, invariant.source))
 
     def _issue(
-        self, severity: str, code: str, text: str, at: str, source: str | None = None
+        self, severity: str, code: str, text: str, at: Location, source: str | None = None
     ) -> Issue:
         """An issue whose diagnostics name the definition the rule comes from."""
-        return _issue(severity, code, f"{text} ({source or self.source})", at)
+        return _issue(severity, code, f"{text} ({source or self.source})", _text(at))
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -698,6 +985,8 @@ def _issue(severity: str, code: str, text: str, at: str | None) -> Issue:
 
 def _dedupe(issues: list[Issue]) -> list[Issue]:
     """Issues in order, without repeats (a profile and its parent may say the same)."""
+    if not issues:
+        return issues
     seen: set[tuple[str, str, str, tuple[str, ...]]] = set()
     out = []
     for issue in issues:
@@ -709,11 +998,30 @@ def _dedupe(issues: list[Issue]) -> list[Issue]:
     return out
 
 
-def _spread(value: Json, at: str, type_: str | None) -> list[_Item]:
-    """The occurrences of a property's value: one per array entry, with its index."""
-    if isinstance(value, list):
-        return [_Item(v, f"{at}[{i}]", type_) for i, v in enumerate(value)]
-    return [_Item(value, at, type_)]
+def _text(at: Location) -> str:
+    """A location as FHIRPath: `MedicationAdministration.dosage.route`, `Observation.value
+    .ofType(Quantity)`, `CarePlan.activity[1].detail`."""
+    if isinstance(at, str):
+        return at
+    parent, step, index = at
+    if index is None:
+        return f"{_text(parent)}.{step}"
+    return f"{_text(parent)}.{step}[{index}]"
+
+
+def _occurrences(properties: list[tuple[Json, _Key]], at: Location) -> list[_Item]:
+    """An element's occurrences in an object: one per array entry, with its index; one without
+    a value per extensions of a primitive given without its value."""
+    items: list[_Item] = []
+    for value, (_, type_, step, extensions, _) in properties:
+        if extensions:
+            count = len(value) if isinstance(value, list) else 1
+            items += [_Item(None, (at, step, None))] * count
+        elif isinstance(value, list):
+            items += [_Item(v, (at, step, i), type_) for i, v in enumerate(value)]
+        else:
+            items.append(_Item(value, (at, step, None), type_))
+    return items
 
 
 def _descend(node: _Node, steps: list[str]) -> _Node | None:
@@ -737,42 +1045,114 @@ def _type_test(allowed: frozenset[str]) -> Callable[[_Item], bool]:
 
 def _exists_test(steps: list[str], wanted: bool) -> Callable[[_Item], bool]:
     """Whether an occurrence has (or lacks, as the slice requires) the element at a path."""
-    return lambda item: any(True for _ in _collect(item.value, steps)) == wanted
+    return lambda item: _found(item.value, steps, 0, _MISSING, True) == wanted
 
 
 def _value_test(steps: list[str], expected: Json, exact: bool) -> Callable[[_Item], bool]:
     """Whether the values at a path below an occurrence include the expected one."""
+    # The common discriminators, a string at a path of plain properties: one (Coding: code),
+    # two through an array (CodeableConcept: coding.code), or more (component: code.coding
+    # .code). `_found` is left the occurrences with arrays in arrays, which it flattens.
+    if exact and len(steps) == 1 and isinstance(expected, str):
+        key = steps[0]
 
-    def test(item: _Item) -> bool:
-        for value in _collect(item.value, steps):
-            if (value == expected) if exact else _matches(expected, value):
+        def test(item: _Item) -> bool:
+            value = item.value
+            if isinstance(value, dict):
+                given = value.get(key)
+                if isinstance(given, str):
+                    return given == expected
+            return _found(value, steps, 0, expected, exact)
+
+        return test
+    if exact and len(steps) == 2 and isinstance(expected, str):
+        first, second = steps
+
+        def test_entries(item: _Item) -> bool:
+            value = item.value
+            entries = value.get(first) if isinstance(value, dict) else None
+            if isinstance(entries, list):
+                for entry in entries:
+                    if isinstance(entry, list):
+                        break  # an array in an array: flattened by `_found`
+                    if isinstance(entry, dict):
+                        given = entry.get(second)
+                        if isinstance(given, list):
+                            break
+                        if given == expected:
+                            return True
+                else:
+                    return False
+            return _found(value, steps, 0, expected, exact)
+
+        return test_entries
+    if exact and isinstance(expected, str):
+
+        def test_path(item: _Item) -> bool:
+            values = [item.value]
+            for step in steps:
+                below: list[Json] = []
+                for value in values:
+                    if isinstance(value, dict):
+                        if step in value:
+                            inner = value[step]
+                            if isinstance(inner, list):
+                                below += inner
+                            else:
+                                below.append(inner)
+                    elif isinstance(value, list):
+                        return _found(item.value, steps, 0, expected, exact)  # arrays in arrays
+                values = below
+            for value in values:
+                if isinstance(value, list):
+                    return _found(item.value, steps, 0, expected, exact)
+            return expected in values
+
+        return test_path
+    return lambda item: _found(item.value, steps, 0, expected, exact)
+
+
+def _found(value: Json, steps: list[str], depth: int, expected: Json, exact: bool) -> bool:
+    """Whether a value at a dotted path below a value (through arrays, from `steps[depth]`)
+    equals the expected one (exact) or matches it as a pattern; any value for _MISSING.
+
+    It stops at the first: slicing runs it on every occurrence of a sliced element."""
+    while True:
+        if isinstance(value, list):
+            for entry in value:  # noqa: SIM110 (no generator per array)
+                if _found(entry, steps, depth, expected, exact):
+                    return True
+            return False
+        if depth == len(steps):
+            if expected is _MISSING:
                 return True
-        return False
-
-    return test
-
-
-def _collect(value: Json, steps: list[str]) -> Iterator[Json]:
-    """Every value at a dotted path below a value, through arrays."""
-    if isinstance(value, list):
-        for entry in value:
-            yield from _collect(entry, steps)
-    elif not steps:
-        yield value
-    elif isinstance(value, dict) and steps[0] in value:
-        yield from _collect(value[steps[0]], steps[1:])
+            return bool(value == expected) if exact else _matches(expected, value)
+        if not isinstance(value, dict) or steps[depth] not in value:
+            return False
+        value = value[steps[depth]]
+        depth += 1
 
 
 def _matches(pattern: Json, value: Json) -> bool:
     """FHIR pattern semantics: everything in the pattern is present in the value."""
+    # Loops rather than all() and any() over generators: this runs for every sliced occurrence.
     if isinstance(pattern, dict):
-        return isinstance(value, dict) and all(
-            key in value and _matches(expected, value[key]) for key, expected in pattern.items()
-        )
+        if not isinstance(value, dict):
+            return False
+        for key, expected in pattern.items():
+            if key not in value or not _matches(expected, value[key]):
+                return False
+        return True
     if isinstance(pattern, list):
-        return isinstance(value, list) and all(
-            any(_matches(expected, entry) for entry in value) for expected in pattern
-        )
+        if not isinstance(value, list):
+            return False
+        for expected in pattern:
+            for entry in value:
+                if _matches(expected, entry):
+                    break
+            else:
+                return False
+        return True
     return bool(pattern == value)
 
 
@@ -846,29 +1226,259 @@ def _invariant(constraint: Mapping[str, Any], context: str | None, source: str) 
     )
 
 
+# The guards run on every occurrence of their element, so each name is turned into the set of
+# JSON properties it occurs as once, and tested with `dict.keys().isdisjoint`, which looks up
+# the smaller of the two sets.
+
+
+def _properties(name: str, *, strict: bool = False) -> frozenset[str]:
+    """The JSON properties through which an element occurs in an object (strict: with a value,
+    not only extensions): `valueQuantity` ... for `value[x]`, `start` and `_start` for `start`."""
+    if name.endswith("[x]"):
+        return frozenset(name[:-3] + suffix for suffix in _TYPE_BY_SUFFIX)
+    return frozenset((name,) if strict else (name, f"_{name}"))
+
+
+@cache
 def _present(*names: str) -> Callable[[Json], bool]:
     """Guard: the expression can only be false when all these elements are present."""
-    return lambda value: not isinstance(value, dict) or all(_has(value, n) for n in names)
+    wanted = tuple(_properties(n) for n in names)
+
+    def may_fail(value: Json) -> bool:
+        if not isinstance(value, dict):
+            return True
+        return not any(map(value.keys().isdisjoint, wanted))
+
+    return may_fail
 
 
 def _absent(*names: str) -> Callable[[Json], bool]:
     """Guard: the expression can only be false when none of these elements is present."""
-    return lambda value: not isinstance(value, dict) or not any(_has(value, n) for n in names)
+    unwanted = frozenset().union(*(_properties(n) for n in names))
+    return lambda value: not isinstance(value, dict) or value.keys().isdisjoint(unwanted)
 
 
-def _has(value: Mapping[str, Any], name: str, *, strict: bool = False) -> bool:
-    """Whether an element occurs in an object (strict: with a value, not only extensions)."""
-    if name.endswith("[x]"):
-        base = name[:-3]
-        return any(k.startswith(base) and k[len(base) :] in _TYPE_BY_SUFFIX for k in value)
-    return name in value or (not strict and f"_{name}" in value)
+def _given(value: Mapping[str, Any], name: str) -> bool:
+    """Whether an element is given in an object as one plain value, without extensions."""
+    return name in value and f"_{name}" not in value and not isinstance(value[name], list)
+
+
+# ISO 8601 dates, and dateTimes to the second or finer with a time zone, with valid fields.
+# Two of either with the same length (and zone) compare as text as they compare in time.
+_DATE: Final = re.compile(r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])")
+_INSTANT: Final = re.compile(
+    _DATE.pattern + r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+
+
+def _in_order(start: Json, end: Json) -> bool:
+    """Whether `start <= end` is provably true in FHIRPath for two JSON dates or dateTimes:
+    ordered as text, of the same form (and time zone), and real days (no 31 April).
+
+    fhirpathpy compares two of the same precision by their POSIX timestamps. Those of local
+    times depend on the zone the service runs in (a daylight saving gap can put 02:30 after
+    03:10), so a dateTime needs its time zone; dates are local midnights a day or more apart,
+    which no zone's offset change (at most a day, Samoa 2011) puts out of order.
+    """
+    if not (isinstance(start, str) and isinstance(end, str)):
+        return False
+    if len(start) != len(end) or start > end:
+        return False
+    if len(start) == 10:
+        form = _DATE
+    else:
+        form = _INSTANT
+        zone = 1 if start.endswith("Z") else 6
+        if start[-zone:] != end[-zone:]:
+            return False
+    if form.fullmatch(start) is None or form.fullmatch(end) is None:
+        return False
+    try:
+        datetime.fromisoformat(start)
+        datetime.fromisoformat(end)
+    except ValueError:
+        return False
+    return True
+
+
+def _per_1(value: Json) -> bool:
+    """Guard of per-1, `start.hasValue().not() or end.hasValue().not() or (start <= end)`.
+
+    Both must be present for it to be false, and a Period of two ordered instants is the
+    common case that still needs a comparison: made here rather than through fhirpathpy.
+    """
+    if not isinstance(value, dict):
+        return True
+    if not (("start" in value or "_start" in value) and ("end" in value or "_end" in value)):
+        return False
+    if _given(value, "start") and _given(value, "end") and "resourceType" not in value:
+        return not _in_order(value["start"], value["end"])
+    return True
+
+
+def _ext_1(value: Json) -> bool:
+    """Guard of ext-1, `extension.exists() != value.exists()`: false only with both or neither.
+
+    (An object with a resourceType is evaluated as that resource, not as an Extension.)
+
+    fhirpathpy finds value[x] by the first of the R4 type suffixes whose property (or its
+    `_` twin) is in the object, and counts it as existing unless it is null or []: a single
+    `value...` property holding a JSON scalar or a non-empty object exists, a non-empty list
+    of extensions exists, and anything else is evaluated.
+    """
+    if not isinstance(value, dict) or "_extension" in value or "resourceType" in value:
+        return True
+    values = [k for k in value if k.startswith(("value", "_value"))]
+    extensions = value.get("extension")
+    if extensions is None:
+        if len(values) != 1 or values[0][5:] not in _TYPE_BY_SUFFIX:
+            return True
+        given = value[values[0]]
+        return not (isinstance(given, str | int | float) or (isinstance(given, dict) and given))
+    return bool(values) or not (
+        isinstance(extensions, list) and extensions and all(isinstance(e, dict) for e in extensions)
+    )
+
+
+def _ib_mad_1(value: Json) -> bool:
+    """Guard of ib-mad-1, `status = 'completed' implies (effective.ofType(Period).start.exists()
+    and effective.ofType(Period).end.exists() and dosage.dose.exists())`.
+
+    Only a status of 'completed' can make it false, and a completed infusion with a period of
+    start and end and a dose, the common case, makes it true. fhirpathpy takes effective[x]
+    as the first type present (effectiveDateTime before effectivePeriod), so no other may be.
+    """
+    if not isinstance(value, dict) or "_status" in value:
+        return True
+    if value.get("resourceType") != "MedicationAdministration":
+        return True
+    status = value.get("status", _MISSING)
+    if status is _MISSING or (isinstance(status, str) and status != "completed"):
+        return False
+    period, dosage = value.get("effectivePeriod"), value.get("dosage")
+    return not (
+        status == "completed"
+        and value.keys().isdisjoint(("effectiveDateTime", "_effectiveDateTime", "_dosage"))
+        and _given(value, "effectivePeriod")
+        and isinstance(period, dict)
+        and _given(period, "start")
+        and _given(period, "end")
+        and isinstance(period["start"], str)
+        and isinstance(period["end"], str)
+        and period["start"] != ""
+        and period["end"] != ""
+        and isinstance(dosage, dict)
+        and "_dose" not in dosage
+        and isinstance(dosage.get("dose"), dict)
+        and bool(dosage["dose"])
+    )
+
+
+_NPI: Final = "http://hl7.org/fhir/sid/us-npi"
+_ENTERED_IN_ERROR: Final = "entered-in-error"
+
+
+def _codes_other_than(concept: Json, code: str) -> bool:
+    """Whether a CodeableConcept provably has no coding with this code (for `coding.where(...
+    and code = '...')`): plain codings whose codes, if any, are other strings."""
+    if not isinstance(concept, dict) or "_coding" in concept:
+        return False
+    codings = concept.get("coding", [])
+    if not isinstance(codings, list):
+        return False
+    for coding in codings:
+        if not isinstance(coding, dict) or "_code" in coding:
+            return False
+        given = coding.get("code", _MISSING)
+        if given is not _MISSING and (not isinstance(given, str) or given == code):
+            return False
+    return True
+
+
+def _con_3(value: Json) -> bool:
+    """Guard of con-3, `clinicalStatus.exists() or verificationStatus.coding.where(...).exists()
+    or category.select($this='problem-list-item').empty()`: true with a clinicalStatus, or
+    without a category."""
+    if not isinstance(value, dict):
+        return True
+    clinical = value.get("clinicalStatus")
+    if isinstance(clinical, dict) and clinical:
+        return False
+    return not value.keys().isdisjoint(("category", "_category"))
+
+
+def _con_5(value: Json) -> bool:
+    """Guard of con-5, `verificationStatus.coding.where(system=... and code='entered-in-error')
+    .empty() or clinicalStatus.empty()`: true without either, or when no verification coding
+    is entered-in-error."""
+    if not isinstance(value, dict):
+        return True
+    keys = value.keys()
+    if keys.isdisjoint(("clinicalStatus", "_clinicalStatus")):
+        return False
+    if keys.isdisjoint(("verificationStatus", "_verificationStatus")):
+        return False
+    if "_verificationStatus" in value:
+        return True
+    return not _codes_other_than(value["verificationStatus"], _ENTERED_IN_ERROR)
+
+
+def _ib_npi_1(value: Json) -> bool:
+    """Guard of ib-npi-1, `identifier.where(system = 'http://hl7.org/fhir/sid/us-npi')
+    .all(value.matches('^[0-9]{10}$'))`: true without identifiers, or when every plain NPI
+    identifier's value is ten digits (other systems, or none, are not selected)."""
+    if not isinstance(value, dict):
+        return True
+    if value.keys().isdisjoint(("identifier", "_identifier")):
+        return False
+    identifiers = value.get("identifier")
+    if "_identifier" in value or not isinstance(identifiers, list):
+        return True
+    for identifier in identifiers:
+        if not isinstance(identifier, dict) or "_system" in identifier or "_value" in identifier:
+            return True
+        system = identifier.get("system", _MISSING)
+        if system is _MISSING or (isinstance(system, str) and system != _NPI):
+            continue
+        number = identifier.get("value")
+        if system != _NPI or not isinstance(number, str) or not _TEN_DIGITS.fullmatch(number):
+            return True
+    return False
+
+
+_TEN_DIGITS: Final = re.compile("[0-9]{10}")
+
+
+def _not_negative(name: str) -> Callable[[Json], bool]:
+    """Guard of `name.exists() implies name >= 0` (tim-4, tim-5): true without it, or when it
+    is a JSON number that is not negative."""
+
+    def may_fail(value: Json) -> bool:
+        if not isinstance(value, dict):
+            return True
+        if name not in value and f"_{name}" not in value:
+            return False
+        if not _given(value, name) or "resourceType" in value:
+            return True
+        number = value[name]
+        return not (type(number) in (int, float) and number >= 0)
+
+    return may_fail
 
 
 _GUARDS: Final[dict[str, Callable[[Json], bool]]] = {
     # Read off each core expression; the general forms are derived in `_guard`.
     "dom-3": _present("contained"),  # contained.where(...).empty()
     "dom-4": _present("contained"),  # contained.meta.versionId.empty() and contained.meta...
-    "per-1": _present("start", "end"),  # start.hasValue().not() or end.hasValue().not() or ...
+    "per-1": _per_1,
+    "ext-1": _ext_1,
+    "ib-mad-1": _ib_mad_1,
+    "tim-4": _not_negative("duration"),
+    "tim-5": _not_negative("period"),
+    "con-3": _con_3,
+    "con-5": _con_5,
+    "ib-npi-1": _ib_npi_1,
     "rng-2": _present("low", "high"),  # low.empty() or high.empty() or ...
     "qrs-1": _present("answer", "item"),  # (answer.exists() and item.exists()).not()
     "obs-7": _present("value[x]", "component"),  # value.empty() or component.code.where(...)...
@@ -882,7 +1492,8 @@ _GUARDS: Final[dict[str, Callable[[Json], bool]]] = {
     "vs-1": lambda value: isinstance(value, str) and len(value) < 10,
     # reference.startsWith('#').not() or ...: only a local reference can fail.
     "ref-1": lambda value: (
-        not isinstance(value, dict) or str(value.get("reference", "")).startswith("#")
+        not isinstance(value, dict)
+        or (ref if isinstance(ref := value.get("reference", ""), str) else str(ref)).startswith("#")
     ),
 }
 
@@ -929,12 +1540,16 @@ def _top_level(expression: str) -> str:
 def _unless(absent: tuple[str, ...], present: tuple[str, ...]) -> Callable[[Json], bool]:
     """Guard of a disjunction: true as soon as one `absent` is absent or one `present` present."""
 
+    absent_properties = tuple(_properties(n) for n in absent)
+    # A property with a value makes exists() true; one with only extensions may not.
+    present_properties = frozenset().union(*(_properties(n, strict=True) for n in present))
+
     def may_fail(value: Json) -> bool:
         if not isinstance(value, dict):
             return True
-        if any(not _has(value, n) for n in absent):
-            return False
-        # A property with a value makes exists() true; one with only extensions may not.
-        return not any(_has(value, n, strict=True) for n in present)
+        keys = value.keys()
+        return not any(map(keys.isdisjoint, absent_properties)) and keys.isdisjoint(
+            present_properties
+        )
 
     return may_fail

@@ -924,14 +924,7 @@ def test_outcomes_are_valid_r4_operation_outcomes(validator: ProfileValidator) -
 
 def test_guards_never_hide_a_broken_invariant(validator: ProfileValidator) -> None:
     """The cheap guards in front of fhirpathpy change the speed, never the result."""
-    unguarded = ProfileValidator(PROFILES)
-    for tree in [*unguarded._core.values(), *unguarded._trees.values()]:
-        stack = [tree.root]
-        while stack:
-            node = stack.pop()
-            for invariant in node.invariants:
-                invariant.may_fail = None
-            stack += [*node.children.values(), *node.slices.values()]
+    unguarded = unguarded_validator()
     resources = [make() for make in CONFORMING.values()]
     resources += list(violations())
     mutated: list[tuple[Callable[[], Resource], Callable[[Resource], object]]] = [
@@ -1045,3 +1038,94 @@ def test_closed_slicing(tmp_path: Path) -> None:
     ]
     resource["identifier"] = resource["identifier"][1:]
     assert closed.issues(resource, url) == []
+
+
+def unguarded_validator() -> ProfileValidator:
+    """A validator that evaluates every invariant in fhirpathpy, without the guards."""
+    unguarded = ProfileValidator(PROFILES)
+    for tree in [*unguarded._core.values(), *unguarded._trees.values()]:
+        stack = [tree.root]
+        while stack:
+            node = stack.pop()
+            for invariant in node.invariants:
+                invariant.may_fail = None
+            stack += [*node.children.values(), *node.slices.values()]
+    return unguarded
+
+
+def test_hand_written_guards_agree_with_fhirpath(validator: ProfileValidator) -> None:
+    """The guards that read values (per-1's dates, ext-1, ib-mad-1, tim-4, con-3, con-5,
+    ib-npi-1) skip fhirpathpy only where it says true: on both sides of each line."""
+    unguarded = unguarded_validator()
+    ver = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+    changes: list[tuple[Callable[[], Resource], Callable[[Resource], object]]] = [
+        (encounter, lambda r: r["period"].update(end="2026-10-05T08:49:59-04:00")),
+        (encounter, lambda r: r["period"].update(end="2026-10-05T08:50:00-04:00")),
+        (encounter, lambda r: r["period"].update(end="2026-10-05T12:49:00Z")),
+        (encounter, lambda r: r["period"].update(end="2026-10-05T08:50:00.5-04:00")),
+        (encounter, lambda r: r["period"].update(start="2026-10-05", end="2026-10-04")),
+        (encounter, lambda r: r["period"].update(start="2026-10-05", end="2026-10-05")),
+        (encounter, lambda r: r["period"].update(start="2026-04-31", end="2026-05-01")),
+        (encounter, lambda r: r["period"].update(_start={"id": "s"})),
+        (condition, lambda r: r["extension"][0].update(extension=[{"url": "x"}])),
+        (condition, lambda r: r["extension"][0].pop("valueBoolean")),
+        (condition, lambda r: r["extension"][0].update(valueBoolean=[])),
+        (medication_administration, lambda r: r.update(effectiveDateTime="2026-10-05")),
+        (medication_administration, lambda r: r["effectivePeriod"].pop("end")),
+        (medication_administration, lambda r: r.update(status="in-progress", dosage={})),
+        (medication_administration, lambda r: r.update(_status={"id": "s"})),
+        (
+            care_plan,
+            lambda r: r["activity"][0]["detail"]["scheduledTiming"]["repeat"].update(duration=-1),
+        ),
+        (
+            care_plan,
+            lambda r: r["activity"][0]["detail"]["scheduledTiming"]["repeat"].update(period=0.0),
+        ),
+        (condition, lambda r: r["verificationStatus"]["coding"][0].update(code="entered-in-error")),
+        (condition, lambda r: r.update(verificationStatus={"coding": [{"system": ver}]})),
+        (condition, lambda r: r.pop("clinicalStatus")),
+        (condition, lambda r: (r.pop("clinicalStatus"), r.pop("category"))),
+        (practitioner, lambda r: r["identifier"][0].update(value="123456789")),
+        (practitioner, lambda r: r["identifier"][0].update(value="1234567893\n")),
+        (practitioner, lambda r: r["identifier"].append({"system": "x", "value": "1"})),
+    ]
+    broken = 0
+    for make, change in changes:
+        resource = make()
+        change(resource)
+        expected = unguarded.issues(resource)
+        assert validator.issues(resource) == expected, resource
+        broken += any(i["code"] in ("invariant", "processing") for i in expected)
+    assert broken >= 10  # the lines above do reach fhirpathpy's false
+
+
+def test_issue_locations_deep_in_nested_slices(validator: ProfileValidator) -> None:
+    """Locations are put together only for an issue: those of a slice inside a slice, of a
+    choice's type, and of array entries, as the walk met them."""
+    resource = blood_pressure()
+    systolic, diastolic = resource["component"]
+    systolic["code"]["coding"].append(copy.deepcopy(systolic["code"]["coding"][0]))
+    diastolic["valueQuantity"].update(code="mmHg", _unit={"extension": []})
+    del diastolic["valueQuantity"]["unit"]  # present through its extensions: still counted
+    resource["category"].append({"text": "not a vital sign"})
+    issues = validator.issues(resource)
+    assert [(i["code"], i["expression"], i["diagnostics"].split(":")[0]) for i in issues] == [
+        (
+            "structure",
+            ["Observation.component[0].code.coding"],
+            "Observation.component.code.coding",
+        ),
+        (
+            "value",
+            ["Observation.component[1].value.ofType(Quantity).code"],
+            "Observation.component.valueQuantity.code",
+        ),
+        (
+            "code-invalid",
+            ["Observation.component[1].value.ofType(Quantity)"],
+            "Observation.component.value",
+        ),
+    ]
+    assert "SBPCode: max allowed = 1, but found 2" in issues[0]["diagnostics"]
+    assert issues == unguarded_validator().issues(resource)
