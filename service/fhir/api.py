@@ -10,8 +10,11 @@ CapabilityStatement is generated from what this module really implements.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import logging
+import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,17 +22,27 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 import orjson
+import psycopg
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service.bootstrap import Services
-from service.fhir.errors import FHIR_JSON, FhirError, NotAcceptable, ResourceNotFound
+from service.fhir.errors import (
+    FHIR_JSON,
+    FhirError,
+    NotAcceptable,
+    ResourceNotFound,
+    StoreUnavailable,
+)
 from service.fhir.search import (
     Row,
     SearchError,
     SearchPage,
     SearchQuery,
+    one_statement,
+    page_of,
+    page_statement,
     parse_search,
     query_string,
     run_search,
@@ -51,6 +64,8 @@ SUBSETTED = {
     "code": "SUBSETTED",
 }
 MAX_COUNT = 1000
+
+log = logging.getLogger(__name__)
 
 
 CONFORMANCE_SEARCH = ("url", "name", "version", "status")
@@ -345,14 +360,38 @@ async def _search(
     _check_type(resource_type)
     if resource_type in CONFORMANCE_TYPES:
         return _conformance_search(request, resource_type, params)
-    query = parse_search(resource_type, params, base=_base(request), strict=_strict(request))
+    # The event loop first runs what is due: a request timeout that has passed cancels this
+    # request here, before its synchronous share (parsing, binding) holds the loop.
+    await asyncio.sleep(0)
+    base = _base(request)
+    query = parse_search(resource_type, params, base=base, strict=_strict(request))
+    if one_statement(query):
+        page = page_of(query, await _page_rows(services, query))
+    else:
 
-    def read() -> SearchPage:
-        with services.database.unit_of_work(write=False) as uow:
-            return run_search(uow.connection, query)
+        def read() -> SearchPage:
+            with services.database.unit_of_work(write=False) as uow:
+                return run_search(uow.connection, query)
 
-    page = await run_in_threadpool(read)
-    return Response(searchset_bundle(_base(request), query, page), media_type=FHIR_JSON)
+        page = await run_in_threadpool(read)
+    return Response(searchset_bundle(base, query, page), media_type=FHIR_JSON)
+
+
+async def _page_rows(services: Services, query: SearchQuery) -> list[tuple[Any, ...]]:
+    """A search that is one statement, on the read path's connections (`services.reader`): no
+    unit of work, no thread hop on PostgreSQL, the statement compiled once per shape."""
+    dialect = services.database.engine.dialect
+    if dialect.server_version_info is None:
+        # Compiled for the dialect the engine has once it has connected (it learns the server
+        # then), as the unit of work's statements are: that first connection is made here.
+        await run_in_threadpool(services.database.ping)
+    try:
+        return await services.reader.select(
+            page_statement(query), dialect, prepare=query.fixed_plan
+        )
+    except (psycopg.OperationalError, sqlite3.OperationalError) as error:
+        log.warning("database unavailable on search: %s", type(error).__name__)
+        raise StoreUnavailable() from None
 
 
 def _conformance_search(
@@ -401,7 +440,10 @@ def build_router() -> APIRouter:
         return Response(orjson.dumps(outcome), media_type=FHIR_JSON)
 
     @router.get("/{resource_type}", summary="Search", response_class=Response)
-    async def search(request: Request, resource_type: str, services: ServicesDep) -> Response:
+    async def search(request: Request, resource_type: str) -> Response:
+        # The services straight from the app, not as a dependency: one less for FastAPI to
+        # resolve on the search path.
+        services: Services = request.app.state.services
         params = list(request.query_params.multi_items())
         return await _search(request, services, resource_type, params)
 

@@ -2,7 +2,9 @@
 
 A request's parameters become one SQL statement over `resources`, each search parameter a
 sub-select on its index table (`service.store.tables` search_*), ANDed across parameters and ORed
-across a parameter's comma-separated values. A composite parameter's value (`code$value`) is one
+across a parameter's comma-separated values: the likeliest most selective parameter gives the
+candidates (IN), the others probe their index rows for each candidate inside that sub-select, so a
+resource row is read only for a match. A composite parameter's value (`code$value`) is one
 condition on one `search_composite` row, so its parts match on the same element. Results are
 ordered by the `_sort` keys (nulls last) and then by resource id, and paged with a cursor of the
 last row's sort values and id, so a page never repeats or skips a resource whose sort values did
@@ -12,6 +14,9 @@ stored bytes.
 
     parse_search      parameters -> SearchQuery (or SearchError: what is wrong, where)
     run_search        SearchQuery -> SearchPage (matches, includes, total, next cursor)
+    page_statement    SearchQuery -> the page's SELECT, when `one_statement` says it is all
+                      the search runs (a caller may run it on its own connection), and page_of
+                      its rows -> SearchPage
     matching_ids      for conditional interactions: ids matching criteria, strictly parsed
 
 Must not: know about HTTP, Bundles or settings (service.fhir.api shapes the response).
@@ -32,11 +37,13 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     FromClause,
+    Integer,
     Select,
     and_,
     false,
     func,
     literal,
+    literal_column,
     not_,
     or_,
     select,
@@ -158,6 +165,10 @@ class SearchQuery:
     elements: tuple[str, ...] = ()
     total: str | None = None
     after: tuple[list[Any], str] | None = None
+    fixed_plan: bool = False
+    """Whether one plan suits every search of this shape, whatever its values: the candidates
+    come from an equality lookup and every other condition probes them (so a database may plan
+    the statement once, as a prepared statement, rather than for each search)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +217,12 @@ def parse_search(
     )
     drivers = [n for _, n in ranked]
     driving = drivers.pop(0) if drivers else None
+    # The probes go inside the driver's sub-select, on its index rows: a candidate's resource row
+    # is read only once every index says it matches. A probe of the driver's own table takes an
+    # alias, so it cannot correlate with the driver's rows.
+    taken = None if driving is None else _index_table(resource_type, params[driving][0])
+    built: list[ColumnElement[bool] | _Probe] = []
+    driver: ColumnElement[bool] | _Probe | None = None
     for n, (name, value) in enumerate(params):
         try:
             if name in IGNORED_QUIETLY:
@@ -215,16 +232,17 @@ def parse_search(
                     raise SearchError(name, "is not allowed in conditional criteria")
                 _result_parameter(query, name, value)
             else:
-                query.conditions.append(
-                    _condition(
-                        resource_type,
-                        name,
-                        value,
-                        base=base,
-                        subject=resources.c.id,
-                        drive=n == driving,
-                    )
+                found = _criterion(
+                    resource_type,
+                    name,
+                    value,
+                    base=base,
+                    subject=resources.c.id,
+                    taken=None if n == driving else taken,
                 )
+                built.append(found)
+                if n == driving:
+                    driver = found
             if name != "_page":
                 query.applied.append((name, value))
         except SearchError as error:
@@ -235,7 +253,39 @@ def parse_search(
                 # or was built as a probe, which stays correct, only slower)
                 later = [d for d in drivers if d > n]
                 driving = later[0] if later else None
+    query.conditions = _assemble(built, driver)
+    # One condition, the driver's, holding every other: the candidates come from an equality
+    # lookup and the rest is probes of each. The best plan is that whatever the values.
+    query.fixed_plan = isinstance(driver, _Probe) and driver.exact and len(query.conditions) == 1
     return query
+
+
+def _assemble(
+    built: list[ColumnElement[bool] | _Probe], driver: ColumnElement[bool] | _Probe | None
+) -> list[ColumnElement[bool]]:
+    """The conditions on the searched resources: the driver's sub-select holding the probes it
+    can hold (those of other tables), every other condition beside it."""
+    if not isinstance(driver, _Probe):  # no driver, or `_id`: probes on the resources' ids
+        return [c.on(resources.c.id) if isinstance(c, _Probe) else c for c in built]
+    own = driver.table
+    inner = [c for c in built if isinstance(c, _Probe) and c is not driver and c.table is not own]
+    candidates = driver.rows.where(*(probe.fenced(own.c.resource_id) for probe in inner))
+    conditions: list[ColumnElement[bool]] = []
+    for c in built:
+        if c is driver:
+            conditions.append(resources.c.id.in_(candidates))
+        elif not isinstance(c, _Probe):
+            conditions.append(c)
+        elif not any(c is probe for probe in inner):
+            conditions.append(c.on(resources.c.id))
+    return conditions
+
+
+def _index_table(resource_type: str, name: str) -> FromClause | None:
+    """The index table parameter `name` (one that can drive) searches; None for `_id`."""
+    code = name.partition(":")[0]
+    found = None if code == "_id" else definitions().parameter(resource_type, code)
+    return None if found is None else _TABLES.get(found.type)
 
 
 _SELECTIVITY: Final = {
@@ -326,6 +376,33 @@ def _include(resource_type: str, name: str, value: str) -> Include:
     return Include(source_type, param, target, iterate, reverse)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _Probe:
+    """An index condition before it is tied to the ids it filters: `rows` selects the
+    `resource_id` of `table`'s rows that match (`negate`: none may, for `:not`)."""
+
+    table: FromClause
+    rows: Select[Any]
+    negate: bool
+    exact: bool
+    """The rows are found by equality (a reference, a code, an exact string), not a range."""
+
+    def on(self, subject: ColumnElement[str]) -> ColumnElement[bool]:
+        """Whether `subject` has (or, negated, has no) matching index row."""
+        probe = self.rows.where(self.table.c.resource_id == subject).exists()
+        return not_(probe) if self.negate else probe
+
+    def fenced(self, subject: ColumnElement[str]) -> ColumnElement[bool]:
+        """`on`, kept a probe of each candidate: PostgreSQL does not flatten an EXISTS with an
+        OFFSET into a join, so its plan cannot start from this (likely broader) parameter's rows
+        or read a candidate's resource row before every probe has passed, whatever the values."""
+        probe = self.rows.where(self.table.c.resource_id == subject).offset(_NO_OFFSET).exists()
+        return not_(probe) if self.negate else probe
+
+
+_NO_OFFSET: Final = literal_column("0", Integer)
+
+
 def _condition(
     resource_type: str,
     name: str,
@@ -333,15 +410,28 @@ def _condition(
     *,
     base: str,
     subject: ColumnElement[str],
-    drive: bool = False,
 ) -> ColumnElement[bool]:
     """The condition one parameter puts on `subject`, the column of the ids being searched.
 
     Every index table is used through its own alias, so the sub-selects of chains and `_has`
     (which search the same tables again) never correlate with an enclosing one. An index
-    condition is an EXISTS probing the index rows of each candidate, or with `drive` the set of
-    matching ids the candidates are taken from.
+    condition is an EXISTS probing the index rows of each candidate.
     """
+    found = _criterion(resource_type, name, value, base=base, subject=subject)
+    return found.on(subject) if isinstance(found, _Probe) else found
+
+
+def _criterion(
+    resource_type: str,
+    name: str,
+    value: str,
+    *,
+    base: str,
+    subject: ColumnElement[str],
+    taken: FromClause | None = None,
+) -> ColumnElement[bool] | _Probe:
+    """`_condition`, but an index value condition is returned as its `_Probe` (so the search can
+    drive from it or nest it), on an alias of its table when that is `taken`."""
     if name.startswith("_has:"):
         return _has(resource_type, name, value, base=base, subject=subject)
     code, _, modifier = name.partition(":")
@@ -383,19 +473,14 @@ def _condition(
         raise SearchError(name, f"{parameter.type} parameters are not supported")
     # Aliases only where a sub-select nests in another over the same table (chains, _has):
     # building an alias's column collection costs more than the rest of the condition.
-    table = shared if subject is resources.c.id else shared.alias()
+    table = shared if subject is resources.c.id and shared is not taken else shared.alias()
     target_type: str | None = None
     if modifier and modifier not in _MODIFIERS[parameter.type]:
         if parameter.type == "reference" and modifier in parameter.targets:
             target_type = modifier
         else:
             raise SearchError(name, f"modifier :{modifier} is not supported on {parameter.type}")
-    if parameter.components:
-        sources = composite_sources(resource_type, parameter.code)
-        rows_of = table.c.param == sources[0] if len(sources) == 1 else table.c.param.in_(sources)
-    else:
-        rows_of = rows_answering(table, resource_type, parameter.code)
-    owned = select(table.c.resource_id).where(table.c.resource_type == resource_type, rows_of)
+    owned = _owned(table, resource_type, parameter)
     if modifier == "missing":
         if value not in ("true", "false"):
             raise SearchError(name, "takes true or false")
@@ -408,11 +493,32 @@ def _condition(
             _value_match(table, parameter, modifier or None, target_type, item, name, base)
             for item in _values(value, name)
         ]
-    subquery = owned.where(or_(*matches))
-    if drive and modifier != "not":
-        return subject.in_(subquery)
-    probe = subquery.where(table.c.resource_id == subject).exists()
-    return not_(probe) if modifier == "not" else probe
+    exact = parameter.type in ("reference", "token", "composite", "uri") or modifier == "exact"
+    exact = exact and modifier not in ("text", "below")
+    return _Probe(table, owned.where(or_(*matches)), modifier == "not", exact)
+
+
+_OWNED: dict[tuple[FromClause, str, str], Select[Any]] = {}
+"""`_owned` of the shared index tables, by table, resource type and parameter code."""
+
+
+def _owned(table: FromClause, resource_type: str, parameter: SearchParameter) -> Select[Any]:
+    """The ids of `table`'s rows of `resource_type` that answer `parameter`, whatever their
+    values: the sub-select each of its conditions narrows. The same for every search, so built
+    once per parameter on a shared table (statements are immutable: each search adds to a copy)."""
+    key = (table, resource_type, parameter.code)
+    found = _OWNED.get(key)
+    if found is not None:
+        return found
+    if parameter.components:
+        sources = composite_sources(resource_type, parameter.code)
+        rows_of = table.c.param == sources[0] if len(sources) == 1 else table.c.param.in_(sources)
+    else:
+        rows_of = rows_answering(table, resource_type, parameter.code)
+    owned = select(table.c.resource_id).where(table.c.resource_type == resource_type, rows_of)
+    if any(table is shared for shared in _TABLES.values()):  # not an alias (one per use)
+        _OWNED[key] = owned
+    return owned
 
 
 def _values(value: str, name: str) -> list[str]:
@@ -831,40 +937,72 @@ def matching_ids(
 
 def run_search(connection: Connection, query: SearchQuery) -> SearchPage:
     """One page of matches, with their includes, total (when asked or free) and next cursor."""
-    filtered = _base_query(query)
     total: int | None = None
     # `_count=0` asks for the total alone (clients count that way), as `_summary=count` does.
     if query.summary == "count" or query.total == "accurate" or query.count == 0:
+        filtered = _base_query(query)
         total = connection.execute(
             select(func.count()).select_from(filtered.subquery())
         ).scalar_one()
     if query.summary == "count" or query.count == 0:
         return SearchPage([], [], total, None)
+    page = page_of(query, connection.execute(page_statement(query)).all(), total=total)
+    if query.includes:
+        page.included = _included(connection, query.includes, page.matches)
+    return page
 
+
+def one_statement(query: SearchQuery) -> bool:
+    """Whether `run_search` answers `query` with its page statement alone (no total to count,
+    no includes to follow): then `page_of` the rows of `page_statement` is the whole search."""
+    return (
+        not query.includes
+        and query.summary != "count"
+        and query.total != "accurate"
+        and query.count != 0
+    )
+
+
+def page_statement(query: SearchQuery) -> Select[Any]:
+    """The page's rows, and one more to tell whether a next page follows: resource type, id and
+    stored body of each match, then its sort values, in the sort order."""
     keys = [(_sort_column(key, query.resource_type), key) for key in query.sort]
     labelled = [column.label(f"sort_{index}") for index, (column, _) in enumerate(keys)]
     statement = select(
         resources.c.resource_type, resources.c.id, resources.c.body, *labelled
-    ).where(
-        resources.c.resource_type == query.resource_type,
-        resources.c.deleted.is_(false()),
-        *query.conditions,
-    )
+    ).where(*_current(query.resource_type), *query.conditions)
     if query.after is not None:
         statement = statement.where(_after(keys, *query.after))
     order = [column.desc() if key.descending else column.asc() for column, key in keys]
-    statement = statement.order_by(*order, resources.c.id).limit(query.count + 1)
-    rows = connection.execute(statement).all()
+    return statement.order_by(*order, resources.c.id).limit(query.count + 1)
+
+
+_CURRENT: dict[str, tuple[ColumnElement[bool], ...]] = {}
+
+
+def _current(resource_type: str) -> tuple[ColumnElement[bool], ...]:
+    """The conditions on `resources` a search of `resource_type` starts from (built once)."""
+    found = _CURRENT.get(resource_type)
+    if found is None:
+        found = (resources.c.resource_type == resource_type, resources.c.deleted.is_(false()))
+        if len(_CURRENT) < 1000:  # the stored types, or whatever a caller searches
+            _CURRENT[resource_type] = found
+    return found
+
+
+def page_of(
+    query: SearchQuery, rows: Sequence[Sequence[Any]], *, total: int | None = None
+) -> SearchPage:
+    """The page `page_statement`'s rows make (without includes), and its next cursor."""
     next_cursor = None
     if len(rows) > query.count:
         rows = rows[: query.count]
         last = rows[-1]
-        next_cursor = _encode_cursor([last[3 + i] for i in range(len(keys))], last.id)
-    matches = [Row(row.resource_type, row.id, row.body) for row in rows]
+        next_cursor = _encode_cursor([last[3 + i] for i in range(len(query.sort))], last[1])
+    matches = [Row(row[0], row[1], row[2]) for row in rows]
     if total is None and query.total != "none" and query.after is None and next_cursor is None:
         total = len(matches)  # the whole result is on this page: the total costs nothing
-    included = _included(connection, query.includes, matches) if query.includes else []
-    return SearchPage(matches, included, total, next_cursor)
+    return SearchPage(matches, [], total, next_cursor)
 
 
 def _included(

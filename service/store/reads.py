@@ -12,6 +12,11 @@ the lookup itself. The readers here do one statement per read on the driver and 
 - `SqliteReader`: one sqlite3 connection per thread, queried on the calling thread, which on the
   server is the event loop's (see `SqliteReader` for why that beats a thread hop).
 
+Searches that are one SELECT (`select`) take the same connections (on SQLite, a worker thread's):
+the SQLAlchemy statement is compiled once per shape (its cache key) for the engine's dialect, and
+each search only binds its values. On PostgreSQL a search is prepared (planned once per connection)
+only when its caller says one plan suits all its values; otherwise it is planned for its values.
+
 Every read goes to the database: several API processes may serve one PostgreSQL database, so
 nothing here caches a resource. Readers only read; writes go through the unit of work
 (`service.store.db`).
@@ -23,15 +28,17 @@ import asyncio
 import itertools
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import anyio.to_thread
 import psycopg
 from psycopg.conninfo import make_conninfo
-from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import make_url
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from sqlalchemy import Dialect, Select, make_url
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from service.store.resources import StoredResource, VersionRow
 
@@ -63,6 +70,15 @@ class ResourceReader(Protocol):
         self, resource_type: str, resource_id: str, version: int
     ) -> VersionRow | None: ...
 
+    async def select(
+        self, statement: Select[Any], dialect: Dialect, *, prepare: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """The rows of a read-only `statement`, as SQLAlchemy would give them (each column's
+        result processing applied), compiled for `dialect` (the engine's, once connected).
+        `prepare`: one plan suits every execution of the statement, whatever its values (on
+        PostgreSQL it is then prepared, and planned once; otherwise for each execution)."""
+        ...
+
 
 def resource_reader(
     database_url: str, *, pool_size: int = 10, timeout: float = 30.0
@@ -84,6 +100,101 @@ def resource_reader(
     params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
     conninfo = make_conninfo("", **{k: v for k, v in params.items() if v is not None})
     return PostgresReader(conninfo, pool_size=pool_size, timeout=timeout)
+
+
+_STATEMENTS_KEPT = 512
+"""Compiled statements kept per reader (one per search shape: parameters, modifiers, sorts)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Compiled:
+    compiled: SQLCompiler
+    processors: Mapping[str, Callable[[Any], Any]]
+    """Each bind parameter's bind processor, by its name in the SQL."""
+    types: tuple[Any, ...]
+    """Each result column's type, for its result processor (found with the first rows' types)."""
+    results: list[Callable[[Any], Any] | None] | None = None
+
+    @classmethod
+    def of(cls, statement: Select[Any], dialect: Dialect, key: Any) -> _Compiled:
+        compiled = statement.compile(dialect=dialect, cache_key=key)
+        assert isinstance(compiled, SQLCompiler)
+        escaped = compiled.escaped_bind_names
+        processors = {
+            escaped.get(name, name): process
+            for name, bind in compiled.binds.items()
+            if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+        types = tuple(column.type for column in statement.selected_columns)
+        return cls(compiled, processors, types)
+
+
+@dataclass(slots=True)
+class _Statements:
+    """SQLAlchemy statements compiled once per cache key, bound per execution.
+
+    What `Connection.execute` does before the driver is called, without a unit of work around
+    it: the cache key, the cached compilation, the parameters bound (expanding `IN` lists, each
+    value through its type's bind processor); and after: each column's result processor.
+    """
+
+    _compiled: dict[tuple[Any, ...], _Compiled] = field(default_factory=dict)
+
+    def bind(
+        self, statement: Select[Any], dialect: Dialect
+    ) -> tuple[_Compiled, str, Sequence[Any] | dict[str, Any]]:
+        """The compiled statement, its SQL and the driver parameters for `statement`'s values."""
+        key = statement._generate_cache_key()
+        if key is None or key.params:  # not cacheable (none the search builds): compiled anew
+            entry = _Compiled.of(statement, dialect, None)
+            values = entry.compiled.construct_params(escape_names=False)
+        else:
+            entry_or_none = self._compiled.get((dialect, key.key))
+            if entry_or_none is None:
+                entry_or_none = _Compiled.of(statement, dialect, key)
+                if len(self._compiled) >= _STATEMENTS_KEPT:
+                    self._compiled.clear()
+                self._compiled[(dialect, key.key)] = entry_or_none
+            entry = entry_or_none
+            values = entry.compiled.construct_params(
+                extracted_parameters=key.bindparams, escape_names=False
+            )
+        state = entry.compiled.construct_expanded_state(values)
+        processors = entry.processors
+        if state.processors:  # the expanded `IN` lists' members
+            processors = {**processors, **state.processors}
+        bound = {
+            name: value if name not in processors else processors[name](value)
+            for name, value in state.parameters.items()
+        }
+        if state.positiontup is None:
+            return entry, state.statement, bound
+        return entry, state.statement, [bound[name] for name in state.positiontup]
+
+    @staticmethod
+    def rows(
+        entry: _Compiled,
+        dialect: Dialect,
+        rows: list[tuple[Any, ...]],
+        description: Sequence[Any] | None,
+    ) -> list[tuple[Any, ...]]:
+        """`rows` as SQLAlchemy would return them: through each column's result processor."""
+        if entry.results is None:
+            codes = [column[1] for column in description or ()] or [None] * len(entry.types)
+            entry.results = [
+                kind.dialect_impl(dialect).result_processor(dialect, code)
+                for kind, code in zip(entry.types, codes, strict=True)
+            ]
+        results = entry.results
+        if not any(results):
+            return rows
+        return [
+            tuple(
+                value if process is None or value is None else process(value)
+                for process, value in zip(results, row, strict=True)
+            )
+            for row in rows
+        ]
 
 
 _PG_CURRENT_MANY = (
@@ -185,6 +296,7 @@ class PostgresReader:
         # A few queries in flight at once: one waits on the network while the next fills up.
         self._current = _Coalescer(self._current_rows, in_flight=in_flight)
         self._versions = _Coalescer(self._version_rows, in_flight=in_flight)
+        self._statements = _Statements()
 
     async def open(self) -> None:
         """Open the pool on the running event loop (the server's lifespan calls this)."""
@@ -243,6 +355,35 @@ class PostgresReader:
         types, ids, versions = zip(*keys, strict=True)
         return await self._rows(_PG_VERSION_MANY, (list(types), list(ids), list(versions)), 3)
 
+    async def select(
+        self, statement: Select[Any], dialect: Dialect, *, prepare: bool = False
+    ) -> list[tuple[Any, ...]]:
+        entry, sql, params = self._statements.bind(statement, dialect)
+        if self._pool is None:
+            await self.open()
+        assert self._pool is not None
+        try:
+            rows, description = await self._select(self._pool, sql, params, prepare)
+        except (psycopg.errors.QueryCanceled, PoolTimeout):
+            raise  # the statement ran out of time, or no connection came in time: not again
+        except psycopg.OperationalError:  # a connection that died while idle: as in `_rows`
+            await self._pool.check()
+            rows, description = await self._select(self._pool, sql, params, prepare)
+        return self._statements.rows(entry, dialect, rows, description)
+
+    @staticmethod
+    async def _select(
+        pool: AsyncConnectionPool,
+        sql: str,
+        params: Sequence[Any] | dict[str, Any],
+        prepare: bool,
+    ) -> tuple[list[tuple[Any, ...]], Sequence[Any] | None]:
+        async with pool.connection() as connection:
+            # Prepared only when asked: the generic plan PostgreSQL settles on for a prepared
+            # statement cannot tell which of its values are selective.
+            cursor = await connection.execute(sql, params, prepare=prepare)
+            return await cursor.fetchall(), cursor.description
+
     async def current(self, resource_type: str, resource_id: str) -> StoredResource | None:
         if "\x00" in resource_type + resource_id:  # PostgreSQL text cannot hold one: not stored
             return None
@@ -278,6 +419,7 @@ class SqliteReader:
     not stall the loop, so that connection has no busy timeout, and a read that finds the database
     busy is retried in a worker thread whose connection waits as long as the writers' do.
     Autocommit: each SELECT reads the newest committed snapshot, and ends when its rows are taken.
+    Searches (`select`) run in a worker thread, on its waiting connection.
     """
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 30_000) -> None:
@@ -286,6 +428,7 @@ class SqliteReader:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
+        self._statements = _Statements()
 
     async def open(self) -> None:
         """Connections are opened per thread on first use."""
@@ -324,6 +467,22 @@ class SqliteReader:
             if error.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise
         return await anyio.to_thread.run_sync(lambda: self._fetch(query, params, wait=True))
+
+    async def select(
+        self, statement: Select[Any], dialect: Dialect, *, prepare: bool = False
+    ) -> list[tuple[Any, ...]]:
+        # sqlite3 keeps each connection's statements prepared by their SQL (`prepare` or not).
+        # In a worker thread, unlike a point read: a search may take a while (whatever it asks
+        # for), and the event loop must go on meanwhile (other requests, the request timeout).
+        entry, sql, params = self._statements.bind(statement, dialect)
+        rows, description = await anyio.to_thread.run_sync(lambda: self._select(sql, params))
+        return self._statements.rows(entry, dialect, rows, description)
+
+    def _select(
+        self, sql: str, params: Sequence[Any] | dict[str, Any]
+    ) -> tuple[list[tuple[Any, ...]], Sequence[Any] | None]:
+        cursor = self._connection(wait=True).execute(sql, params)
+        return cursor.fetchall(), cursor.description
 
     async def current(self, resource_type: str, resource_id: str) -> StoredResource | None:
         row = await self._read(_SQLITE_CURRENT, (resource_type, resource_id))
