@@ -92,6 +92,15 @@ class VersionRow:
     body: str | None
 
 
+_STORED_COLUMNS = (
+    resources.c.resource_type,
+    resources.c.id,
+    resources.c.version,
+    resources.c.last_updated,
+    resources.c.deleted,
+    resources.c.body,
+)
+"""A current version as `StoredResource` holds it."""
 _VERSION_COLUMNS = (
     resource_versions.c.resource_type,
     resource_versions.c.id,
@@ -248,14 +257,9 @@ class ResourceRepository:
 
     def read(self, resource_type: str, resource_id: str) -> StoredResource | None:
         row = self._connection.execute(
-            select(
-                resources.c.resource_type,
-                resources.c.id,
-                resources.c.version,
-                resources.c.last_updated,
-                resources.c.deleted,
-                resources.c.body,
-            ).where(resources.c.resource_type == resource_type, resources.c.id == resource_id)
+            select(*_STORED_COLUMNS).where(
+                resources.c.resource_type == resource_type, resources.c.id == resource_id
+            )
         ).first()
         return None if row is None else StoredResource(*row)
 
@@ -380,14 +384,7 @@ class ResourceRepository:
         """
         self.serialize(f"{resource_type}/{resource_id}")
         row = self._connection.execute(
-            select(
-                resources.c.resource_type,
-                resources.c.id,
-                resources.c.version,
-                resources.c.last_updated,
-                resources.c.deleted,
-                resources.c.body,
-            )
+            select(*_STORED_COLUMNS)
             .where(resources.c.resource_type == resource_type, resources.c.id == resource_id)
             .with_for_update()
         ).first()
@@ -401,14 +398,7 @@ class ResourceRepository:
         for start in range(0, len(wanted), _CHUNK):
             chunk = wanted[start : start + _CHUNK]
             query = (
-                select(
-                    resources.c.resource_type,
-                    resources.c.id,
-                    resources.c.version,
-                    resources.c.last_updated,
-                    resources.c.deleted,
-                    resources.c.body,
-                )
+                select(*_STORED_COLUMNS)
                 .where(tuple_(resources.c.resource_type, resources.c.id).in_(chunk))
                 .order_by(resources.c.resource_type, resources.c.id)
                 .with_for_update()
