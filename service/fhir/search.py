@@ -269,7 +269,7 @@ def _assemble(
         return [c.on(resources.c.id) if isinstance(c, _Probe) else c for c in built]
     own = driver.table
     inner = [c for c in built if isinstance(c, _Probe) and c is not driver and c.table is not own]
-    candidates = driver.rows.where(*(probe.fenced(own.c.resource_id) for probe in inner))
+    candidates = driver.rows.where(*_probes(inner, own.c.resource_id))
     conditions: list[ColumnElement[bool]] = []
     for c in built:
         if c is driver:
@@ -279,6 +279,28 @@ def _assemble(
         elif not any(c is probe for probe in inner):
             conditions.append(c.on(resources.c.id))
     return conditions
+
+
+def _probes(probes: list[_Probe], subject: ColumnElement[str]) -> list[ColumnElement[bool]]:
+    """The probes of each candidate `subject`, in the order they likely narrow the candidates
+    (most first, `:not` last): each nested in the one before it, so it is made only of the
+    candidates that one passed (a database orders ANDed conditions as it estimates their cost,
+    and estimates them alike). A probe of a table already in the chain goes beside it instead:
+    a nested sub-select on the same table would correlate with the enclosing one."""
+    ordered = sorted(probes, key=lambda probe: (probe.negate, probe.rank))
+    chain: list[_Probe] = []
+    beside: list[_Probe] = []
+    for probe in ordered:
+        nests = not any(probe.table is link.table for link in chain)
+        (chain if nests and not (chain and chain[-1].negate) else beside).append(probe)
+    # Negated probes hold nothing: after the first, each goes beside the chain. Each probe in
+    # the chain is of the id of the one around it (a sub-select correlates with the one
+    # directly around it), the same candidate's.
+    nested: list[ColumnElement[bool]] = []
+    for at in range(len(chain) - 1, -1, -1):
+        around = subject if at == 0 else chain[at - 1].table.c.resource_id
+        nested = [chain[at].fenced(around, *nested)]
+    return [*nested, *(probe.fenced(subject) for probe in beside)]
 
 
 def _index_table(resource_type: str, name: str) -> FromClause | None:
@@ -386,17 +408,23 @@ class _Probe:
     negate: bool
     exact: bool
     """The rows are found by equality (a reference, a code, an exact string), not a range."""
+    rank: int
+    """How few resources it likely matches (`_SELECTIVITY`: lower is fewer)."""
 
     def on(self, subject: ColumnElement[str]) -> ColumnElement[bool]:
         """Whether `subject` has (or, negated, has no) matching index row."""
         probe = self.rows.where(self.table.c.resource_id == subject).exists()
         return not_(probe) if self.negate else probe
 
-    def fenced(self, subject: ColumnElement[str]) -> ColumnElement[bool]:
+    def fenced(
+        self, subject: ColumnElement[str], *then: ColumnElement[bool]
+    ) -> ColumnElement[bool]:
         """`on`, kept a probe of each candidate: PostgreSQL does not flatten an EXISTS with an
         OFFSET into a join, so its plan cannot start from this (likely broader) parameter's rows
-        or read a candidate's resource row before every probe has passed, whatever the values."""
-        probe = self.rows.where(self.table.c.resource_id == subject).offset(_NO_OFFSET).exists()
+        or read a candidate's resource row before every probe has passed, whatever the values.
+        `then`: the probes to make (inside this one) only of the candidates this one passes."""
+        rows = self.rows.where(self.table.c.resource_id == subject, *then)
+        probe = rows.offset(_NO_OFFSET).exists()
         return not_(probe) if self.negate else probe
 
 
@@ -495,7 +523,8 @@ def _criterion(
         ]
     exact = parameter.type in ("reference", "token", "composite", "uri") or modifier == "exact"
     exact = exact and modifier not in ("text", "below")
-    return _Probe(table, owned.where(or_(*matches)), modifier == "not", exact)
+    rank = _SELECTIVITY.get(parameter.type, len(_SELECTIVITY))
+    return _Probe(table, owned.where(or_(*matches)), modifier == "not", exact, rank)
 
 
 _OWNED: dict[tuple[FromClause, str, str], Select[Any]] = {}

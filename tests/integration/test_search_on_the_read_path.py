@@ -20,6 +20,7 @@ from service.fhir.search import (
     page_statement,
     parse_search,
     query_string,
+    run_search,
 )
 from service.store.db import Database
 from service.store.reads import ResourceReader, resource_reader
@@ -86,6 +87,21 @@ QUERIES: list[tuple[str, list[tuple[str, str]]]] = [
     ("Observation", [("patient", "{patient}"), ("_sort", "-date,status"), ("_count", "3")]),
     ("Observation", [("patient", "{patient}"), ("_sort", "-value-quantity"), ("_count", "4")]),
     ("Observation", [("patient", "{patient}"), ("_sort", "-_lastUpdated,code"), ("_count", "2")]),
+    ("Observation", [("patient", "{patient}"), ("code", "8480-6"), ("date", "ge2026-01-01")]),
+    (
+        "Observation",
+        [("date", "lt2027"), ("value-quantity", "gt5.01"), ("patient", "{patient}")],
+    ),
+    (
+        "Observation",
+        [
+            ("patient", "{patient}"),
+            ("status:not", "amended"),
+            ("category", "vital-signs"),
+            ("code", f"{LOINC}|8480-6"),
+            ("date", "ge2025"),
+        ],
+    ),
     ("Observation", [("_id", "{first},{second}"), ("date", "ge2025")]),
     ("Observation", [("_id:not", "{first}"), ("patient.name", "Ñandú")]),
     ("Observation", [("subject:Patient.family", "nandu"), ("_lastUpdated", "ge2026-11-30")]),
@@ -155,6 +171,47 @@ def test_the_read_path_answers_a_search_as_the_unit_of_work_does(
     expected, answered = asyncio.run(pages())
     assert answered == expected, query_string(criteria)
     assert any(expected), f"{query_string(criteria)} matches nothing: it tests nothing"
+
+
+SEVERAL: list[list[tuple[str, str]]] = [
+    [("patient", "{patient}"), ("code", f"{LOINC}|8480-6"), ("date", "ge2026-01-01")],
+    [("code", "8480-6"), ("date", "ge2026-01-01"), ("value-quantity", "gt5.01")],
+    [("date", "lt2027"), ("status:not", "amended"), ("code:not", "8462-4")],
+    [("subject", "Patient/{patient}"), ("status", "final"), ("code", "8462-4,8480-6")],
+    [("patient", "{patient}"), ("status:not", "amended"), ("category", "vital-signs")],
+    [("code-value-quantity", "8480-6$gt5"), ("date", "le2026-01-02"), ("patient", "{patient}")],
+    [("patient", "{patient}"), ("date", "ge2026"), ("date", "lt2026-01-02"), ("status", "final")],
+]
+
+
+@pytest.mark.parametrize("params", SEVERAL)
+def test_several_parameters_find_what_each_finds_alone(
+    database: Database, params: list[tuple[str, str]]
+) -> None:
+    """However the conditions are nested (the driver's candidates, probes in probes), a search
+    finds the resources every one of its parameters finds on its own."""
+    tag = uuid.uuid4().hex
+    patient_id = uuid.uuid4().hex
+    batch = [{"resourceType": "Patient", "id": patient_id}, *_observations(patient_id)]
+    batch += _observations(uuid.uuid4().hex)  # another patient's, found by some alone
+    for resource in batch:
+        resource.setdefault("id", uuid.uuid4().hex)
+        resource["meta"] = {"tag": [{"system": TAG_SYSTEM, "code": tag}]}
+    with database.unit_of_work() as uow:
+        ResourceRepository(uow.connection).write(batch, now=NOW)
+        uow.commit()
+    criteria = _values(params, patient=patient_id)
+    mine = [("_tag", f"{TAG_SYSTEM}|{tag}"), ("_count", "1000")]
+
+    def found(search: list[tuple[str, str]]) -> set[str]:
+        query = parse_search("Observation", [*search, *mine], base=BASE, strict=True)
+        with database.unit_of_work(write=False) as uow:
+            return {row.id for row in run_search(uow.connection, query).matches}
+
+    alone = [found([item]) for item in criteria]
+    together = found(criteria)
+    assert together == set.intersection(*alone), query_string(criteria)
+    assert together, f"{query_string(criteria)} matches nothing: it tests nothing"
 
 
 @pytest.mark.parametrize(
