@@ -258,8 +258,35 @@ def parse_json(raw: bytes) -> Any:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         raise FhirError(400, "invalid", f"the body is not valid JSON: {error}") from None
-    _check_depth_and_text(data)
+    if _nests_deeper_than(data, MAX_DEPTH):
+        raise FhirError(400, "invalid", f"the body nests deeper than {MAX_DEPTH} levels")
+    # JSON can only carry a NUL as an escape: without one anywhere, no string or key holds one.
+    if b"\\u0000" in raw:
+        _check_depth_and_text(data)
     return data
+
+
+def _nests_deeper_than(data: Any, limit: int) -> bool:
+    """Whether a value lies deeper than `limit`, the document being level 1.
+
+    Level by level over the containers alone, without recursion: a hostile body must not
+    exhaust the stack here or in the validators after us. About four times faster than
+    `_check_depth_and_text`'s walk through every value, which a large transaction felt.
+    """
+    level = [data] if isinstance(data, dict | list) else []
+    depth = 1
+    while level:
+        if depth >= limit and any(level):  # a container at the limit holds something below it
+            return True
+        below: list[Any] = []
+        for container in level:
+            for value in container.values() if isinstance(container, dict) else container:
+                kind = type(value)
+                if kind is dict or kind is list:
+                    below.append(value)
+        level = below
+        depth += 1
+    return False
 
 
 def _check_depth_and_text(data: Any) -> None:
