@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,8 +33,19 @@ from service.sync.api import build_sync_router
 VERSION = "0.1.0"
 
 
-def create_app(services: Services | None = None) -> FastAPI:
-    """The ASGI app, built on `services` (from the environment's settings when not given)."""
+def served_app() -> FastAPI:
+    """The app `infusion-bridge serve` runs in each worker process (uvicorn's factory)."""
+    return create_app(freeze_startup_heap=True)
+
+
+def create_app(services: Services | None = None, *, freeze_startup_heap: bool = False) -> FastAPI:
+    """The ASGI app, built on `services` (from the environment's settings when not given).
+
+    `freeze_startup_heap`, for a process that serves this app alone: what startup loaded (the
+    R4 definitions, profiles, compiled FHIRPath) lives as long as the process, so it is kept
+    out of the cyclic collector, whose full passes over it took about 130 ms each, a tenth of
+    a transaction's CPU and a pause in every request then in flight.
+    """
     services = services or bootstrap()
 
     @asynccontextmanager
@@ -41,6 +53,9 @@ def create_app(services: Services | None = None) -> FastAPI:
         await services.reader.open()
         if services.security.authenticator is not None:
             await run_in_threadpool(services.security.keys.get)  # load (or create) it once
+        if freeze_startup_heap:
+            gc.collect()
+            gc.freeze()
         yield
         await services.security.audit.close()
         await services.reader.close()

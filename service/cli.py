@@ -102,7 +102,7 @@ def serve(
         f"  readiness      curl {base}/readyz\n"
     )
     uvicorn.run(
-        "service.app:create_app",
+        "service.app:served_app",
         factory=True,
         host=host,
         port=port,
