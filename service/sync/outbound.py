@@ -4,6 +4,8 @@
   reference pointing where the EHR can resolve it: the EHR's Patient found by identifier, the
   remote id the ledger holds, a `urn:uuid:` of another entry of the same transaction, or, when
   the EHR holds no copy of the target, a logical reference by the target's business identifier.
+- `identifier_lookup`: the search that finds the EHR's copy of a resource by business
+  identifier, within the patient delivery matched in that EHR where the type allows it.
 - `infusion_summary` and `document_reference`: the readable DocumentReference that stands in for
   a MedicationAdministration or score Observation an EHR cannot take.
 """
@@ -20,6 +22,7 @@ import orjson
 
 from service.records.models import Assessment, InfusionSession, RecordModel
 from service.sync.client import parse_location
+from service.sync.strategy import TypeSupport
 
 Resource = dict[str, Any]
 Key = tuple[str, str]
@@ -83,6 +86,51 @@ def business_identifier(resource: Resource, site_system: str) -> dict[str, str] 
         if isinstance(system, str) and system.startswith(prefix) and isinstance(value, str):
             return {"system": system, "value": value}
     return None
+
+
+PATIENT_SEARCH_TYPES = frozenset(
+    {
+        "CarePlan",
+        "Condition",
+        "DocumentReference",
+        "Encounter",
+        "Goal",
+        "MedicationAdministration",
+        "MedicationRequest",
+        "Observation",
+        "QuestionnaireResponse",
+    }
+)
+"""Types we send whose R4 `patient` search parameter names the patient the resource is about.
+
+Not Provenance (its `patient` matches only a Provenance whose target is the Patient itself),
+not AdverseEvent (R4 gives it `subject`, and no identifier search), nor the types outside a
+patient's compartment (Patient, Practitioner, Organization).
+"""
+
+
+def identifier_lookup(
+    resource_type: str,
+    identifier: Mapping[str, str],
+    *,
+    patient: str | None,
+    support: TypeSupport,
+) -> list[tuple[str, str]]:
+    """The search parameters that find the EHR's copy of a resource by business identifier.
+
+    Within the EHR's Patient `patient` (its id) where the type is searched by patient and the
+    EHR's CapabilityStatement does not leave `patient` out: EHRs such as Epic and Oracle Health
+    refuse a search of CarePlans (among others) that names no patient, so a lookup without one
+    would end the change as a dead letter. Without a matched patient, by identifier alone.
+    """
+    params = [("identifier", f"{identifier['system']}|{identifier['value']}")]
+    if (
+        patient is not None
+        and resource_type in PATIENT_SEARCH_TYPES
+        and support.searches_by("patient")
+    ):
+        params.append(("patient", patient))
+    return params
 
 
 def translate(

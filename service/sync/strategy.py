@@ -33,9 +33,13 @@ class TypeSupport:
     def writable(self) -> bool:
         return bool({"create", "update"} & self.interactions)
 
+    def searches_by(self, name: str) -> bool:
+        """Whether a search may name parameter `name`: listed, or nothing is listed."""
+        return self.search_params is None or name in self.search_params
+
     @property
     def identifier_search(self) -> bool:
-        return self.search_params is None or "identifier" in self.search_params
+        return self.searches_by("identifier")
 
     @property
     def idempotent_put(self) -> bool:

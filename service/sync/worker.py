@@ -7,7 +7,8 @@ and run the care-plan poll when it is due. Reads and results are short units of 
 own: no transaction is held open across an HTTP call, and results are written only after the EHR
 answered. A crash between the two leaves the changes pending; delivering them again is harmless,
 because every write is a conditional update by business identifier, an update of the id the
-ledger holds, or a create preceded by a search for the identifier.
+ledger holds, or a create preceded by a search for the identifier (within the patient matched
+in that EHR, for the types searched by patient: some EHRs refuse any other search of them).
 
 Retries: network errors, timeouts, 408, 429 and 5xx postpone the change (and those behind it in
 its lane) with exponential backoff and jitter, no sooner than `Retry-After`; after
@@ -56,6 +57,7 @@ from service.sync.outbound import (
     bundle_full_url,
     business_identifier,
     document_reference,
+    identifier_lookup,
     referenced_keys,
     remote_version,
     summary_identifier,
@@ -785,9 +787,15 @@ class _LaneRun:
         return location_id(response, _json_or_none(response))
 
     def _search_identifier(self, resource_type: str, identifier: dict[str, str]) -> list[str]:
-        found = self.client.search(
-            resource_type, [("identifier", f"{identifier['system']}|{identifier['value']}")]
+        """The EHR's ids of the resource with `identifier`, within the lane's matched patient."""
+        patient = self.remote.get(("Patient", self.lane)) if "/" not in self.lane else None
+        params = identifier_lookup(
+            resource_type,
+            identifier,
+            patient=patient.remote_id if patient is not None else None,
+            support=self.plan.capabilities.of(resource_type),
         )
+        found = self.client.search(resource_type, params)
         return sorted({str(r["id"]) for r in found if "id" in r})
 
     def _delete(self, item: _Work) -> None:

@@ -22,13 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from service.app import create_app
 from service.bootstrap import Services, bootstrap, ehr_clients
 from service.config import Settings
 from service.records.service import parse_record, put_record
 from service.store.tables import resources as resources_table
+from service.store.tables import sync_ledger
 from service.sync import ledger
 from service.sync.care_plans import CarePlanSync
 from service.sync.client import PermanentFailure
@@ -606,23 +607,37 @@ CARE_PLAN_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category|a
 
 class PatientScopedEhr(RestrictedEhr):
     """A `RestrictedEhr` that searches CarePlans only within a patient, as Epic and Oracle Health
-    do: 400 for a search that names no patient (a lookup by identifier, as delivery makes before
-    a create, is let through). Keeps the parameters of each CarePlan search that is no such
-    lookup; a search of a patient in `failing` answers `failing_status`."""
+    do: 400 for a search that names no patient. A lookup by identifier (as delivery makes before
+    a create) is let through without one unless `lookups_need_patient` names its type, and is
+    kept in `lookups`. Keeps the parameters of each other CarePlan search; a search of a patient
+    in `failing` answers `failing_status`. Its CapabilityStatement lists `patient` among the
+    search parameters of CarePlan and DocumentReference."""
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, *, lookups_need_patient: frozenset[str] = frozenset(), **options: Any):
         super().__init__(**options)
+        self.lookups_need_patient = lookups_need_patient
+        self.lookups: list[tuple[str, dict[str, str]]] = []
         self.care_plan_searches: list[dict[str, str]] = []
         self.failing: set[str] = set()
         self.failing_status = 503
 
+    async def metadata(self, request: Request) -> JSONResponse:
+        statement = orjson.loads((await super().metadata(request)).body)
+        for resource in statement["rest"][0]["resource"]:
+            if resource["type"] in ("CarePlan", "DocumentReference"):
+                resource["searchParam"].append({"name": "patient", "type": "reference"})
+        return JSONResponse(statement, media_type="application/fhir+json")
+
     async def search_or_create(self, request: Request) -> Response:
         query = dict(request.query_params)
-        if (
-            request.method == "GET"
-            and request.path_params["type"] == "CarePlan"
-            and "identifier" not in query
-        ):
+        resource_type = request.path_params["type"]
+        if request.method == "GET" and "identifier" in query:
+            self.lookups.append((resource_type, query))
+            if resource_type in self.lookups_need_patient and "patient" not in query:
+                return _operation_outcome(
+                    400, f"{resource_type} searches need a patient", "required"
+                )
+        elif request.method == "GET" and resource_type == "CarePlan":
             self.care_plan_searches.append(query)
             if "patient" not in query:
                 return _operation_outcome(400, "CarePlan searches need a patient", "required")
@@ -833,6 +848,66 @@ def test_a_notification_gap_makes_a_catch_up_poll_of_every_patient(
             ehr.care_plan_searches.clear()
             assert sync.poll_if_due(target, client) == 0
             assert ehr.care_plan_searches == []
+        finally:
+            worker.close()
+
+
+def test_lookups_before_a_create_name_the_patient_where_the_ehr_searches_only_within_one(
+    clinic_services: Services,
+) -> None:
+    """Delivery's identifier lookups of a CarePlan, and of the summary standing in for an
+    infusion, search within the patient it matched: an EHR that refuses a patient-less search
+    takes both, and a copy whose ledger entry was lost is found again, not created twice."""
+    scoped = frozenset({"CarePlan", "DocumentReference"})
+    ehr = PatientScopedEhr(
+        writable=frozenset({"CarePlan", "DocumentReference"}),
+        updatable=frozenset({"CarePlan"}),
+        lookups_need_patient=scoped,
+    )
+    with serve_in_thread(ehr.app) as base:
+        ehr.base = base
+        target = destination(base, send="[CarePlan, MedicationAdministration]")
+        worker = worker_for(clinic_services, target)
+        try:
+            clinic = _restricted_setup(clinic_services, ehr, with_encounter=False)
+            drain(worker, clinic_services, target)
+            assert worker.plans[target.name].as_json() == {
+                "CarePlan": "ledger",
+                "MedicationAdministration": "document-reference",
+            }
+            assert refused(clinic_services, target) == [], [
+                (d["error"], d["outcome"]) for d in refused(clinic_services, target)
+            ]
+            (value,) = [i["value"] for i in clinic.patient["ehr_identifiers"]]
+            (patient,) = [p for p in ehr.of("Patient") if p["identifier"][0]["value"] == value]
+            (plan,) = ehr.of("CarePlan")
+            (document,) = ehr.of("DocumentReference")
+            for resource in (plan, document):
+                assert resource["subject"]["reference"] == f"Patient/{patient['id']}"
+            assert sorted(
+                (kind, query.get("patient")) for kind, query in ehr.lookups if kind in scoped
+            ) == [("CarePlan", patient["id"]), ("DocumentReference", patient["id"])]
+            # The ledger loses the plan (a crash between the EHR's answer and the commit): the
+            # next change is looked up within the patient again and lands on the same copy.
+            with clinic_services.database.unit_of_work(write=True) as uow:
+                uow.connection.execute(
+                    sync_ledger.delete().where(
+                        sync_ledger.c.destination == target.name,
+                        sync_ledger.c.resource_type == "CarePlan",
+                    )
+                )
+                uow.commit()
+            ehr.lookups.clear()
+            put(clinic_services, clinic.course | {"notes": ["clinic: BP watch"]})
+            drain(worker, clinic_services, target)
+            assert refused(clinic_services, target) == []
+            assert [q.get("patient") for kind, q in ehr.lookups if kind == "CarePlan"] == [
+                patient["id"]
+            ]
+            (plan,) = ehr.of("CarePlan")
+            assert [n["text"] for n in plan.get("note", [])] == ["clinic: BP watch"]
+            assert ehr.creates["CarePlan"] == 1
+            assert ehr.updates["CarePlan"] == 1
         finally:
             worker.close()
 

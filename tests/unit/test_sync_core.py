@@ -29,8 +29,8 @@ from service.sync.destinations import (
     load_destinations,
     parse_destinations,
 )
-from service.sync.outbound import infusion_summary, translate
-from service.sync.strategy import plan, read_capabilities
+from service.sync.outbound import identifier_lookup, infusion_summary, translate
+from service.sync.strategy import TypeSupport, plan, read_capabilities
 from service.sync.worker import backoff
 from tests import factory
 
@@ -201,6 +201,25 @@ def test_translate_points_references_where_the_ehr_resolves_them() -> None:
     }
     assert out["hasMember"][0]["reference"].startswith("urn:uuid:")
     assert resource["subject"] == {"reference": "Patient/p1"}  # the input is untouched
+
+
+def test_identifier_lookups_search_within_the_matched_patient_where_the_type_allows() -> None:
+    identifier = {"system": "http://s/course", "value": "TC-55"}
+    by_identifier = ("identifier", "http://s/course|TC-55")
+    unlisted = TypeSupport()
+    listed = TypeSupport(search_params=frozenset({"identifier", "patient"}))
+    without_patient = TypeSupport(search_params=frozenset({"identifier"}))
+    cases = [
+        ("CarePlan", "EHR-P", unlisted, [by_identifier, ("patient", "EHR-P")]),
+        ("DocumentReference", "EHR-P", listed, [by_identifier, ("patient", "EHR-P")]),
+        ("CarePlan", None, listed, [by_identifier]),  # no matched patient
+        ("CarePlan", "EHR-P", without_patient, [by_identifier]),  # the EHR lists no `patient`
+        ("Provenance", "EHR-P", listed, [by_identifier]),  # `patient`: a Provenance OF a Patient
+        ("Practitioner", "EHR-P", listed, [by_identifier]),
+    ]
+    for resource_type, patient, support, expected in cases:
+        found = identifier_lookup(resource_type, identifier, patient=patient, support=support)
+        assert found == expected, resource_type
 
 
 def test_the_infusion_summary_reads_like_a_note() -> None:
