@@ -51,6 +51,7 @@ from fastapi.routing import APIRoute
 from fhirpathpy.engine.nodes import ResourceNode
 from fhirpathpy.models import models as fhirpath_models
 from sqlalchemy import Connection, select, tuple_
+from sqlalchemy.exc import IntegrityError
 from starlette.responses import Response
 
 from mappings.care_plan import course_from_care_plan
@@ -644,10 +645,10 @@ class FacadeWriter:
 
         No lock is needed: the ids are new uuids, so no other writer can name them yet.
         """
-        now = datetime.now(UTC)
-        written = self.resources.write(resources, now=now)
-        if len(written) != len(resources) or any(w.version != 1 for w in written):
-            raise ResourceConflict("a new resource's id is taken")
+        try:
+            written = self.resources.write(resources, now=datetime.now(UTC), new=True)
+        except IntegrityError:  # a uuid taken: never seen, but not a 500 either
+            raise ResourceConflict("a new resource's id is taken") from None
         return [Written(_stored(w), created=True) for w in written]
 
     def _check_valid(self, resource: dict[str, Any]) -> None:

@@ -180,13 +180,15 @@ class ResourceRepository:
         *,
         now: datetime,
         validate: Callable[[Resource], None] | None = None,
+        new: bool = False,
     ) -> list[WrittenResource]:
         """Store the resources whose content changed as new versions; returns what was written.
 
         `validate` sees each resource about to get a new version (and may raise); unchanged
-        resources are neither validated nor written again.
+        resources are neither validated nor written again. `new`: the caller made the ids (new
+        uuids), so none is looked up; should one be taken after all, its INSERT fails.
         """
-        current = self._current((r["resourceType"], r["id"]) for r in batch)
+        current = {} if new else self._current((r["resourceType"], r["id"]) for r in batch)
         written: list[WrittenResource] = []
         new_rows, changed_rows, versions, queued = [], [], [], []
         seen: set[Key] = set()

@@ -17,7 +17,7 @@ import pytest
 
 from service.bootstrap import Services, bootstrap
 from service.config import Settings
-from service.fhir.errors import PreconditionFailed
+from service.fhir.errors import PreconditionFailed, ResourceConflict
 from service.fhir.search import matching_ids
 from service.fhir.writes import FacadeWriter, Written, run_write
 from service.store.resources import ResourceRepository
@@ -201,3 +201,33 @@ def test_concurrent_patches_without_if_match_all_apply(services: Services) -> No
     assert sorted(note["text"] for note in notes) == sorted(
         ["0"] + [f"note {n}" for n in range(WRITERS)]
     )
+
+
+def test_a_batch_of_new_resources_one_of_whose_ids_is_taken_is_a_conflict_writing_none(
+    services: Services,
+) -> None:
+    # Batches of creates take new uuids without looking them up: the store's key still guards.
+    taken = run_write(
+        services=services,
+        base=BASE,
+        request_id=None,
+        action=lambda w: w.create("Observation", observation(uuid.uuid4().hex)),
+    )
+    fresh = str(uuid.uuid4())
+
+    def create_both(writer: FacadeWriter) -> list[Written]:
+        return writer.create_new(
+            [
+                writer.new_resource("Observation", observation("fresh"), fresh),
+                writer.new_resource("Observation", observation("again"), taken.stored.id),
+            ]
+        )
+
+    with pytest.raises(ResourceConflict, match="id is taken"):
+        run_write(services=services, base=BASE, request_id=None, action=create_both)
+    with services.database.unit_of_work(write=False) as uow:
+        repository = ResourceRepository(uow.connection)
+        assert repository.read("Observation", fresh) is None
+        kept = repository.read("Observation", taken.stored.id)
+    assert kept is not None
+    assert kept.version == 1
