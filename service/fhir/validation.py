@@ -44,9 +44,14 @@ class ResourceValidator:
     def __init__(self, profiles: ProfileValidator) -> None:
         self.profiles = profiles
 
-    def issues(self, resource: Mapping[str, Any], profile: str | None = None) -> list[Issue]:
-        """Every issue; the profile checks run only on structurally sound resources."""
-        found = structural_issues(resource)
+    def issues(
+        self, resource: Mapping[str, Any], profile: str | None = None, *, data: bytes | None = None
+    ) -> list[Issue]:
+        """Every issue; the profile checks run only on structurally sound resources.
+
+        `data`: the resource's JSON, when the caller has it (the structural check reads that).
+        """
+        found = structural_issues(resource if data is None else data)
         if any(issue["severity"] == "error" for issue in found):
             return found
         return found + self.profiles.issues(resource, profile)

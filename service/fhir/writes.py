@@ -652,10 +652,11 @@ class FacadeWriter:
         return [Written(_stored(w), created=True) for w in written]
 
     def _check_valid(self, resource: dict[str, Any]) -> None:
-        issues = self.validator.issues(resource)
+        data = orjson.dumps(resource)  # once, for the structural check and the references
+        issues = self.validator.issues(resource, data=data)
         if any(issue["severity"] in ("error", "fatal") for issue in issues):
             raise InvalidResource(issues)
-        issues = _storability_issues(resource)
+        issues = _storability_issues(resource, data)
         if issues:
             raise InvalidResource(issues)
 
@@ -1619,13 +1620,16 @@ def _wrap(document: dict[str, Any], path: str) -> bool:
 _RELATIVE = re.compile(r"(?P<type>[A-Z][A-Za-z]+)/(?P<id>[^/]*)(?:/_history/[^/]*)?")
 
 
-def _storability_issues(resource: dict[str, Any]) -> list[dict[str, Any]]:
-    """What a structurally valid resource holds that the store cannot keep.
+def _storability_issues(
+    resource: dict[str, Any], data: bytes | None = None
+) -> list[dict[str, Any]]:
+    """What a structurally valid resource holds that the store cannot keep (`data`: its JSON
+    as orjson wrote it, when the caller has it).
 
     Long values are kept: the search index holds their first characters (see
     `service.fhir.search_index.MAX_TEXT`).
     """
-    if not _has_bad_reference(resource):
+    if not _has_bad_reference(resource, data):
         return []  # the common case, found without building every element's path
     resource_type = str(resource["resourceType"])
     issues = []
@@ -1650,13 +1654,19 @@ def _storability_issues(resource: dict[str, Any]) -> list[dict[str, Any]]:
 # Reference values found in the compact JSON (orjson writes no whitespace) by a regex over its
 # bytes, not by a walk through every element: this runs on every write. `"reference":"` with
 # unescaped quotes can only be a key and the start of its string value, at any depth.
-_REFERENCE_VALUE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+_REFERENCE_VALUE = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')
+_GOOD_RELATIVE = re.compile(rb"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(?:/_history/[^/\\]*)?")
+"""A relative reference with a FHIR id, as its bytes: what almost every reference is."""
 
 
-def _has_bad_reference(resource: dict[str, Any]) -> bool:
-    """Whether a relative reference anywhere in the resource has an id that is not a FHIR id."""
-    for match in _REFERENCE_VALUE.finditer(orjson.dumps(resource)):
-        raw = match.group(1)
+def _has_bad_reference(resource: dict[str, Any], data: bytes | None = None) -> bool:
+    """Whether a relative reference anywhere in the resource has an id that is not a FHIR id.
+
+    `data`: the resource as orjson wrote it, when the caller has it.
+    """
+    for raw in _REFERENCE_VALUE.findall(orjson.dumps(resource) if data is None else data):
+        if _GOOD_RELATIVE.fullmatch(raw):
+            continue
         reference = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
         found = _RELATIVE.fullmatch(reference)
         if found is not None and not _ID.fullmatch(found["id"]):
