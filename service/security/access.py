@@ -17,7 +17,8 @@
    by one by the Bundle handler (`authorize_entries`);
 5. puts the `Principal` in `scope["state"]["principal"]` and the audit context in
    `service.security.audit.REQUEST_AUDIT`;
-6. answers a GET that has not started its response within the request timeout with 503;
+6. answers a GET that has not started its response within the request timeout with 503: a
+   response that starts after the deadline is refused as it starts, whatever the timer did;
 7. writes the AuditEvent of the request unless its handler wrote one with its change, before
    the response goes out (a failed audit write answers 500 and sends none of the data); a
    successful read or search with `AUDIT_READS=async` is queued for the group commit that
@@ -36,6 +37,7 @@ Errors raised here for handlers:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -617,16 +619,29 @@ class AccessMiddleware:
         status = 0
         started = asyncio.Event()
         passing = False
-        dropping = False  # the audit failed: a 500 went out instead, the rest is dropped
+        dropping = False  # a 500 or a 503 went out instead: the rest is dropped
+        loop = asyncio.get_running_loop()
+        timeout = self.limits.request_timeout_seconds
+        # Only a read has a deadline: a write may not be cut off once it may have committed.
+        deadline = (
+            loop.time() + timeout if scope["method"] in ("GET", "HEAD") and not need.write else None
+        )
+        overran = False
 
         async def guarded_send(message: Message) -> None:
-            nonlocal status, passing, dropping
+            nonlocal status, passing, dropping, overran
             if dropping:
                 return
             if passing:
                 await send(message)
                 return
             if message["type"] == "http.response.start":
+                if deadline is not None and loop.time() >= deadline:
+                    # Checked as the response starts, not only by the timer: a response that
+                    # starts late is a 503 even when it starts before the timer's turn comes.
+                    overran = dropping = True
+                    started.set()
+                    return
                 status = int(message["status"])
                 started.set()
                 held.append(message)
@@ -640,25 +655,28 @@ class AccessMiddleware:
                 passing, dropping = sent, not sent
 
         task = asyncio.ensure_future(self.app(scope, receive, guarded_send))
-        if scope["method"] in ("GET", "HEAD") and not need.write:
-            try:
+        if deadline is not None:
+            # The timer cuts off a handler that has not started its response by the deadline
+            # (it may never); `guarded_send` refuses one that starts after it.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    asyncio.shield(started.wait()), self.limits.request_timeout_seconds
+                    asyncio.shield(started.wait()), max(0.0, deadline - loop.time())
                 )
-            except TimeoutError:
-                if not started.is_set():
-                    task.cancel()
-                    await self._error(
-                        scope,
-                        receive,
-                        send,
-                        503,
-                        "the request took too long",
-                        fhir,
-                        code="timeout",
-                        headers={"Retry-After": "5"},
-                    )
-                    return 503
+            if overran or not started.is_set():
+                dropping = True  # whatever the handler sends from here on goes nowhere
+                task.cancel()
+                task.add_done_callback(_settled)
+                await self._error(
+                    scope,
+                    receive,
+                    send,
+                    503,
+                    "the request took too long",
+                    fhir,
+                    code="timeout",
+                    headers={"Retry-After": "5"},
+                )
+                return 503
         try:
             await task
         except Exception:
@@ -797,6 +815,12 @@ class AccessMiddleware:
             status,
             (time.perf_counter() - start) * 1000,
         )
+
+
+def _settled(task: asyncio.Future[Any]) -> None:
+    """Take the outcome of a handler that was answered 503: a failure after it is still logged."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a handler answered 503 failed afterwards", exc_info=task.exception())
 
 
 def _error_response(
