@@ -5,7 +5,15 @@ PATCH, then GET), after giving each created resource its id so `urn:uuid:` refer
 entries can be rewritten to `Type/id` first (a conditional create that finds its match points
 those references at the match), and after resolving conditional references
 (`Patient?identifier=...`) to the one resource they match. Any entry failing rolls back all of
-them; the OperationOutcome names the entry. A PATCH entry carries a FHIRPath Patch (its
+them; the OperationOutcome names the entry. No two entries of a transaction may write the same
+resource (http.html#trules: "if any resource identities (including resolved identities from
+conditional update/delete) overlap in steps 1-3, then the transaction SHALL fail"). An entry's
+identities are the `Type/id` its URL names; for a conditional one, the one resource its criteria
+match in the store as it was before the transaction (the spec orders the steps, not the entries
+within one, so what an entry resolves to may not depend on which of them ran first); and the
+resource it comes to write, delete or answer with (a conditional create that found its match)
+as the entries run, which is how one that resolves to what another entry wrote is found. The
+400 names both entries and the resource. A PATCH entry carries a FHIRPath Patch (its
 Parameters resource) or a JSON Patch (a Binary). A GET entry reads (`Type/id`,
 `Type/id/_history/n`) or searches (`Type?params`: the searchset Bundle a search sent alone
 answers); in a transaction it sees the transaction's own writes. A batch runs each entry in a
@@ -65,6 +73,7 @@ from service.fhir.writes import (
     criteria_key,
     derived_id,
     identifier_criteria,
+    identifier_matches,
     parse_criteria,
     parse_fhirpath_patch,
     parse_if_match,
@@ -464,6 +473,21 @@ def _rewrite(resource: dict[str, Any], targets: dict[str, str]) -> dict[str, Any
 
 def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool = False) -> None:
     """Every entry on one writer (one unit of work), in the spec's order; raises EntryFailed."""
+    # The entry each resource identity belongs to: first those URLs name and those conditional
+    # entries match before the transaction, so an overlap between them fails before anything
+    # runs; then each entry's outcome, so one found only by running (a match among what this
+    # transaction wrote, a record's derived id) fails when it is found.
+    claims: dict[tuple[str, str], Entry] = {}
+
+    def claim(entry: Entry, identity: tuple[str, str] | None) -> None:
+        if identity is not None and claims.setdefault(identity, entry) is not entry:
+            raise _overlap(entry, claims[identity], identity)
+
+    ordered = sorted(entries, key=lambda e: (_ORDER[e.method], e.index))
+    for entry in ordered:
+        claim(entry, _named_identity(entry))
+    for entry, identity in _conditional_identities(writer, ordered):
+        claim(entry, identity)
     targets: dict[str, str] = {}
     for entry in entries:
         try:
@@ -479,17 +503,27 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
                     # Held to the end of the transaction: the match cannot change under us.
                     writer.resources.serialize(criteria_key(entry.resource_type, criteria))
                     found = writer.matching(entry.resource_type, criteria)
+                    if len(found) == 1:
+                        claim(entry, (entry.resource_type, found[0]))
                 entry.planned_id = found[0] if len(found) == 1 else _planned_id(writer, entry)
                 if entry.full_url and entry.planned_id:
                     targets[entry.full_url] = f"{entry.resource_type}/{entry.planned_id}"
             elif entry.method == "PUT" and entry.resource_id and entry.full_url:
                 targets[entry.full_url] = f"{entry.resource_type}/{entry.resource_id}"
+        except EntryFailed:
+            raise  # an overlap, which names its entries already
         except FhirError as error:
             raise EntryFailed(entry.index, entry.method, entry.url, error) from None
     for entry in entries:
         if entry.resource is not None:
             entry.resource = _rewrite(entry.resource, targets)  # a copy: _rewrite builds anew
     outcomes: list[Written | Deleted | None] = []
+
+    def done(entry: Entry, outcome: Written | Deleted | None) -> None:
+        claim(entry, _identity(outcome))
+        _record(entry, writer.base, outcome)
+        outcomes.append(outcome)
+
     # Plain creates, checked and waiting to be written together: before any other entry runs,
     # they are written, so every entry sees the store as if each had been written in turn.
     pending: list[tuple[Entry, dict[str, Any]]] = []
@@ -503,8 +537,7 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
             entry = pending[0][0]
             raise EntryFailed(entry.index, entry.method, entry.url, error) from None
         for (entry, _), outcome in zip(pending, written, strict=True):
-            _record(entry, writer.base, outcome)
-            outcomes.append(outcome)
+            done(entry, outcome)  # a new id: claimed for what a later entry may resolve to
         pending.clear()
 
     # Conditional updates by identifier, checked and waiting to be matched and written
@@ -524,20 +557,22 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
         except FhirError as error:
             entry = run[0][0]
             raise EntryFailed(entry.index, entry.method, entry.url, error) from None
-        if written is None:  # they depend on one another: in turn, as any other entry
+        if written is None:
+            # They depend on one another, so only running them in turn says where each goes:
+            # two that end at the same resource then fail as overlapping; the rest (say, one
+            # whose body carries the identifier an earlier one's criteria name) are made as
+            # they are in turn.
             for entry, _ in run:
                 try:
                     outcome = _run_entry(writer, entry, strict=strict)
                 except FhirError as error:
                     raise EntryFailed(entry.index, entry.method, entry.url, error) from None
-                _record(entry, writer.base, outcome)
-                outcomes.append(outcome)
+                done(entry, outcome)
             return
         for (entry, _), written_one in zip(run, written, strict=True):
-            _record(entry, writer.base, written_one)
-            outcomes.append(written_one)
+            done(entry, written_one)
 
-    for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
+    for entry in ordered:
         try:
             update = _identifier_update(entry)
         except FhirError as error:
@@ -582,11 +617,83 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
                 outcome = _run_entry(writer, entry, strict=strict)
         except FhirError as error:
             raise EntryFailed(entry.index, entry.method, entry.url, error) from None
-        _record(entry, writer.base, outcome)
-        outcomes.append(outcome)
+        done(entry, outcome)
     write_pending()
     write_updates()
     audit_facade_writes(writer.connection, outcomes, subtype="transaction")
+
+
+def _named_identity(entry: Entry) -> tuple[str, str] | None:
+    """The resource a DELETE, PUT or PATCH entry names by its URL (`Type/id`)."""
+    if entry.method in ("DELETE", "PUT", "PATCH") and entry.resource_id is not None:
+        return entry.resource_type, entry.resource_id
+    return None
+
+
+def _conditional_identities(
+    writer: FacadeWriter, entries: list[Entry]
+) -> list[tuple[Entry, tuple[str, str]]]:
+    """Each conditional update or delete with the one resource its criteria match before the
+    transaction runs: by identifier, one query per type; by other criteria, one search each.
+
+    An entry whose criteria cannot be matched (not parsed, a type not stored here, several
+    matches) is left out: it fails with its own error when it runs.
+    """
+    conditional = [
+        entry
+        for entry in entries
+        if entry.method in ("PUT", "DELETE")
+        and entry.resource_id is None
+        and entry.resource_type in STORED_TYPES
+        and entry.resource_type not in CONFORMANCE_TYPES
+    ]
+    by_identifier: dict[str, list[tuple[Entry, tuple[str, str]]]] = {}
+    found: list[tuple[Entry, list[str]]] = []
+    for entry in conditional:
+        identifier = identifier_criteria(entry.query or "")
+        if identifier is not None:
+            by_identifier.setdefault(entry.resource_type, []).append((entry, identifier))
+            continue
+        try:
+            criteria = parse_criteria(entry.resource_type, entry.query or "")
+            found.append((entry, writer.matching(entry.resource_type, criteria)))
+        except FhirError:
+            continue
+    for resource_type, wanted in by_identifier.items():
+        matches = identifier_matches(
+            writer.connection, resource_type, [identifier for _, identifier in wanted]
+        )
+        found += [(entry, matches.get(identifier, [])) for entry, identifier in wanted]
+    resolved = [(entry, (entry.resource_type, ids[0])) for entry, ids in found if len(ids) == 1]
+    return sorted(resolved, key=lambda pair: (_ORDER[pair[0].method], pair[0].index))
+
+
+def _identity(outcome: Written | Deleted | None) -> tuple[str, str] | None:
+    """The resource an entry wrote, deleted or (a conditional create's match) answered with."""
+    if isinstance(outcome, Written):
+        return outcome.stored.resource_type, outcome.stored.id
+    if isinstance(outcome, Deleted) and outcome.id is not None:
+        return outcome.resource_type, outcome.id
+    return None
+
+
+def _described(entry: Entry) -> str:
+    full_url = f", fullUrl {entry.full_url}" if entry.full_url else ""
+    return f"entry {entry.index} ({entry.method} {entry.url}{full_url})"
+
+
+def _overlap(entry: Entry, other: Entry, identity: tuple[str, str]) -> EntryFailed:
+    """`entry` resolves to the resource `other` already holds: the transaction fails."""
+    own = f" (fullUrl {entry.full_url})" if entry.full_url else ""
+    error = FhirError(
+        400,
+        "invalid",
+        f"it{own} and {_described(other)} both resolve to {identity[0]}/{identity[1]}: a "
+        "transaction may name a resource only once, a conditional entry by the resource it "
+        "resolves to (FHIR R4 http.html#trules)",
+        f"Bundle.entry[{other.index}]",
+    )
+    return EntryFailed(entry.index, entry.method, entry.url, error)
 
 
 def _identifier_update(entry: Entry) -> IdentifierUpdate | None:

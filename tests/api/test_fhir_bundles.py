@@ -44,6 +44,7 @@ def found(client: TestClient, value: str) -> list[str]:
 
 def test_transaction_rewrites_references_and_runs_in_order(client: TestClient) -> None:
     old = client.post("/fhir/Observation", json=observation(uuid.uuid4().hex)).json()
+    patched = client.post("/fhir/Observation", json=observation(uuid.uuid4().hex)).json()
     a, b, c = (uuid.uuid4().hex for _ in range(3))
     put_id = f"tx-{uuid.uuid4().hex[:10]}"
     patch = base64.b64encode(
@@ -72,9 +73,9 @@ def test_transaction_rewrites_references_and_runs_in_order(client: TestClient) -
                 "contentType": "application/json-patch+json",
                 "data": patch,
             },
-            "request": {"method": "PATCH", "url": f"Observation/{put_id}"},
+            "request": {"method": "PATCH", "url": f"Observation/{patched['id']}"},
         },
-        {"request": {"method": "GET", "url": f"Observation/{put_id}"}},
+        {"request": {"method": "GET", "url": f"Observation/{patched['id']}"}},
     )
     response = client.post("/fhir", json=sent, headers={"Content-Type": FHIR})
     assert response.status_code == 200, response.text
@@ -94,7 +95,8 @@ def test_transaction_rewrites_references_and_runs_in_order(client: TestClient) -
     assert second["hasMember"] == [{"reference": f"Observation/{first['id']}"}]
     assert third["derivedFrom"] == [{"reference": f"Observation/{second['id']}"}]
     assert result["entry"][4]["resource"]["status"] == "amended"
-    assert result["entry"][5]["resource"]["meta"]["versionId"] == "2"  # GET runs last
+    assert result["entry"][5]["resource"] == result["entry"][4]["resource"]  # GET runs last
+    assert result["entry"][5]["resource"]["meta"]["versionId"] == "2"
     assert client.get(f"/fhir/Observation/{old['id']}").status_code == 410
     location = result["entry"][0]["response"]["location"]
     assert location == f"http://testserver/fhir/Observation/{first['id']}/_history/1"
@@ -163,6 +165,7 @@ def test_conditional_create_in_a_transaction_points_references_at_the_match(
 
 def test_transaction_creates_answer_what_a_read_then_serves(client: TestClient) -> None:
     values = [uuid.uuid4().hex for _ in range(5)]
+    existing = client.post("/fhir/Observation", json=observation(values[4])).json()
     entries = [
         {
             "fullUrl": f"urn:uuid:{value}",
@@ -171,7 +174,7 @@ def test_transaction_creates_answer_what_a_read_then_serves(client: TestClient) 
         }
         for value in values[:4]
     ]
-    # Run after the creates before it: it finds the first one, written in this transaction.
+    # Run between the creates: it finds the one stored before the transaction.
     entries.insert(
         2,
         {
@@ -179,7 +182,7 @@ def test_transaction_creates_answer_what_a_read_then_serves(client: TestClient) 
             "request": {
                 "method": "POST",
                 "url": "Observation",
-                "ifNoneExist": f"identifier=urn:ehr:obs|{values[0]}",
+                "ifNoneExist": f"identifier=urn:ehr:obs|{values[4]}",
             },
         },
     )
@@ -187,14 +190,14 @@ def test_transaction_creates_answer_what_a_read_then_serves(client: TestClient) 
     statuses = [e["response"]["status"] for e in result["entry"]]
     assert statuses == ["201 Created", "201 Created", "200 OK", "201 Created", "201 Created"]
     first = result["entry"][0]["resource"]
-    assert result["entry"][2]["resource"] == first
+    assert result["entry"][2]["resource"] == existing
     for entry in result["entry"]:
         resource, response = entry["resource"], entry["response"]
         read = client.get(f"/fhir/Observation/{resource['id']}")
         assert read.json() == resource
-        assert resource["hasMember"] == [{"reference": f"Observation/{first['id']}"}] or (
-            resource["identifier"][0]["value"] == values[0]
-        )
+        assert resource == existing or resource["hasMember"] == [
+            {"reference": f"Observation/{first['id']}"}
+        ]
         assert response == {
             "status": response["status"],
             "location": f"http://testserver/fhir/Observation/{resource['id']}/_history/1",

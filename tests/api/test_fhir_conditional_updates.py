@@ -120,38 +120,66 @@ def test_an_invalid_update_is_refused_naming_it(client: TestClient) -> None:
     assert holders(client, first) == []
 
 
-def test_updates_that_depend_on_one_another_run_in_turn(client: TestClient) -> None:
+def overlap(answer: Any, failing: int, other: int) -> str:
+    """The diagnostics of a transaction refused because entry `failing` resolves to the resource
+    entry `other` holds (http.html#trules), after checking it names both."""
+    assert answer.status_code == 400, answer.text
+    (issue,) = answer.json()["issue"]
+    assert issue["code"] == "invalid"
+    assert issue["expression"] == [f"Bundle.entry[{failing}]", f"Bundle.entry[{other}]"]
+    assert issue["diagnostics"].startswith(f"entry {failing} (")
+    assert f" and entry {other} (" in issue["diagnostics"]
+    return str(issue["diagnostics"])
+
+
+def test_updates_that_end_at_one_resource_fail_the_transaction(client: TestClient) -> None:
     repeated, carried, named = new_values(3)
-    # The same identifier twice: the second updates what the first created.
+    # The same identifier twice: run in turn, the second would update what the first created.
     answer = transaction(
         client,
         put(repeated, observation(repeated)),
         put(repeated, observation(repeated, heart_rate=99)),
     )
-    assert answer.status_code == 200, answer.text
-    assert len(holders(client, repeated)) == 1
-    # A body that carries the identifier another entry's criteria name.
+    overlap(answer, 1, 0)
+    assert holders(client, repeated) == []
+    # A body that carries the identifier another entry's criteria name: the same resource.
     answer = transaction(
         client, put(carried, observation(carried, named)), put(named, observation(named))
     )
+    diagnostics = overlap(answer, 1, 0)
+    assert "both resolve to Observation/" in diagnostics
+    assert holders(client, named) == []
+
+
+def test_updates_that_depend_on_one_another_but_do_not_overlap_run_in_turn(
+    client: TestClient,
+) -> None:
+    named, carried = new_values(2)
+    # The second's body carries the identifier the first names, so they are not matched
+    # together; run in turn, the first has run before it and each creates a resource of its own.
+    answer = transaction(
+        client, put(named, observation(named)), put(carried, observation(carried, named))
+    )
     assert answer.status_code == 200, answer.text
-    assert len(holders(client, named)) == 1
+    entries = answer.json()["entry"]
+    assert [e["response"]["status"] for e in entries] == ["201 Created", "201 Created"]
+    assert entries[0]["resource"]["id"] != entries[1]["resource"]["id"]
+    assert holders(client, carried) == [entries[1]["resource"]["id"]]
 
 
-def test_an_update_sees_what_the_transaction_created_before_it(client: TestClient) -> None:
+def test_an_update_resolving_to_what_the_transaction_created_fails_it(client: TestClient) -> None:
     (value,) = new_values(1)
+    created = f"urn:uuid:{uuid.uuid4()}"
     answer = transaction(
         client,
         put(value, observation(value, heart_rate=61)),
         {
-            "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+            "fullUrl": created,
             "resource": observation(value),
             "request": {"method": "POST", "url": "Observation"},
         },
     )
-    assert answer.status_code == 200, answer.text
-    created, updated = answer.json()["entry"][1], answer.json()["entry"][0]
-    assert created["response"]["status"] == "201 Created"
-    assert updated["response"]["status"] == "200 OK"
-    assert updated["resource"]["id"] == created["resource"]["id"]
-    assert holders(client, value) == [created["resource"]["id"]]
+    # The POST runs first and creates it; the update then resolves to that same resource.
+    diagnostics = overlap(answer, 0, 1)
+    assert f"fullUrl {created}" in diagnostics
+    assert holders(client, value) == []
