@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import (
+    Boolean,
     Connection,
     Dialect,
     Table,
@@ -37,6 +38,7 @@ from sqlalchemy.exc import DBAPIError
 
 from service.fhir.search_index import IndexRows, extract
 from service.store.tables import (
+    UtcDateTime,
     outbox,
     record_resources,
     resource_versions,
@@ -567,6 +569,12 @@ def _prepared(
         table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
     )
     if dialect.name == "postgresql":
+        # psycopg's COPY adapts bools and aware datetimes (any zone: timestamptz keeps the
+        # instant) itself: their processors only cost a call per value, a tenth of a row's cost.
+        processors = tuple(
+            None if isinstance(table.c[name].type, Boolean | UtcDateTime) else process
+            for name, process in zip(columns, processors, strict=True)
+        )
         return f"COPY {quote(table.name)} ({names}) FROM STDIN", processors
     marks = ", ".join("?" for _ in columns)
     return f"INSERT INTO {quote(table.name)} ({names}) VALUES ({marks})", processors
