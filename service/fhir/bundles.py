@@ -96,7 +96,7 @@ _CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]{1,63})\?(.+)", re.DOTALL)
 # through twice for conditional references and once to point references at fullUrls, which
 # walks cost more than the entry's validation did. `"reference":"` with unescaped quotes can
 # only be a key and the start of its string value, at any depth, as the walks found them.
-_REFERENCE_VALUE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+_REFERENCE_VALUE = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')
 _CONDITIONAL_VALUE = re.compile(rb'"reference":"[A-Z][A-Za-z]{1,63}\?')
 
 
@@ -459,16 +459,32 @@ def _planned_id(writer: FacadeWriter, entry: Entry) -> str | None:
 def _rewrite(resource: dict[str, Any], targets: dict[str, str]) -> dict[str, Any]:
     """A copy of `resource` with every reference to a fullUrl of the Bundle pointed at its
     resource."""
+    return _rewriter(targets)(resource)
+
+
+def _rewriter(targets: dict[str, str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """`_rewrite` for many resources with the same targets, prepared once."""
+    # Looked up by the reference's bytes as written (a fullUrl rarely holds an escape), each
+    # target written as the JSON string it is: no decoding or encoding per reference.
+    written = {
+        orjson.dumps(full_url)[1:-1]: b'"reference":' + orjson.dumps(target)
+        for full_url, target in targets.items()
+    }
 
     def point(match: re.Match[bytes]) -> bytes:
         raw = match.group(1)
-        reference = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
-        target = targets.get(reference)
-        return match.group(0) if target is None else b'"reference":' + orjson.dumps(target)
+        if b"\\" in raw:  # the same string with its escapes as orjson writes them
+            raw = orjson.dumps(orjson.loads(b'"' + raw + b'"'))[1:-1]
+        return written.get(raw) or match.group(0)
 
-    data = orjson.dumps(resource)
-    rewritten: dict[str, Any] = orjson.loads(_REFERENCE_VALUE.sub(point, data) if targets else data)
-    return rewritten
+    def rewrite(resource: dict[str, Any]) -> dict[str, Any]:
+        data = orjson.dumps(resource)
+        copied: dict[str, Any] = orjson.loads(
+            _REFERENCE_VALUE.sub(point, data) if written else data
+        )
+        return copied
+
+    return rewrite
 
 
 def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool = False) -> None:
@@ -514,9 +530,10 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
             raise  # an overlap, which names its entries already
         except FhirError as error:
             raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+    rewrite = _rewriter(targets)
     for entry in entries:
         if entry.resource is not None:
-            entry.resource = _rewrite(entry.resource, targets)  # a copy: _rewrite builds anew
+            entry.resource = rewrite(entry.resource)  # a copy: the rewrite builds anew
     outcomes: list[Written | Deleted | None] = []
 
     def done(entry: Entry, outcome: Written | Deleted | None) -> None:
