@@ -10,7 +10,6 @@ CapabilityStatement is generated from what this module really implements.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
@@ -360,9 +359,6 @@ async def _search(
     _check_type(resource_type)
     if resource_type in CONFORMANCE_TYPES:
         return _conformance_search(request, resource_type, params)
-    # The event loop first runs what is due: a request timeout that has passed cancels this
-    # request here, before its synchronous share (parsing, binding) holds the loop.
-    await asyncio.sleep(0)
     base = _base(request)
     query = parse_search(resource_type, params, base=base, strict=_strict(request))
     if one_statement(query):
