@@ -167,7 +167,30 @@ def parse_bundle(data: Any) -> tuple[str, list[Entry]]:
     entries = []
     for index, raw in enumerate(raw_entries):
         entries.append(_parse_entry(index, raw))
+    _check_full_urls_unique(entries)
     return str(kind), entries
+
+
+def _check_full_urls_unique(entries: list[Entry]) -> None:
+    """Bundle invariant bdl-7: a fullUrl names one entry, unless their meta.versionIds differ.
+
+    Two entries with one fullUrl would make every reference to it ambiguous.
+    """
+    seen: dict[tuple[str, Any], int] = {}
+    for entry in entries:
+        if entry.full_url is None:
+            continue
+        meta = (entry.resource or {}).get("meta")
+        version = meta.get("versionId") if isinstance(meta, dict) else None
+        first = seen.setdefault((entry.full_url, version), entry.index)
+        if first != entry.index:
+            raise FhirError(
+                400,
+                "invalid",
+                f"entries {first} and {entry.index} have the same fullUrl {entry.full_url!r} "
+                "(bdl-7: a fullUrl must be unique in a Bundle)",
+                f"Bundle.entry[{entry.index}].fullUrl",
+            )
 
 
 def _parse_entry(index: int, raw: Any) -> Entry:

@@ -259,3 +259,50 @@ def test_what_is_not_a_batch_or_transaction_is_refused(client: TestClient) -> No
         assert response.status_code == status, response.text
         assert response.json()["resourceType"] == "OperationOutcome"
     assert client.post("/fhir", content=b"[", headers={"Content-Type": FHIR}).status_code == 400
+
+
+def test_two_entries_with_one_full_url_are_refused_before_anything_is_written(
+    client: TestClient,
+) -> None:
+    a, b = uuid.uuid4().hex, uuid.uuid4().hex
+    full_url = f"urn:uuid:{uuid.uuid4()}"
+    for kind in ("transaction", "batch"):
+        response = client.post(
+            "/fhir",
+            json=bundle(
+                kind,
+                *(
+                    {
+                        "fullUrl": full_url,
+                        "resource": observation(value),
+                        "request": {"method": "POST", "url": "Observation"},
+                    }
+                    for value in (a, b)
+                ),
+            ),
+        )
+        assert response.status_code == 400, response.text
+        issue = response.json()["issue"][0]
+        assert issue["expression"] == ["Bundle.entry[1].fullUrl"]
+        assert "bdl-7" in issue["diagnostics"]
+    assert found(client, a) == []
+    assert found(client, b) == []
+
+
+def test_one_full_url_with_different_versions_is_no_duplicate(client: TestClient) -> None:
+    # bdl-7 allows one fullUrl on entries whose meta.versionId differ.
+    observation_id = uuid.uuid4().hex[:16]
+    url = f"Observation/{observation_id}"
+    entries = [
+        {
+            "fullUrl": f"http://testserver/fhir/{url}",
+            "resource": observation(
+                uuid.uuid4().hex, id=observation_id, meta={"versionId": version}
+            ),
+            "request": {"method": "PUT", "url": url},
+        }
+        for version in ("1", "2")
+    ]
+    response = client.post("/fhir", json=bundle("batch", *entries))
+    assert response.status_code == 200, response.text
+    assert "bdl-7" not in response.text
