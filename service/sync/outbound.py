@@ -13,10 +13,13 @@
 from __future__ import annotations
 
 import base64
+import functools
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote_plus
 
 import orjson
 
@@ -70,10 +73,6 @@ def relative_key(reference: str) -> Key | None:
     return None
 
 
-def referenced_keys(resource: Resource) -> set[Key]:
-    return {k for ref in references(resource) if (k := relative_key(ref["reference"])) is not None}
-
-
 def business_identifier(resource: Resource, site_system: str) -> dict[str, str] | None:
     """The resource's identifier in the site's own systems (`{site_system}/{kind}`), if any."""
     prefix = site_system.rstrip("/") + "/"
@@ -86,6 +85,16 @@ def business_identifier(resource: Resource, site_system: str) -> dict[str, str] 
         if isinstance(system, str) and system.startswith(prefix) and isinstance(value, str):
             return {"system": system, "value": value}
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _quoted(text: str) -> str:
+    return quote_plus(text)
+
+
+def identifier_query(identifier: Mapping[str, str]) -> str:
+    """`identifier=system|value`, form-encoded as `urlencode` would (the system quoted once)."""
+    return f"identifier={_quoted(identifier['system'])}%7C{quote_plus(identifier['value'])}"
 
 
 PATIENT_SEARCH_TYPES = frozenset(
@@ -146,7 +155,64 @@ def translate(
     `remote_of` gives the EHR's id of a target (the Patient match included; a Patient with none
     raises `UnresolvedPatient`), `identifier_of` a target's business identifier.
     """
-    out: Resource = _copy(resource)
+    translated: Resource = orjson.loads(
+        translate_json(
+            resource,
+            remote_id=remote_id,
+            remote_of=remote_of,
+            identifier_of=identifier_of,
+            in_bundle=in_bundle,
+        )
+    )
+    return translated
+
+
+# A resource's references are found in its compact JSON (orjson writes no whitespace) by a
+# regex over the bytes rather than by a walk through every element: the walk cost the worker
+# more than anything else it does per resource. `"reference":"` with unescaped quotes can only
+# be a key and the start of its string value, at any depth, where the walk finds a Reference.
+# `contained` resources are not looked into, so JSON that holds the word goes the walk's way.
+_STRING = rb'"([^"\\]*(?:\\.[^"\\]*)*)"'
+_REFERENCE_VALUE = re.compile(rb'"reference":' + _STRING)
+_REFERENCE = re.compile(rb'"reference":' + _STRING + rb'(?:,"display":' + _STRING + rb")?(\})?")
+"""A reference; when it ends its Reference (perhaps after a `display`), the closing brace too,
+so that a whole Reference (`{` just before the match) can become a logical one in the bytes.
+(The regex starts with its literal, which is what lets it skip quickly through the bytes.)"""
+_CONTAINED = b'"contained"'
+
+
+def _reference_text(raw: bytes) -> str:
+    text: str = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+    return text
+
+
+def referenced_keys(resource: Resource) -> set[Key]:
+    """The (type, id) of every relative reference in the resource, outside `contained`."""
+    data = orjson.dumps(resource)
+    if _CONTAINED in data:
+        refs = [ref["reference"] for ref in references(resource)]
+    else:
+        refs = [_reference_text(m.group(1)) for m in _REFERENCE_VALUE.finditer(data)]
+    return {key for ref in refs if (key := relative_key(ref)) is not None}
+
+
+def translate_json(
+    resource: Resource,
+    *,
+    remote_id: str | None,
+    remote_of: Callable[[Key], str | None],
+    identifier_of: Callable[[Key], dict[str, str] | None],
+    in_bundle: frozenset[Key] = frozenset(),
+    id_last: str | None = None,
+) -> bytes:
+    """`translate`, as the JSON the EHR receives (orjson's, to embed as an `orjson.Fragment`).
+
+    `id_last` (with no `remote_id`) gives the resource that id as its last member, as a PUT of
+    our own id names it. References that only change their target are rewritten in the bytes;
+    a resource with one the EHR holds no copy of (it becomes a logical reference) is rewritten
+    element by element.
+    """
+    out: Resource = dict(resource)  # shallow: only the top level changes before serialising
     meta = dict(out.get("meta") or {})
     for name in ("versionId", "lastUpdated", "source"):
         meta.pop(name, None)
@@ -156,42 +222,98 @@ def translate(
         out.pop("meta", None)
     if remote_id is None:
         out.pop("id", None)
+        if id_last is not None:
+            out["id"] = id_last
     else:
         out["id"] = remote_id
-    for ref in references(out):
+    data = orjson.dumps(out)
+    resolved: dict[Key, str | None] = {}
+
+    def target(key: Key) -> str | None:
+        """The new `reference` of a reference to `key`; None: it becomes a logical reference.
+
+        Each target's `remote_of` is asked once, in document order, as the walk asks it."""
+        if key in in_bundle:
+            return f"urn:uuid:{_urn(key)}"
+        if key not in resolved:
+            resolved[key] = remote_of(key)
+        found = resolved[key]
+        if found is not None:
+            return f"{key[0]}/{found}"
+        if key[0] == "Patient":
+            raise UnresolvedPatient(key[1])
+        return None
+
+    if _CONTAINED not in data:
+        pieces: list[bytes] = []
+        done = 0
+        for match in _REFERENCE.finditer(data):
+            raw, display, closed = match.groups()
+            key = relative_key(_reference_text(raw))
+            if key is None:
+                continue
+            new = target(key)
+            start, end = match.span()
+            if new is not None:
+                start = match.start(1) - 1  # the value's opening quote
+                end = match.end(1) + 1
+                replacement = orjson.dumps(new)
+            elif closed is not None and data[start - 1 : start] == b"{":
+                start -= 1
+                replacement = orjson.dumps(
+                    _logical(
+                        {} if display is None else {"display": _reference_text(display)},
+                        key,
+                        identifier_of,
+                    )
+                )
+            else:
+                break  # a logical reference inside a larger element: element by element
+            pieces += (data[done:start], replacement)
+            done = end
+        else:
+            if not pieces:
+                return data
+            pieces.append(data[done:])
+            return b"".join(pieces)
+    # A logical reference changes the shape of its element, or `contained` is to be left
+    # alone: rewrite a copy element by element.
+    copy: Resource = orjson.loads(data)
+    for ref in references(copy):
         key = relative_key(ref["reference"])
         if key is None:
             continue
-        if key in in_bundle:
-            ref["reference"] = f"urn:uuid:{_urn(key)}"
+        new = target(key)
+        if new is not None:
+            ref["reference"] = new
             continue
-        found = remote_of(key)
-        if found is not None:
-            ref["reference"] = f"{key[0]}/{found}"
-            continue
-        if key[0] == "Patient":
-            raise UnresolvedPatient(key[1])
         del ref["reference"]
-        identifier = ref.get("identifier") or identifier_of(key)
-        if identifier is not None:
-            ref["identifier"] = identifier
-            ref.setdefault("type", key[0])
-        if not ref.get("identifier") and not ref.get("display"):
-            ref["display"] = f"{key[0]} kept by the infusion clinic"
-    return out
+        _logical(ref, key, identifier_of)
+    return orjson.dumps(copy)
 
 
+def _logical(
+    ref: dict[str, Any], key: Key, identifier_of: Callable[[Key], dict[str, str] | None]
+) -> dict[str, Any]:
+    """A Reference (its `reference` removed) to a resource the EHR holds no copy of, made
+    logical: by the target's business identifier, or at least a display."""
+    identifier = ref.get("identifier") or identifier_of(key)
+    if identifier is not None:
+        ref["identifier"] = identifier
+        ref.setdefault("type", key[0])
+    if not ref.get("identifier") and not ref.get("display"):
+        ref["display"] = f"{key[0]} kept by the infusion clinic"
+    return ref
+
+
+@functools.lru_cache(maxsize=65_536)
 def _urn(key: Key) -> str:
+    """`uuid5(NAMESPACE_URL, "Type/id")`: the same for every delivery of the resource."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{key[0]}/{key[1]}"))
 
 
 def bundle_full_url(key: Key) -> str:
     return f"urn:uuid:{_urn(key)}"
-
-
-def _copy(value: Any) -> Any:
-    """A deep copy of JSON (orjson's round trip: several times `copy.deepcopy`'s speed)."""
-    return orjson.loads(orjson.dumps(value))
 
 
 # --- the DocumentReference fallback -----------------------------------------------------------

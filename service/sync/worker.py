@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode
 
 import httpx
 import orjson
@@ -58,10 +57,12 @@ from service.sync.outbound import (
     business_identifier,
     document_reference,
     identifier_lookup,
+    identifier_query,
     referenced_keys,
     remote_version,
     summary_identifier,
     translate,
+    translate_json,
 )
 from service.sync.strategy import EMITTED_TYPES, Plan, choose, plan
 
@@ -604,7 +605,7 @@ class _LaneRun:
         entry = self.remote.get(key)
         return entry.remote_id if entry else None
 
-    def _translate(self, item: _Work, *, in_bundle: frozenset[Key] = frozenset()) -> Resource:
+    def _translate(self, item: _Work) -> Resource:
         assert item.body is not None
         entry = self.remote.get(item.delivery.key)
         try:
@@ -612,8 +613,7 @@ class _LaneRun:
                 item.body,
                 remote_id=entry.remote_id if entry else None,
                 remote_of=self._remote_of,
-                identifier_of=lambda k: self.identifiers.get(k),
-                in_bundle=in_bundle,
+                identifier_of=self.identifiers.get,
             )
         except UnresolvedPatient:
             raise PatientNotMatched(
@@ -628,11 +628,10 @@ class _LaneRun:
         ready: list[_Work] = []
         for item in items:
             try:
-                resource = self._translate(item, in_bundle=keys)
+                entries.append(self._bundle_entry(item, in_bundle=keys))
             except PermanentFailure as error:
                 self.results.dead.append((item.covers, error.message, error.outcome))
                 continue
-            entries.append(self._bundle_entry(item, resource))
             ready.append(item)
         if not entries:
             return
@@ -684,22 +683,42 @@ class _LaneRun:
                 return found[0], None
         raise _Stop(TransientFailure("the transaction's answer names no resource id"))
 
-    def _bundle_entry(self, item: _Work, resource: Resource) -> Resource:
+    def _bundle_entry(self, item: _Work, *, in_bundle: frozenset[Key]) -> Resource:
+        """The transaction entry of one change, its resource already JSON (translated once)."""
         key = item.delivery.key
+        assert item.body is not None
         entry = self.remote.get(key)
         support = self.plan.capabilities.of(key[0])
-        identifier = business_identifier(item.body or {}, self.worker.site_system)
+        identifier = business_identifier(item.body, self.worker.site_system)
+        own_id = None
         if entry is not None:
             request = {"method": "PUT", "url": f"{key[0]}/{entry.remote_id}"}
         elif identifier is not None and support.conditional_update and support.identifier_search:
-            query = urlencode({"identifier": f"{identifier['system']}|{identifier['value']}"})
+            query = identifier_query(identifier)
             request = {"method": "PUT", "url": f"{key[0]}?{query}"}
         elif support.idempotent_put:
-            resource = {**resource, "id": key[1]}
+            own_id = key[1]
             request = {"method": "PUT", "url": f"{key[0]}/{key[1]}"}
         else:
             request = {"method": "POST", "url": key[0]}
-        return {"fullUrl": bundle_full_url(key), "resource": resource, "request": request}
+        try:
+            resource = translate_json(
+                item.body,
+                remote_id=entry.remote_id if entry else None,
+                remote_of=self._remote_of,
+                identifier_of=self.identifiers.get,
+                in_bundle=in_bundle,
+                id_last=own_id,
+            )
+        except UnresolvedPatient:
+            raise PatientNotMatched(
+                "no Patient in the EHR matches the patient this resource names"
+            ) from None
+        return {
+            "fullUrl": bundle_full_url(key),
+            "resource": orjson.Fragment(resource),
+            "request": request,
+        }
 
     def _send_single(self, item: _Work, strategy: Strategy) -> None:
         delivery = item.delivery
