@@ -150,6 +150,9 @@ class Entry:
     planned_id: str | None = None
     response: dict[str, Any] = field(default_factory=dict)
     body: bytes | None = None
+    searches: list[tuple[str, str]] = field(default_factory=list)
+    """(FHIRPath, reference) of each conditional reference in the resource as sent: found once
+    for the scope check and the resolution both."""
 
 
 def parse_bundle(data: Any) -> tuple[str, list[Entry]]:
@@ -216,6 +219,7 @@ def _parse_entry(index: int, raw: Any) -> Entry:
         raise FhirError(400, "invalid", f"entry {index}: the resource is not an object")
     full_url = raw.get("fullUrl")
     return Entry(
+        searches=_conditional_references(resource),
         index=index,
         method=str(method),
         url=url,
@@ -411,7 +415,7 @@ def _resolve_references(writer: FacadeWriter, entry: Entry, resolved: dict[str, 
     Each search holds its criteria's lock (as a conditional create's does) to the end of the
     unit of work, so what it matched cannot change before the entry's write commits.
     """
-    for where, reference in _conditional_references(entry.resource):
+    for where, reference in entry.searches:
         if reference in resolved:
             continue
         match = _CONDITIONAL_REFERENCE.fullmatch(reference)
@@ -888,7 +892,7 @@ def authorize_bundle(scope: Scope, entries: list[Entry]) -> None:
             authorize_entries(scope, [_entry_check(entry)])
         searched = [
             (str(match.group(1)), "s")
-            for _, reference in _conditional_references(entry.resource)
+            for _, reference in entry.searches
             if (match := _CONDITIONAL_REFERENCE.fullmatch(reference))
         ]
         if searched:
