@@ -182,7 +182,7 @@ class _Node:
     children: dict[str, _Node] = field(default_factory=dict)
     slicing: dict[str, Any] | None = None
     slices: dict[str, _Node] = field(default_factory=dict)
-    matchers: dict[str, Callable[[_Item], bool]] = field(default_factory=dict)
+    matchers: dict[str, _Matcher] = field(default_factory=dict)
     keys: dict[str, _Key] = field(default_factory=dict)
     """JSON property -> how it occurs, filled by `_finalize` for the children with something
     to check (the walk never looks at the others, nor below them)."""
@@ -203,6 +203,15 @@ class _Node:
     """Whether a fixed value is all there is to check on an occurrence (coding.system)."""
     one_invariant: bool = False
     """Whether one invariant is all there is to check on an occurrence itself (ref-1)."""
+    guard: Callable[[Json], bool] | None = None
+    """That one invariant's guard (None: there is none, or more to check), filled by
+    `_finalize`, so that the walk tests it without looking through `invariants`."""
+    guarded: tuple[tuple[Callable[[Json], bool] | None, tuple[_Invariant, ...]], ...] = ()
+    """The invariants in order, consecutive ones with the same guard together (dom-2 ...
+    dom-5 share one), so that each guard runs once per occurrence; filled by `_finalize`."""
+    slice_plan: tuple[_SlicePlan, ...] = ()
+    """The slices in order with what `_check_slices_of_one` needs of each, filled by
+    `_finalize` so that the walk looks nothing up by slice name."""
     values: bool = False
     """Whether an occurrence's value has a fixed value, pattern, target or binding to meet."""
     inspect: bool = False
@@ -232,6 +241,14 @@ class _Node:
             node = self.slices[name] = _Node(self.name, self.path)
         return node
 
+
+_Matcher: TypeAlias = "Callable[[Json, str | None], bool]"
+"""Whether an occurrence (its value, and its data type for a choice) belongs to a slice."""
+
+_SlicePlan: TypeAlias = "tuple[str, _Node, frozenset[str] | None, _Matcher, bool, bool]"
+"""One slice as `_check_slices_of_one` walks it: its name, node, types (of a type slice, else
+None: its matcher decides), matcher, and whether one occurrence (hit) or none (miss) is outside
+its cardinality."""
 
 _Key: TypeAlias = "tuple[_Node, str | None, str, bool, frozenset[str]]"
 """A JSON property of an object: the child node, the data type of a choice (valueQuantity:
@@ -563,6 +580,25 @@ def _finalize(node: _Node, url: str) -> None:
         or node.binding is not None
     )
     node.one_invariant = len(node.invariants) == 1 and node.types is None and not node.values
+    node.guard = node.invariants[0].may_fail if node.one_invariant else None
+    groups: list[tuple[Callable[[Json], bool] | None, list[_Invariant]]] = []
+    for invariant in node.invariants:
+        if groups and groups[-1][0] is invariant.may_fail:
+            groups[-1][1].append(invariant)
+        else:
+            groups.append((invariant.may_fail, [invariant]))
+    node.guarded = tuple((guard, tuple(group)) for guard, group in groups)
+    node.slice_plan = tuple(
+        (
+            name,
+            slice_node,
+            node.slice_types.get(name),
+            node.matchers[name],
+            slice_node.min > 1 or slice_node.most < 1,
+            slice_node.min > 0 or slice_node.most < 0,
+        )
+        for name, slice_node in node.slices.items()
+    )
     node.only_fixed = (
         node.fixed is not _MISSING
         and node.types is None
@@ -591,7 +627,7 @@ def _slice_type(node: _Node, name: str) -> str | None:
     return None
 
 
-def _matcher(node: _Node, name: str, slice_node: _Node, url: str) -> Callable[[_Item], bool]:
+def _matcher(node: _Node, name: str, slice_node: _Node, url: str) -> _Matcher:
     """Whether an occurrence belongs to a slice, from the slicing's discriminators."""
     type_ = _slice_type(node, name)
     if type_ is not None:
@@ -600,7 +636,8 @@ def _matcher(node: _Node, name: str, slice_node: _Node, url: str) -> Callable[[_
     discriminators = (node.slicing or {}).get("discriminator", [])
     if not discriminators:
         raise ProfileError(f"{url}: slice {node.path}:{name} has no discriminator")
-    tests: list[Callable[[_Item], bool]] = []
+    tests: list[_Matcher] = []
+    keyed: list[tuple[str, str]] = []  # the (key, string) of each exact one-step value test
     for discriminator in discriminators:
         kind, path = discriminator["type"], discriminator["path"]
         steps = [] if path == "$this" else path.split(".")
@@ -626,15 +663,19 @@ def _matcher(node: _Node, name: str, slice_node: _Node, url: str) -> Callable[[_
         if expected is _MISSING:
             raise ProfileError(f"{url}: slice {node.path}:{name} fixes nothing at {path!r}")
         tests.append(_value_test(steps, expected, exact))
+        if exact and len(steps) == 1 and isinstance(expected, str):
+            keyed.append((steps[0], expected))
     if len(tests) == 1:
         return tests[0]
+    if len(keyed) == len(tests) == 2:  # a Coding's system and code: both tests in one call
+        return _two_keys_test(*keyed[0], *keyed[1])
     if len(tests) == 2:  # coding.system and coding.code, say
         first, second = tests
-        return lambda item: first(item) and second(item)
+        return lambda value, type_: first(value, type_) and second(value, type_)
 
-    def matcher(item: _Item) -> bool:
+    def matcher(value: Json, type_: str | None) -> bool:
         for test in tests:  # noqa: SIM110 (a loop, not all(), makes no generator per call)
-            if not test(item):
+            if not test(value, type_):
                 return False
         return True
 
@@ -676,8 +717,8 @@ class _Walk:
         property, is checked here rather than through `_check_element`, which does the same,
         in one pass over the object.
         """
+        present = value.keys()
         if node.required:
-            present = value.keys()
             for child, names in (
                 node.required_choices if present >= node.required_names else node.required
             ):
@@ -690,9 +731,10 @@ class _Walk:
             if entry is None:
                 continue
             child, type_, step, extensions, others = entry
-            if extensions and step in value:
-                continue  # the extensions of a primitive that has its value: counted with it
-            if others and not value.keys().isdisjoint(others):
+            if extensions:
+                if step in value:
+                    continue  # the extensions of a primitive that has its value: counted with it
+            elif others and not present.isdisjoint(others):
                 if done is None or child not in done:
                     done = {child} if done is None else done | {child}
                     properties = [(v, keys[k]) for k, v in value.items() if k in others or k == key]
@@ -716,7 +758,7 @@ class _Walk:
                         continue
                     if child.own:
                         # One invariant whose guard rules it out leaves only the children.
-                        guard = child.invariants[0].may_fail if child.one_invariant else None
+                        guard = child.guard
                         if guard is None or guard(occurrence):
                             self._check_item(child, occurrence, type_, (at, step, position), out)
                             continue
@@ -727,12 +769,25 @@ class _Walk:
                             self._check_profiles(child, occurrence, (at, step, position), out)
             if child.slices:
                 by_type = child.type_slices
-                if many and len(child_value) == 1 and not extensions:
-                    item = _Item(child_value[0], (at, step, 0), type_)
-                    self._check_slices_of_one(child, item, (at, child.base, None), out)
-                elif by_type is None or many:
-                    items = _occurrences([(child_value, entry)], at)
-                    self._check_slices(child, items, (at, child.base, None), out)
+                if many:
+                    if len(child_value) == 1 and not extensions:
+                        self._check_slices_of_one(
+                            child, child_value[0], type_, (at, step, 0), (at, child.base, None), out
+                        )
+                    else:
+                        items = _occurrences([(child_value, entry)], at)
+                        self._check_slices(child, items, (at, child.base, None), out)
+                elif by_type is None:
+                    # What `_occurrences` and `_check_slices` make of one property given once:
+                    # one occurrence, without a value if it is only the extensions.
+                    self._check_slices_of_one(
+                        child,
+                        None if extensions else child_value,
+                        None if extensions else type_,
+                        (at, step, None),
+                        (at, child.base, None),
+                        out,
+                    )
                 elif child_value is not None and type_ in by_type:
                     # What `_check_slices` does for one occurrence that only type slices take.
                     where: Location = (at, child.base, None)
@@ -741,9 +796,7 @@ class _Walk:
                             self._cardinality(slice_node, 1, where, name, out)
                         if not slice_node.inspect:
                             continue
-                        guard = (
-                            slice_node.invariants[0].may_fail if slice_node.one_invariant else None
-                        )
+                        guard = slice_node.guard
                         if (
                             guard is None
                             or guard(child_value)
@@ -779,12 +832,12 @@ class _Walk:
     ) -> None:
         """Assign the occurrences to slices, then check each slice's cardinality and rules."""
         if len(items) == 1:
-            self._check_slices_of_one(node, items[0], where, out)
+            item = items[0]
+            self._check_slices_of_one(node, item.value, item.type, item.location, where, out)
             return
         claimed = [False] * len(items)
-        for name, slice_node in node.slices.items():
+        for name, slice_node, types, matcher, _, _ in node.slice_plan:
             matched = []
-            types = node.slice_types.get(name)
             if types is not None:
                 # What the matcher tests, without a call per occurrence.
                 for index, item in enumerate(items):
@@ -792,9 +845,8 @@ class _Walk:
                         matched.append(item)
                         claimed[index] = True
             else:
-                matcher = node.matchers[name]
                 for index, item in enumerate(items):
-                    if item.value is not None and matcher(item):
+                    if item.value is not None and matcher(item.value, item.type):
                         matched.append(item)
                         claimed[index] = True
             count = len(matched)
@@ -810,28 +862,38 @@ class _Walk:
                     out.append(self._issue("error", "structure", text, item.location))
 
     def _check_slices_of_one(
-        self, node: _Node, item: _Item, where: Location, out: list[Issue]
+        self,
+        node: _Node,
+        value: Json,
+        type_: str | None,
+        location: Location,
+        where: Location,
+        out: list[Issue],
     ) -> None:
         """What `_check_slices` does for a single occurrence (category, a coding), the common
-        case, without lists of matches."""
+        case, without lists of matches nor an `_Item`: `value` None for one without a value.
+
+        Whether a count of one (hit) or none (miss) breaks a slice's cardinality is known from
+        `_finalize`, so that only a broken one costs a call."""
         taken = False
-        for name, slice_node in node.slices.items():
-            types = node.slice_types.get(name)
-            if item.value is None:
+        for name, slice_node, types, matcher, bad_hit, bad_miss in node.slice_plan:
+            if value is None:
                 hit = False
             elif types is not None:
-                hit = item.type in types
+                hit = type_ in types
             else:
-                hit = node.matchers[name](item)
-            taken = taken or hit
-            count = 1 if hit else 0
-            if count < slice_node.min or count > slice_node.most:
-                self._cardinality(slice_node, count, where, name, out)
-            if hit and slice_node.inspect:
-                self._check_item(slice_node, item.value, item.type, item.location, out)
+                hit = matcher(value, type_)
+            if hit:
+                taken = True
+                if bad_hit:
+                    self._cardinality(slice_node, 1, where, name, out)
+                if slice_node.inspect:
+                    self._check_item(slice_node, value, type_, location, out)
+            elif bad_miss:
+                self._cardinality(slice_node, 0, where, name, out)
         if node.closed and not taken:
             text = f"{node.path}: this element matches none of the profile's slices"
-            out.append(self._issue("error", "structure", text, item.location))
+            out.append(self._issue("error", "structure", text, location))
 
     def _cardinality(
         self, node: _Node, count: int, where: Location, slice_name: str | None, out: list[Issue]
@@ -874,13 +936,10 @@ class _Walk:
                     self._check_target(node, node.targets, value, at, out)
                 if node.binding is not None:
                     self._check_binding(node, node.binding, value, at, out)
-            guard, open_ = None, True
-            for invariant in node.invariants:
-                may_fail = invariant.may_fail
-                if may_fail is not guard:  # invariants often share one (dom-2 ... dom-5)
-                    guard, open_ = may_fail, may_fail is None or may_fail(value)
-                if open_:
-                    self._check_invariant(invariant, value, type_, at, out, root)
+            for guard, invariants in node.guarded:  # dom-2 ... dom-5 share one guard
+                if guard is None or guard(value):
+                    for invariant in invariants:
+                        self._check_invariant(invariant, value, type_, at, out, root)
         if isinstance(value, dict):
             # Not even a call for an object with none of the properties checked below it.
             if node.required or not value.keys().isdisjoint(node.properties):
@@ -922,23 +981,32 @@ class _Walk:
     def _check_binding(
         self, node: _Node, binding: _Binding, value: Json, at: Location, out: list[Issue]
     ) -> None:
-        """A code, Coding, Quantity or CodeableConcept against a required binding."""
+        """A code, Coding, Quantity or CodeableConcept against a required binding.
+
+        The codes are shown only in an issue, so they are formatted only for one."""
         if isinstance(value, str):
-            ok, shown = value in binding.codes, value
+            if value in binding.codes:
+                return
+            shown = value
         elif isinstance(value, dict) and "coding" in value:
-            codings = [c for c in value["coding"] if isinstance(c, dict)]
-            ok = any((c.get("system"), c.get("code")) in binding.pairs for c in codings)
-            shown = ", ".join(f"{c.get('system')}#{c.get('code')}" for c in codings)
+            pairs = binding.pairs
+            for coding in value["coding"]:
+                # In order, up to the first code in the ValueSet, as `any()` would look.
+                if isinstance(coding, dict) and (coding.get("system"), coding.get("code")) in pairs:
+                    return
+            shown = ", ".join(
+                f"{c.get('system')}#{c.get('code')}" for c in value["coding"] if isinstance(c, dict)
+            )
         elif isinstance(value, dict) and "code" in value:
-            ok = (value.get("system"), value.get("code")) in binding.pairs
+            if (value.get("system"), value.get("code")) in binding.pairs:
+                return
             shown = f"{value.get('system')}#{value.get('code')}"
         elif isinstance(value, dict):
-            ok, shown = False, "no code"  # a CodeableConcept with text only
+            shown = "no code"  # a CodeableConcept with text only
         else:
             return
-        if not ok:
-            text = f"{node.path}: {shown} is not in the required ValueSet {binding.value_set}"
-            out.append(self._issue("error", "code-invalid", text, at))
+        text = f"{node.path}: {shown} is not in the required ValueSet {binding.value_set}"
+        out.append(self._issue("error", "code-invalid", text, at))
 
     def _check_invariant(
         self,
@@ -1038,17 +1106,40 @@ def _descend(node: _Node, steps: list[str]) -> _Node | None:
     return node
 
 
-def _type_test(allowed: frozenset[str]) -> Callable[[_Item], bool]:
+def _type_test(allowed: frozenset[str]) -> _Matcher:
     """Whether an occurrence has one of the allowed types."""
-    return lambda item: item.type in allowed
+    return lambda _, type_: type_ in allowed
 
 
-def _exists_test(steps: list[str], wanted: bool) -> Callable[[_Item], bool]:
+def _exists_test(steps: list[str], wanted: bool) -> _Matcher:
     """Whether an occurrence has (or lacks, as the slice requires) the element at a path."""
-    return lambda item: _found(item.value, steps, 0, _MISSING, True) == wanted
+    return lambda value, _: _found(value, steps, 0, _MISSING, True) == wanted
 
 
-def _value_test(steps: list[str], expected: Json, exact: bool) -> Callable[[_Item], bool]:
+def _two_keys_test(first: str, one: str, second: str, other: str) -> _Matcher:
+    """What `_value_test([first], one, True)` and then `_value_test([second], other, True)`
+    test, in one call: the properties' strings themselves, else `_found` for each."""
+    first_steps, second_steps = [first], [second]
+
+    def two_keys(value: Json, _: str | None) -> bool:
+        if isinstance(value, dict):
+            given = value.get(first)
+            if isinstance(given, str):
+                if given != one:
+                    return False
+            elif not _found(value, first_steps, 0, one, True):
+                return False
+            given = value.get(second)
+            if isinstance(given, str):
+                return given == other
+        elif not _found(value, first_steps, 0, one, True):
+            return False
+        return _found(value, second_steps, 0, other, True)
+
+    return two_keys
+
+
+def _value_test(steps: list[str], expected: Json, exact: bool) -> _Matcher:
     """Whether the values at a path below an occurrence include the expected one."""
     # The common discriminators, a string at a path of plain properties: one (Coding: code),
     # two through an array (CodeableConcept: coding.code), or more (component: code.coding
@@ -1056,20 +1147,18 @@ def _value_test(steps: list[str], expected: Json, exact: bool) -> Callable[[_Ite
     if exact and len(steps) == 1 and isinstance(expected, str):
         key = steps[0]
 
-        def test(item: _Item) -> bool:
-            value = item.value
+        def one_key(value: Json, _: str | None) -> bool:
             if isinstance(value, dict):
                 given = value.get(key)
                 if isinstance(given, str):
                     return given == expected
             return _found(value, steps, 0, expected, exact)
 
-        return test
+        return one_key
     if exact and len(steps) == 2 and isinstance(expected, str):
         first, second = steps
 
-        def test_entries(item: _Item) -> bool:
-            value = item.value
+        def in_entries(value: Json, _: str | None) -> bool:
             entries = value.get(first) if isinstance(value, dict) else None
             if isinstance(entries, list):
                 for entry in entries:
@@ -1085,11 +1174,11 @@ def _value_test(steps: list[str], expected: Json, exact: bool) -> Callable[[_Ite
                     return False
             return _found(value, steps, 0, expected, exact)
 
-        return test_entries
+        return in_entries
     if exact and isinstance(expected, str):
 
-        def test_path(item: _Item) -> bool:
-            values = [item.value]
+        def along_path(occurrence: Json, _: str | None) -> bool:
+            values = [occurrence]
             for step in steps:
                 below: list[Json] = []
                 for value in values:
@@ -1101,15 +1190,15 @@ def _value_test(steps: list[str], expected: Json, exact: bool) -> Callable[[_Ite
                             else:
                                 below.append(inner)
                     elif isinstance(value, list):
-                        return _found(item.value, steps, 0, expected, exact)  # arrays in arrays
+                        return _found(occurrence, steps, 0, expected, exact)  # arrays in arrays
                 values = below
             for value in values:
                 if isinstance(value, list):
-                    return _found(item.value, steps, 0, expected, exact)
+                    return _found(occurrence, steps, 0, expected, exact)
             return expected in values
 
-        return test_path
-    return lambda item: _found(item.value, steps, 0, expected, exact)
+        return along_path
+    return lambda value, _: _found(value, steps, 0, expected, exact)
 
 
 def _found(value: Json, steps: list[str], depth: int, expected: Json, exact: bool) -> bool:
@@ -1160,11 +1249,18 @@ def _reference_type(reference: Mapping[str, Any]) -> str | None:
     """The resource type a Reference points to, when its `reference` or `type` tells."""
     literal = reference.get("reference")
     if isinstance(literal, str) and not literal.startswith(("#", "urn:")):
-        parts = literal.split("/")
-        if "_history" in parts:
-            parts = parts[: parts.index("_history")]
-        if len(parts) >= 2 and parts[-2][:1].isupper() and parts[-2].isalpha():
-            return parts[-2]
+        if "_history" in literal:
+            parts = literal.split("/")
+            if "_history" in parts:
+                parts = parts[: parts.index("_history")]
+            kind = parts[-2] if len(parts) >= 2 else ""
+        else:
+            # The next to last step of `literal.split("/")` (Patient/p1: Patient, none of p1),
+            # without a list of every step.
+            head, slash, _ = literal.rpartition("/")
+            kind = head.rpartition("/")[2] if slash else ""
+        if kind[:1].isupper() and kind.isalpha():
+            return kind
     declared = reference.get("type")
     return declared if isinstance(declared, str) else None
 
@@ -1243,11 +1339,19 @@ def _properties(name: str, *, strict: bool = False) -> frozenset[str]:
 def _present(*names: str) -> Callable[[Json], bool]:
     """Guard: the expression can only be false when all these elements are present."""
     wanted = tuple(_properties(n) for n in names)
+    if len(wanted) == 1:
+        # One element (dom-2 ... dom-5: contained), the commonest: no map() per call.
+        (only,) = wanted
+        return lambda value: not isinstance(value, dict) or not value.keys().isdisjoint(only)
 
     def may_fail(value: Json) -> bool:
         if not isinstance(value, dict):
             return True
-        return not any(map(value.keys().isdisjoint, wanted))
+        keys = value.keys()
+        for properties in wanted:  # noqa: SIM110 (a loop, not any(), makes no map per call)
+            if keys.isdisjoint(properties):
+                return False
+        return True
 
     return may_fail
 
@@ -1548,8 +1652,9 @@ def _unless(absent: tuple[str, ...], present: tuple[str, ...]) -> Callable[[Json
         if not isinstance(value, dict):
             return True
         keys = value.keys()
-        return not any(map(keys.isdisjoint, absent_properties)) and keys.isdisjoint(
-            present_properties
-        )
+        for properties in absent_properties:  # a loop, not any(), makes no map per call
+            if keys.isdisjoint(properties):
+                return False
+        return keys.isdisjoint(present_properties)
 
     return may_fail
