@@ -397,23 +397,26 @@ class _LaneRun:
                 wanted |= referenced_keys(body)
             if not self.lane.count("/"):
                 wanted.add(("Patient", self.lane))
-            self.remote = store.ledger(connection, self.name, wanted)
-            self.current = store.current_bodies(connection, wanted)
+            # Heads still current are not read and parsed again: only their identifiers are
+            # wanted, and their stored versions were just read.
+            self.current = store.current_bodies(
+                connection,
+                wanted,
+                known={
+                    d.key: (d.version, self.bodies[d.key]) for d in heads if d.key in self.bodies
+                },
+            )
             for key, body in self.current.items():
                 self.identifiers[key] = business_identifier(body, self.worker.site_system)
-            fallback = [
-                d.key
-                for d in heads
-                if self.plan.of(d.resource_type) is Strategy.document_reference
-                or d.resource_type in ("MedicationAdministration", "Observation")
-            ]
-            self.record_keys = store.records_of(connection, fallback)
+            # Records are read only for what may go in the readable summary.
+            fallback = [d.key for d in heads if self._may_be_summarized(d.resource_type)]
+            self.record_keys = store.records_of(connection, fallback) if fallback else {}
             wanted_records = set(self.record_keys.values())
             if wanted_records:
                 found = RecordRepository(connection).get_many(wanted_records)
                 self.records = {key: load(stored) for key, stored in found.items()}
-            doc_keys = [_document_key(record) for record in wanted_records]
-            self.remote |= store.ledger(connection, self.name, doc_keys)
+            wanted |= {_document_key(record) for record in wanted_records}
+            self.remote = store.ledger(connection, self.name, wanted)
         work = []
         for chain in latest.values():
             head = chain[-1]
@@ -493,14 +496,26 @@ class _LaneRun:
             return True
         return False
 
+    def _may_be_summarized(self, resource_type: str) -> bool:
+        """Whether a change of this type may reach the EHR in the readable summary."""
+        if self.plan.of(resource_type) is Strategy.document_reference:
+            return True
+        return resource_type == "Observation" and self._encounters_only_found()
+
+    def _encounters_only_found(self) -> bool:
+        """The EHR takes no Encounters from us: vital signs go on one it has, if any."""
+        return (
+            not self.plan.capabilities.of("Encounter").writable
+            and self.plan.of("Encounter") is Strategy.unsupported
+        )
+
     def _effective_strategy(self, item: _Work) -> Strategy:
         """Vital signs need an encounter the EHR knows; without one they go in the summary."""
         if (
             item.delivery.resource_type != "Observation"
             or item.body is None
             or item.strategy is Strategy.document_reference
-            or self.plan.capabilities.of("Encounter").writable
-            or self.plan.of("Encounter") not in (Strategy.unsupported,)
+            or not self._encounters_only_found()
         ):
             return item.strategy
         encounter = item.body.get("encounter")
