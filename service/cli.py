@@ -344,6 +344,7 @@ def worker(
     ] = None,
 ) -> None:
     """Deliver the outbox to the EHR destinations and pull care plans back (DESTINATIONS_FILE)."""
+    import gc
     import signal
     import threading
 
@@ -368,6 +369,9 @@ def worker(
             typer.echo(f"{runner.tick()} changes ended")
         else:
             typer.echo(f"worker {runner.worker_id}: {len(runner.destinations)} destination(s)")
+            # As the served app does: what startup loaded stays out of the cyclic collector.
+            gc.collect()
+            gc.freeze()
             runner.run(stop)
     finally:
         runner.close()
