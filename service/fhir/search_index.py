@@ -22,11 +22,12 @@ expression, the path program a few µs, and a write of 13 resources has ~300 exp
 other expression is evaluated with fhirpathpy (of the stored types' only Patient's `deceased`,
 whose usual shapes are answered by hand too). A test runs both over the official examples.
 
-Per shape of resource (its top-level keys) the programs that can select something there are
-chosen and bound once: their first step resolved to the keys it reads (`Program.bind`). What is
-left per resource is a few µs of Python per parameter that has a value, which is why the row
-makers below inline their common cases and the values that recur within a write (dates,
-references) are remembered.
+Per shape of resource (its top-level keys, and its meta's) the programs that can select
+something there are chosen and bound once, with their row makers: their first step resolved to
+the keys it reads (`Program.bind`), and the second of `meta.tag` and its like. What is left per
+resource is a few µs of Python per parameter that has a value, which is why the row makers below
+inline their common cases (a CodeableConcept, an Identifier, a Reference, a Period) and the
+values that recur within a write (dates, references, folded text) are remembered.
 
 Pure: no database, no settings.
 """
@@ -71,20 +72,38 @@ def cut(value: str | None) -> str | None:
 _T = TypeVar("_T")
 
 
-def _memoized(function: Callable[[str], _T]) -> Callable[[str], _T]:
-    """`function`, keeping its results for the last few thousand strings of up to 64
+def _memoized(cache: dict[str, _T]) -> Callable[[Callable[[str], _T]], Callable[[str], _T]]:
+    """`function`, keeping its results in `cache` for up to a few thousand strings of up to 64
     characters: the values of one write recur (the session's patient and encounter in each of
     its resources, the time its vital signs were taken in each of them). Anything else is
-    passed on as it is, to fail as it would."""
-    cached = lru_cache(maxsize=4096)(function)
+    passed on as it is, to fail as it would.
 
-    @wraps(function)
-    def call(value: str) -> _T:
-        return cached(value) if isinstance(value, str) and len(value) <= 64 else function(value)
+    A plain dict, emptied when full, rather than an LRU: the row makers look their common
+    values up in it themselves (`_DATE_RANGES.get(value)`), without a call in between."""
 
-    return call
+    def memoized(function: Callable[[str], _T]) -> Callable[[str], _T]:
+        @wraps(function)
+        def call(value: str) -> _T:
+            if not isinstance(value, str) or len(value) > 64:
+                return function(value)
+            found = cache.get(value)
+            if found is None:
+                if len(cache) >= 4096:
+                    cache.clear()
+                found = cache[value] = function(value)
+            return found
+
+        return call
+
+    return memoized
 
 
+_NORMALIZED: Final[dict[str, str]] = {}
+_DATE_RANGES: Final[dict[str, tuple[datetime, datetime]]] = {}
+_REFERENCES: Final[dict[str, tuple[str | None, str | None, str | None]]] = {}
+
+
+@_memoized(_NORMALIZED)
 def normalize(text: str) -> str:
     """Case- and accent-insensitive form of a string, as string search compares them."""
     if text.isascii():  # no accents to strip, and casefold() is lower() (a test checks each)
@@ -103,7 +122,7 @@ _DATE = re.compile(
 )
 
 
-@_memoized
+@_memoized(_DATE_RANGES)
 def date_range(value: str) -> tuple[datetime, datetime]:
     """The inclusive UTC range a FHIR date, dateTime or instant covers at its precision.
 
@@ -376,33 +395,82 @@ class Program:
         return [value for _, value in self.nodes(resource)]
 
     @property
+    def single_key(self) -> str | None:
+        """The key, when the program is one step reading one key of its input: `code` (as
+        `_children`, which reads only that key when it is there), `value.as(Quantity)`
+        (`_typed`'s `valueQuantity`)."""
+        if self._parts is None or len(self._parts) != 1:
+            return None
+        (only,) = self._parts
+        if only.first is None or len(only.steps) != 1:
+            return None
+        name, type_name = only.first
+        return name if type_name is None else _typed_key(name, type_name)
+
+    @property
     def selects_resource(self) -> bool:
         """Whether it selects the resource itself (a composite's `Observation`)."""
         return self._parts is not None and all(
             part.first is None and not part.steps for part in self._parts
         )
 
-    def bind(self, keys: tuple[str, ...]) -> Callable[[Resource], list[Node]] | None:
+    def bind(
+        self, keys: tuple[str, ...], meta: tuple[str, ...] | None = None
+    ) -> Callable[[Resource], list[Node]] | None:
         """`nodes` for a resource with these top-level keys, or None if it selects nothing
         there: the first step of each part (`Observation.code`'s one) resolved to the keys it
-        reads. `extract` binds the programs once per shape of resource (`_selected`)."""
-        if self._parts is None:
+        reads. `extract` binds the programs once per shape of resource (`_selected`).
+
+        `meta`: the keys of the resource's `meta` when it is an object, which resolve the
+        second step of `meta.tag` and the like too: of the four meta parameters every type has,
+        a resource's meta mostly has one or two, and the others are left out."""
+        parts = self._bound(keys, meta)
+        if parts is None:
             return self.nodes
-        bound: list[tuple[tuple[str, ...] | None, tuple[Step, ...]]] = []
+        if not parts:
+            return None
+        read, inner, steps = parts[0]
+        if len(parts) == 1 and read is not None and len(read) == 1:
+            # Most parameters: one element, often nothing after it.
+            if inner is not None:
+                return partial(_inner, read[0], inner, steps)
+            return partial(_element, read[0]) if not steps else partial(_below, read[0], steps)
+        return partial(_run, parts)
+
+    def runner(
+        self, keys: tuple[str, ...], meta: tuple[str, ...] | None, code: str, add: Adder
+    ) -> Runner | None:
+        """`bind`, with the parameter's row maker: for one element read as it is (`status`,
+        `Observation.code`), the maker is given its values straight from the resource."""
+        parts = self._bound(keys, meta)
+        if parts is not None and len(parts) == 1:
+            read, inner, steps = parts[0]
+            if read is not None and len(read) == 1 and inner is None and not steps:
+                return partial(_element_rows, read[0], add, code)
+        nodes_of = self.bind(keys, meta)
+        return None if nodes_of is None else partial(_rows, nodes_of, add, code)
+
+    def _bound(self, keys: tuple[str, ...], meta: tuple[str, ...] | None) -> BoundParts | None:
+        """Per part that can select something: the top-level keys its first step reads (None:
+        it starts from the resource), the meta keys its second reads (None: it is run), and the
+        steps left. None: fhirpathpy's."""
+        if self._parts is None:
+            return None
+        bound: list[tuple[tuple[str, ...] | None, tuple[str, ...] | None, tuple[Step, ...]]] = []
         for part in self._parts:
             if part.first is None:
-                bound.append((None, part.steps))
-            else:
-                reads = _reads(*part.first, keys)
-                if reads:
-                    bound.append((reads, part.steps[1:]))
-        if not bound:
-            return None
-        read, steps = bound[0]
-        if len(bound) == 1 and read is not None and len(read) == 1:
-            # Most parameters: one element, often nothing after it.
-            return partial(_element, read[0]) if not steps else partial(_below, read[0], steps)
-        return partial(_run, tuple(bound))
+                bound.append((None, None, part.steps))
+                continue
+            reads = _reads(*part.first, keys)
+            if not reads:
+                continue
+            if meta is not None and part.first == ("meta", None) and part.second is not None:
+                inner = _reads(part.second, None, meta)
+                if inner:
+                    bound.append((reads, inner, part.steps[2:]))
+                continue
+            bound.append((reads, None, part.steps[1:]))
+        return tuple(bound)
 
 
 def _reads(name: str, type_name: str | None, keys: tuple[str, ...]) -> tuple[str, ...]:
@@ -418,15 +486,20 @@ def _reads(name: str, type_name: str | None, keys: tuple[str, ...]) -> tuple[str
     )
 
 
-def _run(
-    parts: tuple[tuple[tuple[str, ...] | None, tuple[Step, ...]], ...], resource: Resource
-) -> list[Node]:
+BoundParts = tuple[tuple[tuple[str, ...] | None, tuple[str, ...] | None, tuple[Step, ...]], ...]
+Runner = Callable[["IndexRows", Resource], None]
+"""A parameter bound for one shape of resource, with its code and row maker: adds its rows."""
+
+
+def _run(parts: BoundParts, resource: Resource) -> list[Node]:
     """A bound program (`Program.bind`): per part, the values of the keys its first step
     reads (or the resource itself), then its other steps."""
     out: list[Node] = []
-    for read, steps in parts:
+    for read, inner, steps in parts:
         if read is None:
             nodes: list[Node] = [("", resource)]
+        elif inner is not None:
+            nodes = _inner(read[0], inner, (), resource)
         else:
             nodes = []
             for key in read:  # _extend(), inline: this is every parameter's first step
@@ -459,6 +532,36 @@ def _below(key: str, steps: tuple[Step, ...], resource: Resource) -> list[Node]:
     return nodes
 
 
+def _inner(
+    key: str, inner: tuple[str, ...], steps: tuple[Step, ...], resource: Resource
+) -> list[Node]:
+    """A bound program that reads known keys of a top-level object (`meta`'s `tag`), as
+    `_children` would from it, then walks on."""
+    node = resource[key]
+    nodes: list[Node] = []
+    for name in inner:
+        _extend(nodes, node[name], name)
+    for step in steps:
+        nodes = step(nodes)
+        if not nodes:
+            break
+    return nodes
+
+
+def _element_rows(key: str, add: Adder, code: str, rows: IndexRows, resource: Resource) -> None:
+    """A bound parameter that reads one top-level element as it is: its values go to the row
+    maker as they are, with no list of nodes made."""
+    value = resource[key]
+    add(rows, code, zip(repeat(key), value) if isinstance(value, list) else ((key, value),))
+
+
+def _rows(nodes_of: Bound, add: Adder, code: str, rows: IndexRows, resource: Resource) -> None:
+    """Any other bound parameter."""
+    nodes = nodes_of(resource)
+    if nodes:
+        add(rows, code, nodes)
+
+
 @dataclass(frozen=True, slots=True)
 class _Part:
     """One member of an expression's union, compiled."""
@@ -467,6 +570,8 @@ class _Part:
     first: tuple[str, str | None] | None
     """The element (and choice type, for `_typed`) the first step reads from the resource;
     None: the steps start from the resource itself."""
+    second: str | None = None
+    """The element the second step reads, when it is `_children`'s (`tag` of `meta.tag`)."""
 
 
 _ROOT = re.compile(r"[A-Za-z]+\.([A-Za-z]+)")
@@ -497,7 +602,9 @@ def _compile_part(part: str) -> _Part | None:
     for name in (match["tail"] or "").split(".")[1:]:
         steps.append(_children(name))
     first = (names[0], type_name if len(names) == 1 else None) if names else None
-    return _Part(tuple(steps), first)
+    # The second step is `_children(names[1])` unless it is the last name's, `as` a type.
+    second = names[1] if len(names) > 2 or (len(names) == 2 and not type_name) else None
+    return _Part(tuple(steps), first, second)
 
 
 _EXISTS_AND_NOT_FALSE = re.compile(
@@ -566,6 +673,9 @@ class Part:
     keys: frozenset[str] | None
     """The element keys it reads from (`valueQuantity`), when the expression says exactly
     which: without any of them it selects nothing. None: no such shortcut."""
+    key: str | None = None
+    """The one element key the program reads when the element has it (`code`,
+    `valueQuantity`): then its value is the program's, which `_values` reads itself."""
 
 
 _CHOICE_OF_ELEMENT = re.compile(r"(?P<name>[A-Za-z]+)\.as\((?P<type>[A-Za-z]+)\)")
@@ -592,7 +702,11 @@ def part(component: Component) -> Part:
         else:
             keys.add(match["name"] + match["type"][0].upper() + match["type"][1:])
     return Part(
-        component.type, component.expression, program, None if keys is None else frozenset(keys)
+        component.type,
+        component.expression,
+        program,
+        None if keys is None else frozenset(keys),
+        program.single_key,
     )
 
 
@@ -656,7 +770,7 @@ _RELATIVE = re.compile(r"(?P<type>[A-Z][A-Za-z]{0,63})/(?P<id>[A-Za-z0-9\-.]{1,6
 """`Type/id`, which _REFERENCE reads the same way, after trying (and backtracking) a base."""
 
 
-@_memoized
+@_memoized(_REFERENCES)
 def parse_reference(reference: str) -> tuple[str | None, str | None, str | None]:
     """(type, id, absolute URL) of a reference string; the URL only when it is absolute."""
     relative = _RELATIVE.fullmatch(reference)
@@ -672,59 +786,72 @@ def parse_reference(reference: str) -> tuple[str | None, str | None, str | None]
 
 def extract(resource: Resource, catalogue: Definitions | None = None) -> IndexRows:
     """Every index row of a resource."""
-    rows = IndexRows()
+    rows = IndexRows([], [], [], [], [], [])  # (not the default factories' six calls)
     resource_type = resource["resourceType"]
-    keys = tuple(resource) if isinstance(resource, dict) else ()
+    if isinstance(resource, dict):
+        keys = tuple(resource)
+        meta = resource.get("meta")
+        meta_keys = tuple(meta) if isinstance(meta, dict) else None
+    else:
+        keys, meta_keys = (), None
     if catalogue is None:
-        parameters, plans = _selected(resource_type, keys)
+        parameters, plans = _selected(resource_type, keys, meta_keys)
     else:
         every = catalogue.by_type.get(resource_type, {}).values()
-        parameters, plans = _select(_programs(every), _plans(every), keys)
-    for code, nodes_of, add in parameters:
-        nodes = nodes_of(resource)
-        if nodes:
-            add(rows, code, nodes)
+        parameters, plans = _select(_programs(every), _plans(every), keys, meta_keys)
+    for run in parameters:
+        run(rows, resource)
     for elements_of, plan in plans:
+        if elements_of is None:  # the composites of the resource itself (`code-value-*`)
+            if isinstance(resource, dict):
+                rows.composites += _composites(plan, resource)
+            continue
         for _, element in elements_of(resource):
             if isinstance(element, dict):
                 rows.composites += _composites(plan, element)
     return rows
 
 
-Adder = Callable[[IndexRows, str, list[Node]], None]
+Adder = Callable[[IndexRows, str, Iterable[Node]], None]
 """Adds the rows of one parameter's selected nodes (its code given) to the rows of its kind."""
 Bound = Callable[[Resource], list[Node]]
-Selected = tuple[tuple[tuple[str, Bound, Adder], ...], tuple[tuple[Bound, CompositePlan], ...]]
-"""What runs on a resource: (code, bound program, row maker) per parameter, and the
-composites with their bound element programs."""
+Selected = tuple[tuple[Runner, ...], tuple[tuple[Bound | None, CompositePlan], ...]]
+"""What runs on a resource: each parameter bound with its code and row maker, and the
+composites with their bound element programs (None: the element is the resource)."""
 
 
 @lru_cache(maxsize=1024)
-def _selected(resource_type: str, keys: tuple[str, ...]) -> Selected:
-    """The parameters and composites of a type bound for a resource with these top-level keys,
-    which resources of one kind mostly share; those that select nothing there left out (most
-    of a type's parameters start from elements a given resource does not have)."""
-    return _select(programs(resource_type), composite_plans(resource_type), keys)
+def _selected(
+    resource_type: str, keys: tuple[str, ...], meta: tuple[str, ...] | None = None
+) -> Selected:
+    """The parameters and composites of a type bound for a resource with these top-level keys
+    (and these keys of its meta), which resources of one kind mostly share; those that select
+    nothing there left out (most of a type's parameters start from elements a given resource
+    does not have)."""
+    return _select(programs(resource_type), composite_plans(resource_type), keys, meta)
 
 
 def _select(
     parameters: Iterable[tuple[SearchParameter, Program]],
     plans: Iterable[CompositePlan],
     keys: tuple[str, ...],
+    meta: tuple[str, ...] | None = None,
 ) -> Selected:
     # Choice elements count by their base name too (`effectiveDateTime` is `effective`).
     present = frozenset(keys).union(map(_element_of, keys))
 
+    def absent(program: Program) -> bool:
+        return program.roots is not None and program.roots.isdisjoint(present)
+
     def bound(program: Program) -> Bound | None:
-        if program.roots is not None and program.roots.isdisjoint(present):
-            return None
-        return program.bind(keys)
+        return None if absent(program) else program.bind(keys)
 
     selected = []
     for parameter, program in parameters:
-        nodes_of = bound(program)
-        if nodes_of is not None:
-            selected.append((parameter.code, nodes_of, _ADDERS.get(parameter.type, _add_nothing)))
+        add = _ADDERS.get(parameter.type, _add_nothing)
+        run = None if absent(program) else program.runner(keys, meta, parameter.code, add)
+        if run is not None:
+            selected.append(run)
     composites = []
     for plan in plans:
         elements_of = bound(plan.elements)
@@ -738,7 +865,9 @@ def _select(
             )
             plan = CompositePlan(plan.elements, applicable)
         if elements_of is not None and plan.composites:
-            composites.append((elements_of, plan))
+            # A plan's path is one member of a union (`_plans`): `Observation` is the resource once.
+            itself = plan.elements.selects_resource and "|" not in plan.elements.expression
+            composites.append((None if itself else elements_of, plan))
     return tuple(selected), tuple(composites)
 
 
@@ -746,7 +875,7 @@ def _select(
 # per parameter (`_select`); a plain code or dateTime is handled inline.
 
 
-def _add_strings(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+def _add_strings(rows: IndexRows, code: str, nodes: Iterable[Node]) -> None:
     out = rows.strings
     for _, value in nodes:
         if isinstance(value, str):
@@ -755,11 +884,59 @@ def _add_strings(rows: IndexRows, code: str, nodes: list[Node]) -> None:
             out += [(code, normalize(text), text[:MAX_TEXT]) for text in _strings(value)]
 
 
-def _add_tokens(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+def _add_tokens(rows: IndexRows, code: str, nodes: Iterable[Node]) -> None:
     out = rows.tokens
     for key, value in nodes:
         if isinstance(value, str):
             out.append((code, None, value[:MAX_TEXT], None))
+        elif isinstance(value, dict) and "coding" in value:
+            # A CodeableConcept, most tokens: `_tokens` and `_text` inline, rows added as made.
+            # (Only iterating `coding` can fail, before any row of it is added.)
+            text = value.get("text")
+            folded = (_NORMALIZED.get(text) or normalize(text)) if isinstance(text, str) else None
+            added = False
+            for coding in value["coding"]:
+                if isinstance(coding, dict):
+                    added = True
+                    system = coding.get("system")
+                    token = coding.get("code")
+                    display = coding.get("display") if not folded else None
+                    out.append(
+                        (
+                            code,
+                            system[:MAX_TEXT] if isinstance(system, str) else None,
+                            token[:MAX_TEXT] if isinstance(token, str) else None,
+                            folded
+                            or (
+                                (_NORMALIZED.get(display) or normalize(display))
+                                if isinstance(display, str)
+                                else None
+                            ),
+                        )
+                    )
+            if not added and folded:
+                out.append((code, None, None, folded))
+        elif (
+            isinstance(value, dict)
+            and "value" in value
+            and "code" not in value
+            and not key.endswith("telecom")
+        ):
+            # An Identifier (`_tokens`' case after CodeableConcept's, which `value` rules out;
+            # a ContactPoint's is its own): its system and value, its type's text folded.
+            type_text = (value.get("type") or {}).get("text")
+            system = value.get("system")
+            token = value.get("value")
+            out.append(
+                (
+                    code,
+                    system[:MAX_TEXT] if isinstance(system, str) else None,
+                    token[:MAX_TEXT] if isinstance(token, str) else None,
+                    (_NORMALIZED.get(type_text) or normalize(type_text))
+                    if isinstance(type_text, str)
+                    else None,
+                )
+            )
         else:
             for system, token, folded in _tokens(value, key):  # _text(), inline
                 out.append(
@@ -772,44 +949,85 @@ def _add_tokens(rows: IndexRows, code: str, nodes: list[Node]) -> None:
                 )
 
 
-def _add_uris(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+def _add_uris(rows: IndexRows, code: str, nodes: Iterable[Node]) -> None:
     out = rows.tokens
     for _, value in nodes:
         if isinstance(value, str):
             out.append((code, None, value[:MAX_TEXT], None))
 
 
-def _add_dates(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+def _add_dates(rows: IndexRows, code: str, nodes: Iterable[Node]) -> None:
     out = rows.dates
     for key, value in nodes:
         if isinstance(value, str):
+            span = _DATE_RANGES.get(value)  # date_range()'s memory, without the call
+            if span is None:
+                try:
+                    span = date_range(value)
+                except (ValueError, OverflowError):
+                    continue
+            out.append((code, *span))
+        elif isinstance(value, dict) and ("start" in value or "end" in value):
+            # A Period, as `_dates` reads it: open ends stretch to the limits. (Only a string
+            # is looked up: another value fails in date_range as `_dates` lets it.)
             try:
-                low, high = date_range(value)
-            except (ValueError, OverflowError):
+                if "start" in value:
+                    start = value["start"]
+                    low = (
+                        (isinstance(start, str) and _DATE_RANGES.get(start)) or date_range(start)
+                    )[0]
+                else:
+                    low = MIN_DATE
+                if "end" in value:
+                    end = value["end"]
+                    high = ((isinstance(end, str) and _DATE_RANGES.get(end)) or date_range(end))[1]
+                else:
+                    high = MAX_DATE
+            except (ValueError, OverflowError, TypeError):
                 continue
             out.append((code, low, high))
         else:
             out += [(code, low, high) for low, high in _dates(value, key)]
 
 
-def _add_references(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+def _add_references(rows: IndexRows, code: str, nodes: Iterable[Node]) -> None:
     out = rows.references
     for _, value in nodes:
+        if isinstance(value, dict):  # a Reference, as `_reference` reads it
+            reference = value.get("reference")
+            if isinstance(reference, str):
+                if reference.startswith("#"):  # to a contained resource: no row
+                    continue
+                target_type, target_id, url = _REFERENCES.get(reference) or parse_reference(
+                    reference
+                )
+                out.append((code, target_type, target_id, None if url is None else url[:MAX_TEXT]))
+                continue
         target = _reference(value)
         if target is not None:
             target_type, target_id, url = target
             out.append((code, target_type, target_id, cut(url)))
 
 
-def _add_quantities(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+def _add_quantities(rows: IndexRows, code: str, nodes: Iterable[Node]) -> None:
     out = rows.quantities
     for _, value in nodes:
-        quantity = _quantity(value)
-        if quantity is not None:
-            out.append((code, *quantity))
+        if isinstance(value, dict):  # _quantity(), inline
+            number = value.get("value")
+            if isinstance(number, (int, float)) and not isinstance(number, bool):
+                unit = value.get("code") or value.get("unit")
+                system = value.get("system")
+                out.append(
+                    (
+                        code,
+                        float(number),
+                        system[:MAX_TEXT] if isinstance(system, str) else None,
+                        unit[:MAX_TEXT] if isinstance(unit, str) else None,
+                    )
+                )
 
 
-def _add_nothing(rows: IndexRows, code: str, nodes: list[Node]) -> None:
+def _add_nothing(rows: IndexRows, code: str, nodes: Iterable[Node]) -> None:
     """A kind without rows (only in a catalogue passed in)."""
 
 
@@ -862,8 +1080,15 @@ def _composites(plan: CompositePlan, element: dict[str, Any]) -> list[CompositeR
 
 
 def _values(compiled: Part, element: dict[str, Any]) -> list[Values]:
+    key = compiled.key
+    nodes: Iterable[Node]
+    if key is not None and key in element:  # the program's one step, inline
+        value = element[key]
+        nodes = zip(repeat(key), value) if isinstance(value, list) else ((key, value),)
+    else:
+        nodes = compiled.program.nodes(element)
     found: list[Values] = []
-    for key, node in compiled.program.nodes(element):
+    for key, node in nodes:
         found += _part(compiled.type, node, key)
     return found
 
@@ -887,8 +1112,17 @@ def _part(kind: str, value: Any, key: str) -> list[Values]:
     if kind == "token":
         tokens: list[Values] = []
         for system, token in _codes(value, key):
-            if token is not None:
-                tokens.append((_text(system), _text(token), None, None, None, None))
+            if token is not None:  # _text(), inline
+                tokens.append(
+                    (
+                        system[:MAX_TEXT] if isinstance(system, str) else None,
+                        token[:MAX_TEXT] if isinstance(token, str) else None,
+                        None,
+                        None,
+                        None,
+                        None,
+                    )
+                )
         return tokens
     if kind == "quantity":
         quantity = _quantity(value)
