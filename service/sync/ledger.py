@@ -23,7 +23,6 @@ from sqlalchemy import (
     insert,
     or_,
     select,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -62,6 +61,24 @@ _LOOKBACK = timedelta(seconds=60)
 def _insert_ignore(connection: Connection, table: Any) -> Any:
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing()
+
+
+def _keys_in(type_column: Any, id_column: Any, keys: Iterable[Key]) -> Any:
+    """`(type, id) IN keys`, written as one `id IN (...)` per type.
+
+    SQLite answers a row-value IN list by scanning the whole table (every resource, for each
+    lane's batch); each of these it looks up in the primary key. PostgreSQL uses its index for
+    both forms.
+    """
+    by_type: dict[str, list[str]] = {}
+    for resource_type, resource_id in keys:
+        by_type.setdefault(resource_type, []).append(resource_id)
+    return or_(
+        *(
+            and_(type_column == resource_type, id_column.in_(ids))
+            for resource_type, ids in sorted(by_type.items())
+        )
+    )
 
 
 def ensure_destinations(connection: Connection, destinations: Iterable[Destination]) -> None:
@@ -341,21 +358,36 @@ def version_bodies(connection: Connection, items: Iterable[tuple[str, str, int]]
     wanted = sorted(set(items))
     out: dict[Key, Any] = {}
     for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        versions: dict[str, set[int]] = {}
+        for resource_type, _, version in chunk:
+            versions.setdefault(resource_type, set()).add(version)
+        # Per type, its ids and the versions asked of any of them: the primary key is looked up
+        # for each pair, and the pairs not asked for are dropped here.
         rows = connection.execute(
             select(
                 resource_versions.c.resource_type,
                 resource_versions.c.id,
+                resource_versions.c.version,
                 resource_versions.c.body,
             ).where(
-                tuple_(
-                    resource_versions.c.resource_type,
-                    resource_versions.c.id,
-                    resource_versions.c.version,
-                ).in_(wanted[start : start + 500])
+                or_(
+                    *(
+                        and_(
+                            resource_versions.c.resource_type == resource_type,
+                            resource_versions.c.id.in_(
+                                sorted({i for t, i, _ in chunk if t == resource_type})
+                            ),
+                            resource_versions.c.version.in_(sorted(numbers)),
+                        )
+                        for resource_type, numbers in sorted(versions.items())
+                    )
+                )
             )
         )
+        asked = set(chunk)
         for row in rows:
-            if row.body is not None:
+            if row.body is not None and (row.resource_type, row.id, row.version) in asked:
                 out[(row.resource_type, row.id)] = orjson.loads(row.body)
     return out
 
@@ -379,7 +411,7 @@ def current_bodies(
     for start in range(0, len(held), 500):
         rows = connection.execute(
             select(resources.c.resource_type, resources.c.id, resources.c.version).where(
-                tuple_(resources.c.resource_type, resources.c.id).in_(held[start : start + 500]),
+                _keys_in(resources.c.resource_type, resources.c.id, held[start : start + 500]),
                 resources.c.deleted.is_(False),
             )
         )
@@ -393,7 +425,7 @@ def current_bodies(
     for start in range(0, len(unread), 500):
         rows = connection.execute(
             select(resources.c.resource_type, resources.c.id, resources.c.body).where(
-                tuple_(resources.c.resource_type, resources.c.id).in_(unread[start : start + 500]),
+                _keys_in(resources.c.resource_type, resources.c.id, unread[start : start + 500]),
                 resources.c.deleted.is_(False),
             )
         )
@@ -429,8 +461,10 @@ def ledger(connection: Connection, destination: str, keys: Iterable[Key]) -> dic
                 sync_ledger.c.origin_version,
             ).where(
                 sync_ledger.c.destination == destination,
-                tuple_(sync_ledger.c.resource_type, sync_ledger.c.resource_id).in_(
-                    wanted[start : start + 500]
+                _keys_in(
+                    sync_ledger.c.resource_type,
+                    sync_ledger.c.resource_id,
+                    wanted[start : start + 500],
                 ),
             )
         )
@@ -858,8 +892,10 @@ def records_of(connection: Connection, keys: Iterable[Key]) -> dict[Key, tuple[s
                 record_resources.c.record_kind,
                 record_resources.c.record_id,
             ).where(
-                tuple_(record_resources.c.resource_type, record_resources.c.resource_id).in_(
-                    wanted[start : start + 500]
+                _keys_in(
+                    record_resources.c.resource_type,
+                    record_resources.c.resource_id,
+                    wanted[start : start + 500],
                 )
             )
         )

@@ -84,3 +84,28 @@ def test_a_known_version_stands_for_the_current_body_only_while_it_is_current(
             ledger.current_bodies(uow.connection, [condition], known={condition: (1, stand_in)})
             == {}
         )
+
+
+def test_version_bodies_are_the_versions_asked_for_and_no_other(services: Services) -> None:
+    first, second = factory.clinic(), factory.clinic()
+    keys = []
+    for clinic in (first, second):
+        _write(services, clinic.patient)
+        _write(services, clinic.patient | {"name": {"given": ["Ana"], "family": "Souza"}})
+        keys.append(("Patient", resource_id("patient", clinic.patient["external_id"])))
+    bodies = {}
+    with services.database.unit_of_work(write=False) as uow:
+        repository = ResourceRepository(uow.connection)
+        for key in keys:
+            for version in (1, 2):
+                row = repository.version(key[0], key[1], version)
+                assert row is not None
+                assert row.body is not None
+                bodies[(*key, version)] = orjson.loads(row.body)
+        # Of one patient its first version, of the other its second: the ids and versions
+        # asked together name two more versions, which are not the answer.
+        found = ledger.version_bodies(
+            uow.connection, [(*keys[0], 1), (*keys[1], 2), ("Patient", "nobody", 1)]
+        )
+    assert found == {keys[0]: bodies[(*keys[0], 1)], keys[1]: bodies[(*keys[1], 2)]}
+    assert found[keys[0]] != bodies[(*keys[0], 2)]
