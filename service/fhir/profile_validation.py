@@ -119,6 +119,12 @@ def has_errors(outcome: Mapping[str, Any]) -> bool:
 
 # --- compiled checks ---------------------------------------------------------------------------
 
+# How `_Walk._check_children` checks an occurrence of a node, from the checks the node has:
+_ONLY_FIXED: Final = 0  # a fixed value and nothing else, not even below (coding.system)
+_ONLY_CODES: Final = 1  # a required binding and nothing else of its own (status)
+_OWN: Final = 2  # other checks of its own: `_check_item` (unless its one guard rules out all)
+_BENEATH: Final = 3  # nothing of its own: only its children and extension profiles, if any
+
 
 @dataclass(slots=True)
 class _Invariant:
@@ -201,6 +207,12 @@ class _Node:
     invariants), filled by `_finalize`."""
     only_fixed: bool = False
     """Whether a fixed value is all there is to check on an occurrence (coding.system)."""
+    codes: frozenset[str] = frozenset()
+    """The codes of the binding, when a required binding is all an occurrence itself has to
+    meet (status): a code among them needs no `_check_item`."""
+    kind: int = 0
+    """How the walk checks an occurrence: `_ONLY_FIXED`, `_ONLY_CODES`, `_OWN` or `_BENEATH`,
+    filled by `_finalize`."""
     one_invariant: bool = False
     """Whether one invariant is all there is to check on an occurrence itself (ref-1)."""
     guard: Callable[[Json], bool] | None = None
@@ -609,6 +621,20 @@ def _finalize(node: _Node, url: str) -> None:
         and not node.keys
         and not node.type_profiles
     )
+    binding = node.binding
+    if node.only_fixed:
+        node.kind = _ONLY_FIXED
+    elif (
+        binding is not None
+        and node.types is None
+        and node.fixed is _MISSING
+        and node.pattern is _MISSING
+        and node.targets is None
+        and not node.invariants
+    ):
+        node.kind, node.codes = _ONLY_CODES, binding.codes
+    else:
+        node.kind = _OWN if node.own else _BENEATH
 
 
 def _json_keys(node: _Node) -> Iterator[str]:
@@ -729,7 +755,7 @@ class _Walk:
         for key, child_value in value.items():
             entry = keys.get(key)
             if entry is None:
-                continue
+                continue  # nothing is checked at or below it
             child, type_, step, extensions, others = entry
             if extensions:
                 if step in value:
@@ -747,26 +773,49 @@ class _Walk:
                     self._cardinality(child, count, (at, child.base, None), None, out)
             if child.inspect and not extensions:
                 # What `_check_item` does, with its commonest cases inline: a fixed value
-                # (coding.system), an invariant its guard rules out (ref-1 on a Reference),
-                # and an object with nothing of its own to check.
-                for position, occurrence in (
-                    enumerate(child_value) if many else ((None, child_value),)
-                ):
-                    if child.only_fixed:
-                        if occurrence is not None and occurrence != child.fixed:
-                            self._not_fixed(child, occurrence, (at, step, position), out)
-                        continue
-                    if child.own:
-                        # One invariant whose guard rules it out leaves only the children.
-                        guard = child.guard
-                        if guard is None or guard(occurrence):
-                            self._check_item(child, occurrence, type_, (at, step, position), out)
+                # (coding.system), a code of a required binding (status), an invariant its
+                # guard rules out (ref-1 on a Reference), and an object with nothing of its
+                # own to check. An array's entries are checked in the loop; a single value,
+                # the commoner, by the same steps after it, without a 1-tuple to loop over.
+                kind = child.kind
+                if many:
+                    for position, occurrence in enumerate(child_value):
+                        if kind == _ONLY_FIXED:
+                            if occurrence is not None and occurrence != child.fixed:
+                                self._not_fixed(child, occurrence, (at, step, position), out)
                             continue
-                    if isinstance(occurrence, dict):
-                        if child.required or not occurrence.keys().isdisjoint(child.properties):
-                            self._check_children(child, occurrence, (at, step, position), out)
-                        if child.type_profiles:
-                            self._check_profiles(child, occurrence, (at, step, position), out)
+                        if kind == _ONLY_CODES:
+                            if not (isinstance(occurrence, str) and occurrence in child.codes):
+                                self._check_item(
+                                    child, occurrence, type_, (at, step, position), out
+                                )
+                            continue
+                        if kind == _OWN:
+                            # One invariant whose guard rules it out leaves only the children.
+                            guard = child.guard
+                            if guard is None or guard(occurrence):
+                                self._check_item(
+                                    child, occurrence, type_, (at, step, position), out
+                                )
+                                continue
+                        if isinstance(occurrence, dict):
+                            if child.required or not occurrence.keys().isdisjoint(child.properties):
+                                self._check_children(child, occurrence, (at, step, position), out)
+                            if child.type_profiles:
+                                self._check_profiles(child, occurrence, (at, step, position), out)
+                elif kind == _ONLY_FIXED:
+                    if child_value is not None and child_value != child.fixed:
+                        self._not_fixed(child, child_value, (at, step, None), out)
+                elif kind == _ONLY_CODES:
+                    if not (isinstance(child_value, str) and child_value in child.codes):
+                        self._check_item(child, child_value, type_, (at, step, None), out)
+                elif kind == _OWN and ((guard := child.guard) is None or guard(child_value)):
+                    self._check_item(child, child_value, type_, (at, step, None), out)
+                elif isinstance(child_value, dict):
+                    if child.required or not child_value.keys().isdisjoint(child.properties):
+                        self._check_children(child, child_value, (at, step, None), out)
+                    if child.type_profiles:
+                        self._check_profiles(child, child_value, (at, step, None), out)
             if child.slices:
                 by_type = child.type_slices
                 if many:
@@ -1342,6 +1391,10 @@ def _present(*names: str) -> Callable[[Json], bool]:
     if len(wanted) == 1:
         # One element (dom-2 ... dom-5: contained), the commonest: no map() per call.
         (only,) = wanted
+        if len(only) == 2:
+            # `contained` or `_contained`: two lookups cost less than a keys view's isdisjoint.
+            first, second = sorted(only)
+            return lambda value: not isinstance(value, dict) or first in value or second in value
         return lambda value: not isinstance(value, dict) or not value.keys().isdisjoint(only)
 
     def may_fail(value: Json) -> bool:
