@@ -766,7 +766,12 @@ class _Walk:
                     properties = [(v, keys[k]) for k, v in value.items() if k in others or k == key]
                     self._check_element(child, properties, at, out)
                 continue
-            many = isinstance(child_value, list)
+            # isinstance(child_value, list), told for a plain object or string (most values)
+            # without an isinstance() that fails, which costs more.
+            cls = type(child_value)
+            many = cls is list or (
+                cls is not dict and cls is not str and isinstance(child_value, list)
+            )
             if child.counted:
                 count = len(child_value) if many else 1
                 if count < child.min or count > child.most:
@@ -1210,15 +1215,19 @@ def _value_test(steps: list[str], expected: Json, exact: bool) -> _Matcher:
         def in_entries(value: Json, _: str | None) -> bool:
             entries = value.get(first) if isinstance(value, dict) else None
             if isinstance(entries, list):
+                # `type(...) is` first: a plain dict is no list, a plain string neither, and
+                # that is cheaper to tell than an isinstance() that fails.
                 for entry in entries:
-                    if isinstance(entry, list):
-                        break  # an array in an array: flattened by `_found`
-                    if isinstance(entry, dict):
-                        given = entry.get(second)
-                        if isinstance(given, list):
-                            break
-                        if given == expected:
-                            return True
+                    if type(entry) is not dict:
+                        if isinstance(entry, list):
+                            break  # an array in an array: flattened by `_found`
+                        if not isinstance(entry, dict):
+                            continue
+                    given = entry.get(second)
+                    if type(given) is not str and isinstance(given, list):
+                        break
+                    if given == expected:
+                        return True
                 else:
                     return False
             return _found(value, steps, 0, expected, exact)
@@ -1234,7 +1243,9 @@ def _value_test(steps: list[str], expected: Json, exact: bool) -> _Matcher:
                     if isinstance(value, dict):
                         if step in value:
                             inner = value[step]
-                            if isinstance(inner, list):
+                            # A plain dict or string is no list: told without an isinstance().
+                            kind = type(inner)
+                            if kind is not dict and kind is not str and isinstance(inner, list):
                                 below += inner
                             else:
                                 below.append(inner)
@@ -1242,7 +1253,7 @@ def _value_test(steps: list[str], expected: Json, exact: bool) -> _Matcher:
                         return _found(occurrence, steps, 0, expected, exact)  # arrays in arrays
                 values = below
             for value in values:
-                if isinstance(value, list):
+                if type(value) is not str and isinstance(value, list):
                     return _found(occurrence, steps, 0, expected, exact)
             return expected in values
 
