@@ -21,6 +21,9 @@ least 0.3).
 On SQLite (a temporary file) and PostgreSQL (a temporary schema of BENCH_DATABASE_URL; skipped with
 the reason when unreachable). Every response is checked before the runs: the facade serves the
 stored bytes, and the ceiling serves the facade's bytes and headers.
+
+`audit_cpu()` measures, in-process, the CPU an audited read's AuditEvent costs: built as the
+access middleware has it built, and stored by flushes of 1 to 200 events (one commit each).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -381,6 +385,15 @@ FACADES = (
 """The facade as shipped (a bearer token checked, an AuditEvent per read queued for the group
 commit that follows), with each read waiting for its AuditEvent's commit (`AUDIT_READS=sync`),
 and without those, to show what the read path itself costs."""
+FACADES_ENV = "BENCH_READ_FACADES"
+"""Which of `FACADES` to run, by position (`0,2`); all of them when unset."""
+
+
+def _facades() -> tuple[tuple[str, dict[str, str]], ...]:
+    chosen = os.environ.get(FACADES_ENV, "").strip()
+    if not chosen:
+        return FACADES
+    return tuple(FACADES[int(index)] for index in chosen.split(","))
 
 
 Row = tuple[str, dict[str, Any], dict[str, Any]]
@@ -405,7 +418,7 @@ def _bench_store(database_url: str, folder: Path) -> list[Row]:
     rows: list[Row] = []
     with contextlib.ExitStack() as servers:
         headers = servers.enter_context(_demo_client(env, folder))
-        for label, settings in FACADES:
+        for label, settings in _facades():
             with _process(serve, env | settings, facade + "/readyz", folder / "facade.log"):
                 _record(facade, targets, headers, responses)
                 if not rows:
@@ -454,6 +467,69 @@ def main() -> None:
 
 def _rate(result: dict[str, Any]) -> float:
     return float(result["requests"]) / float(result["seconds"])
+
+
+# The CPU of an audited read's AuditEvent, in-process.
+
+AUDIT_TRAIL = 20_000
+"""Events stored before measuring: the cost of an insert grows with the indexes it goes into."""
+AUDIT_FLUSHES = (1, 10, 50, 200)
+
+
+def audit_cpu() -> None:
+    """CPU (this process's, not the database server's) per audited read: its AuditEvent built
+    as the access middleware has it built (`AuditWriter.write`), then stored in flushes of
+    1 to 200 events, each flush one commit, over a trail of 20,000 events; min of 5 repeats."""
+    from datetime import UTC, datetime
+
+    from service.security.audit import AuditRecord, _prepare, store_events
+    from service.store.db import Database
+
+    def record() -> AuditRecord:
+        return AuditRecord(
+            subtype="read",
+            entities=[f"Observation/{uuid.uuid4()}"],
+            patients=[str(uuid.uuid4())],
+            client_id="demo",
+            request_id=uuid.uuid4().hex,
+            address="127.0.0.1",
+        )
+
+    def per_event(database: Database, flush: int, flushes: int) -> float:
+        records = [[record() for _ in range(flush)] for _ in range(flushes)]
+        started = time.process_time()
+        for batch in records:
+            events = [_prepare(item, now=datetime.now(UTC)) for item in batch]
+            with database.unit_of_work(write=True) as uow:
+                store_events(uow.connection, events, now=datetime.now(UTC))
+                uow.commit()
+        return (time.process_time() - started) / (flush * flushes)
+
+    items = [record() for _ in range(2000)]
+    built = []
+    for _ in range(7):
+        started = time.process_time()
+        for item in items:
+            _prepare(item, now=datetime.now(UTC))
+        built.append((time.process_time() - started) / len(items))
+    print(f"\naudited read: CPU per AuditEvent (this process), trail of {AUDIT_TRAIL:,} events")
+    print(f"{'built (event, JSON, hash, index rows)':<44} {min(built) * 1e6:>8.1f} µs")
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        urls = [("SQLite", f"sqlite:///{folder / 'audit.db'}")]
+        postgres_url = stack.enter_context(postgres_schema())
+        if postgres_url is not None:
+            urls.append(("PostgreSQL", postgres_url))
+        for store, url in urls:
+            database = Database(url)
+            stack.callback(database.dispose)
+            database.migrate()
+            per_event(database, 1000, AUDIT_TRAIL // 1000)
+            for flush in AUDIT_FLUSHES:
+                flushes = max(3, 300 // flush)
+                cost = min(per_event(database, flush, flushes) for _ in range(5))
+                label = f"{store}: built and stored, flushes of {flush}"
+                print(f"{label:<44} {cost * 1e6:>8.1f} µs")
 
 
 if __name__ == "__main__":
