@@ -37,7 +37,7 @@ from urllib.parse import urlencode
 
 import httpx
 import orjson
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from bench.fhir_read import _cli, _environment, _free_port, _process
 from service.bootstrap import bootstrap, ehr_clients
@@ -123,12 +123,20 @@ def _pct(values: list[int], p: float) -> float:
 
 
 def _wait_drained(services: Any, destination: Any, limit: float = 600) -> None:
+    """Until the destination has no pending delivery.
+
+    Asked of the pending rows' index alone, every 20 ms: the full status (a count of every
+    delivery by status) ran in the worker's process often enough to take a share of its CPU.
+    """
+    pending = select(func.count()).where(
+        sync_deliveries.c.destination == destination.name,
+        sync_deliveries.c.status == ledger.PENDING,
+    )
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         with services.database.unit_of_work(write=False) as uow:
-            (row,) = ledger.status(uow.connection, [destination], now=datetime.now(UTC))
-        if row["queue_depth"] == 0:
-            return
+            if not uow.connection.execute(pending).scalar():
+                return
         time.sleep(0.02)
     raise RuntimeError("the delivery queue did not drain")
 
