@@ -441,12 +441,16 @@ class Program:
         self, keys: tuple[str, ...], meta: tuple[str, ...] | None, code: str, add: Adder
     ) -> Runner | None:
         """`bind`, with the parameter's row maker: for one element read as it is (`status`,
-        `Observation.code`), the maker is given its values straight from the resource."""
+        `Observation.code`, `meta.profile`), the maker is given its values straight from the
+        resource."""
         parts = self._bound(keys, meta)
         if parts is not None and len(parts) == 1:
             read, inner, steps = parts[0]
-            if read is not None and len(read) == 1 and inner is None and not steps:
-                return partial(_element_rows, read[0], add, code)
+            if read is not None and len(read) == 1 and not steps:
+                if inner is None:
+                    return partial(_element_rows, read[0], add, code)
+                if len(inner) == 1:
+                    return partial(_inner_rows, read[0], inner[0], add, code)
         nodes_of = self.bind(keys, meta)
         return None if nodes_of is None else partial(_rows, nodes_of, add, code)
 
@@ -553,6 +557,14 @@ def _element_rows(key: str, add: Adder, code: str, rows: IndexRows, resource: Re
     maker as they are, with no list of nodes made."""
     value = resource[key]
     add(rows, code, zip(repeat(key), value) if isinstance(value, list) else ((key, value),))
+
+
+def _inner_rows(
+    key: str, name: str, add: Adder, code: str, rows: IndexRows, resource: Resource
+) -> None:
+    """A bound parameter that reads one known key of a top-level object (`meta.profile`)."""
+    value = resource[key][name]
+    add(rows, code, zip(repeat(name), value) if isinstance(value, list) else ((name, value),))
 
 
 def _rows(nodes_of: Bound, add: Adder, code: str, rows: IndexRows, resource: Resource) -> None:
@@ -1072,7 +1084,10 @@ def _composites(plan: CompositePlan, element: dict[str, Any]) -> list[CompositeR
             continue
         tokens = seen.get(first)
         if tokens is None:
-            tokens = seen[first] = list(dict.fromkeys(_values(first, element)))
+            tokens = _values(first, element)
+            if len(tokens) > 1:  # (one has no duplicate)
+                tokens = list(dict.fromkeys(tokens))
+            seen[first] = tokens
         for token in tokens:
             for value in values:
                 rows.append((code, token[0], token[1], *value))
@@ -1084,10 +1099,35 @@ def _values(compiled: Part, element: dict[str, Any]) -> list[Values]:
     nodes: Iterable[Node]
     if key is not None and key in element:  # the program's one step, inline
         value = element[key]
-        nodes = zip(repeat(key), value) if isinstance(value, list) else ((key, value),)
+        if isinstance(value, list):
+            nodes = zip(repeat(key), value)
+        elif compiled.type == "token" and isinstance(value, dict) and "coding" in value:
+            # A CodeableConcept (`code`, in every composite): `_part` and `_codes` inline.
+            codings = value["coding"]
+            if not isinstance(codings, list):
+                return []
+            found: list[Values] = []
+            for coding in codings:
+                if isinstance(coding, dict):
+                    token = coding.get("code")
+                    if token is not None:
+                        system = coding.get("system")
+                        found.append(
+                            (
+                                system[:MAX_TEXT] if isinstance(system, str) else None,
+                                token[:MAX_TEXT] if isinstance(token, str) else None,
+                                None,
+                                None,
+                                None,
+                                None,
+                            )
+                        )
+            return found
+        else:
+            return _part(compiled.type, value, key)
     else:
         nodes = compiled.program.nodes(element)
-    found: list[Values] = []
+    found = []
     for key, node in nodes:
         found += _part(compiled.type, node, key)
     return found
