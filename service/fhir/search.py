@@ -48,7 +48,6 @@ from sqlalchemy import (
     or_,
     select,
     true,
-    tuple_,
 )
 from sqlalchemy.sql.expression import ScalarSelect
 
@@ -63,6 +62,7 @@ from service.fhir.search_index import (
     quantity_number,
 )
 from service.fhir.search_parameters import SearchParameter, definitions, index_source
+from service.store.db import grouped, pairs_in
 from service.store.tables import (
     UtcDateTime,
     resources,
@@ -1065,12 +1065,20 @@ def _include_keys(
         targets = [(row.resource_type, row.id) for row in rows]
         if not targets:
             return set()
-        statement = select(search_reference.c.resource_type, search_reference.c.resource_id).where(
-            search_reference.c.resource_type == include.source_type,
-            rows_answering(search_reference, include.source_type, include.param),
-            tuple_(search_reference.c.target_type, search_reference.c.target_id).in_(targets),
-        )
-        return {(row[0], row[1]) for row in connection.execute(statement)}
+        found: set[tuple[str, str]] = set()
+        # One statement per target type: its ids are looked up in the lookup index, where SQLite
+        # would read every row of the parameter for a list of (type, id) pairs.
+        for target_type, target_ids in grouped(targets).items():
+            statement = select(
+                search_reference.c.resource_type, search_reference.c.resource_id
+            ).where(
+                search_reference.c.resource_type == include.source_type,
+                rows_answering(search_reference, include.source_type, include.param),
+                search_reference.c.target_type == target_type,
+                search_reference.c.target_id.in_(target_ids),
+            )
+            found.update((row[0], row[1]) for row in connection.execute(statement))
+        return found
     sources = [row.id for row in rows if row.resource_type == include.source_type]
     if not sources:
         return set()
@@ -1091,7 +1099,7 @@ def _load(connection: Connection, keys: Sequence[tuple[str, str]]) -> list[Row]:
         statement = (
             select(resources.c.resource_type, resources.c.id, resources.c.body)
             .where(
-                tuple_(resources.c.resource_type, resources.c.id).in_(chunk),
+                pairs_in(resources.c.resource_type, resources.c.id, chunk),
                 resources.c.deleted.is_(false()),
             )
             .order_by(resources.c.resource_type, resources.c.id)

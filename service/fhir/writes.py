@@ -50,7 +50,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from fhirpathpy.engine.nodes import ResourceNode
 from fhirpathpy.models import models as fhirpath_models
-from sqlalchemy import Connection, select, tuple_
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError
 from starlette.responses import Response
 
@@ -79,6 +79,7 @@ from service.records.models import Diagnosis, Patient, RecordModel, TreatmentCou
 from service.records.repository import RecordRepository, RecordVersion
 from service.records.service import Outcome, load, repository_lookup, write_record
 from service.security.audit import audit_facade_writes
+from service.store.db import grouped
 from service.store.resources import ResourceRepository, StoredResource, WrittenResource
 from service.store.tables import search_token
 
@@ -910,23 +911,26 @@ def identifier_matches(
     """The ids of the current resources of each identifier (system, value), in id order, two at
     most: what `matching_ids` finds for `identifier=system|value`, for many in one query."""
     found: dict[tuple[str, str], list[str]] = {}
-    wanted = sorted(set(identifiers))
     t = search_token
-    for start in range(0, len(wanted), 500):
-        query = (
-            select(t.c.system, t.c.code, t.c.resource_id)
-            .where(
-                t.c.resource_type == resource_type,
-                rows_answering(t, resource_type, "identifier"),
-                tuple_(t.c.system, t.c.code).in_(wanted[start : start + 500]),
+    # One statement per system (an EHR's feed has one or two): its values are looked up in the
+    # lookup index, where SQLite would read every identifier row for a list of pairs.
+    for system, values in grouped(sorted(set(identifiers))).items():
+        for start in range(0, len(values), 500):
+            query = (
+                select(t.c.code, t.c.resource_id)
+                .where(
+                    t.c.resource_type == resource_type,
+                    rows_answering(t, resource_type, "identifier"),
+                    t.c.system == system,
+                    t.c.code.in_(values[start : start + 500]),
+                )
+                .distinct()
+                .order_by(t.c.code, t.c.resource_id)
             )
-            .distinct()
-            .order_by(t.c.system, t.c.code, t.c.resource_id)
-        )
-        for system, code, found_id in connection.execute(query):
-            ids = found.setdefault((system, code), [])
-            if len(ids) < 2:
-                ids.append(found_id)
+            for code, found_id in connection.execute(query):
+                ids = found.setdefault((system, code), [])
+                if len(ids) < 2:
+                    ids.append(found_id)
     return found
 
 

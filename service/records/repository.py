@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, RowMapping, and_, bindparam, func, insert, select, tuple_, update
+from sqlalchemy import Connection, RowMapping, and_, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.records.models import RecordModel
+from service.store.db import pairs_in
 from service.store.tables import record_changes, records
 
 
@@ -166,7 +167,7 @@ class RecordRepository:
         # In chunks, in key order: PostgreSQL rejects a tuple IN list of many thousands.
         for start in range(0, len(wanted), 500):
             query = select(*_RECORD_COLUMNS).where(
-                tuple_(records.c.kind, records.c.external_id).in_(wanted[start : start + 500])
+                pairs_in(records.c.kind, records.c.external_id, wanted[start : start + 500])
             )
             if for_update:
                 query = query.order_by(records.c.kind, records.c.external_id).with_for_update()

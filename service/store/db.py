@@ -7,7 +7,7 @@ half-way. PostgreSQL (production) uses a pooled psycopg 3 engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -17,7 +17,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, and_, create_engine, event, make_url, or_, text
 from sqlalchemy.engine import RootTransaction
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -183,3 +183,24 @@ def open_database(url: str, *, pool_size: int = 10) -> Iterator[Database]:
         yield database
     finally:
         database.dispose()
+
+
+def grouped(pairs: Iterable[tuple[Any, Any]]) -> dict[Any, list[Any]]:
+    """The second values of `pairs` by their first, in the order they come, without repeats."""
+    out: dict[Any, dict[Any, None]] = {}
+    for key, value in pairs:
+        out.setdefault(key, {})[value] = None
+    return {key: list(values) for key, values in out.items()}
+
+
+def pairs_in(first: Any, second: Any, pairs: Iterable[tuple[Any, Any]]) -> Any:
+    """`(first, second) IN pairs`, written as one `second IN (...)` per value of `first`.
+
+    SQLite answers a row-value IN list by scanning the whole table; each of these terms it
+    looks up in an index led by the two columns (PostgreSQL uses its index for both forms).
+    Where other conditions lead the index, SQLite may still not: group the pairs and run one
+    statement per first value instead.
+    """
+    return or_(
+        *(and_(first == key, second.in_(values)) for key, values in grouped(sorted(pairs)).items())
+    )

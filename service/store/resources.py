@@ -30,13 +30,13 @@ from sqlalchemy import (
     inspect,
     or_,
     select,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
 from service.fhir.search_index import IndexRows, extract
+from service.store.db import pairs_in
 from service.store.tables import (
     UtcDateTime,
     outbox,
@@ -171,7 +171,7 @@ class ResourceRepository:
         # In chunks: PostgreSQL refuses a tuple IN list of many thousands as too deep to parse.
         for start in range(0, len(wanted), _CHUNK):
             chunk = wanted[start : start + _CHUNK]
-            query = _CURRENT.where(tuple_(resources.c.resource_type, resources.c.id).in_(chunk))
+            query = _CURRENT.where(pairs_in(resources.c.resource_type, resources.c.id, chunk))
             for row in self._connection.execute(query):
                 out[(row.resource_type, row.id)] = (row.version, row.content_hash, row.deleted)
         return out
@@ -403,7 +403,7 @@ class ResourceRepository:
             chunk = wanted[start : start + _CHUNK]
             query = (
                 select(*_STORED_COLUMNS)
-                .where(tuple_(resources.c.resource_type, resources.c.id).in_(chunk))
+                .where(pairs_in(resources.c.resource_type, resources.c.id, chunk))
                 .order_by(resources.c.resource_type, resources.c.id)
                 .with_for_update()
             )
@@ -452,9 +452,7 @@ class SearchIndexWriter:
             chunk = wanted[start : start + _CHUNK]
             for table in (*_INDEX_TABLES, search_composite):
                 self._connection.execute(
-                    delete(table).where(
-                        tuple_(table.c.resource_type, table.c.resource_id).in_(chunk)
-                    )
+                    delete(table).where(pairs_in(table.c.resource_type, table.c.resource_id, chunk))
                 )
 
     def insert(self, batch: Sequence[Resource], *, tables: Collection[Table] | None = None) -> None:
