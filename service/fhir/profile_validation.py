@@ -804,7 +804,7 @@ class _Walk:
                                 )
                                 continue
                         if isinstance(occurrence, dict):
-                            if child.required or not occurrence.keys().isdisjoint(child.properties):
+                            if child.required or not child.properties.isdisjoint(occurrence):
                                 self._check_children(child, occurrence, (at, step, position), out)
                             if child.type_profiles:
                                 self._check_profiles(child, occurrence, (at, step, position), out)
@@ -817,7 +817,9 @@ class _Walk:
                 elif kind == _OWN and ((guard := child.guard) is None or guard(child_value)):
                     self._check_item(child, child_value, type_, (at, step, None), out)
                 elif isinstance(child_value, dict):
-                    if child.required or not child_value.keys().isdisjoint(child.properties):
+                    # The set's isdisjoint() over the object's keys: no keys view for the
+                    # small objects (a Reference, a Coding) most occurrences are.
+                    if child.required or not child.properties.isdisjoint(child_value):
                         self._check_children(child, child_value, (at, step, None), out)
                     if child.type_profiles:
                         self._check_profiles(child, child_value, (at, step, None), out)
