@@ -132,6 +132,8 @@ record_resources = Table(
     Column("record_id", String(64), primary_key=True),
     Column("resource_type", String(64), primary_key=True),
     Column("resource_id", String(64), primary_key=True),
+    # Which record a resource came from (delivery's readable summaries look this up).
+    Index(None, "resource_type", "resource_id"),
 )
 """Which resources each record maps to, so a resource the record no longer yields is deleted."""
 

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, select
 
 from service.fhir.search import parse_search, run_search
 from service.fhir.writes import identifier_matches
 from service.records.repository import RecordRepository
-from service.store.db import Database
+from service.store.db import Database, pairs_in
 from service.store.resources import ResourceRepository, SearchIndexWriter
+from service.store.tables import record_resources
 
 KEYS = [("Patient", "p1"), ("Observation", "o1"), ("Observation", "o2"), ("Encounter", "e1")]
 
@@ -112,3 +113,11 @@ def test_includes_look_their_targets_up(
     query = parse_search(resource_type, params, base="http://testserver/fhir", strict=True)
     page = _scans(database, lambda c: run_search(c, query))
     assert [scan for scan in page if "search_" in scan or "resources" in scan] == []
+
+
+def test_the_record_a_resource_came_from_is_looked_up_by_the_resource(database: Database) -> None:
+    links = record_resources
+    query = select(links.c.record_kind, links.c.record_id).where(
+        pairs_in(links.c.resource_type, links.c.resource_id, KEYS)
+    )
+    assert _scans(database, lambda c: c.execute(query).all()) == []
