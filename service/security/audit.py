@@ -46,12 +46,12 @@ from typing import Any, Final, NamedTuple
 
 import orjson
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Connection, select, tuple_
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import DataError, IntegrityError
 
 from mappings.context import resource_id
 from service.fhir.search_index import IndexRows, cut, date_range, normalize, parse_reference
-from service.store.db import Database
+from service.store.db import Database, pairs_in
 from service.store.resources import INDEX_COLUMNS, insert_values, patient_of
 from service.store.tables import (
     records,
@@ -495,7 +495,7 @@ def audit_record_writes(
         chunk = wanted[start : start + 500]
         rows = connection.execute(
             select(records.c.patient_id)
-            .where(tuple_(records.c.kind, records.c.external_id).in_(chunk))
+            .where(pairs_in(records.c.kind, records.c.external_id, chunk))
             .distinct()
         )
         patients += [resource_id("patient", row.patient_id) for row in rows if row.patient_id]
