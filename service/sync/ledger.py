@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.security.audit import record_audit
+from service.store.db import pairs_in
 from service.store.resources import patient_of
 from service.store.tables import (
     outbox,
@@ -61,24 +62,6 @@ _LOOKBACK = timedelta(seconds=60)
 def _insert_ignore(connection: Connection, table: Any) -> Any:
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing()
-
-
-def _keys_in(type_column: Any, id_column: Any, keys: Iterable[Key]) -> Any:
-    """`(type, id) IN keys`, written as one `id IN (...)` per type.
-
-    SQLite answers a row-value IN list by scanning the whole table (every resource, for each
-    lane's batch); each of these it looks up in the primary key. PostgreSQL uses its index for
-    both forms.
-    """
-    by_type: dict[str, list[str]] = {}
-    for resource_type, resource_id in keys:
-        by_type.setdefault(resource_type, []).append(resource_id)
-    return or_(
-        *(
-            and_(type_column == resource_type, id_column.in_(ids))
-            for resource_type, ids in sorted(by_type.items())
-        )
-    )
 
 
 def ensure_destinations(connection: Connection, destinations: Iterable[Destination]) -> None:
@@ -411,7 +394,7 @@ def current_bodies(
     for start in range(0, len(held), 500):
         rows = connection.execute(
             select(resources.c.resource_type, resources.c.id, resources.c.version).where(
-                _keys_in(resources.c.resource_type, resources.c.id, held[start : start + 500]),
+                pairs_in(resources.c.resource_type, resources.c.id, held[start : start + 500]),
                 resources.c.deleted.is_(False),
             )
         )
@@ -425,7 +408,7 @@ def current_bodies(
     for start in range(0, len(unread), 500):
         rows = connection.execute(
             select(resources.c.resource_type, resources.c.id, resources.c.body).where(
-                _keys_in(resources.c.resource_type, resources.c.id, unread[start : start + 500]),
+                pairs_in(resources.c.resource_type, resources.c.id, unread[start : start + 500]),
                 resources.c.deleted.is_(False),
             )
         )
@@ -461,7 +444,7 @@ def ledger(connection: Connection, destination: str, keys: Iterable[Key]) -> dic
                 sync_ledger.c.origin_version,
             ).where(
                 sync_ledger.c.destination == destination,
-                _keys_in(
+                pairs_in(
                     sync_ledger.c.resource_type,
                     sync_ledger.c.resource_id,
                     wanted[start : start + 500],
@@ -892,7 +875,7 @@ def records_of(connection: Connection, keys: Iterable[Key]) -> dict[Key, tuple[s
                 record_resources.c.record_kind,
                 record_resources.c.record_id,
             ).where(
-                _keys_in(
+                pairs_in(
                     record_resources.c.resource_type,
                     record_resources.c.resource_id,
                     wanted[start : start + 500],
