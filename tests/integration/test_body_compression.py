@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-
-import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from service.store.db import MIGRATIONS, Database
-from tests.conftest import postgres_base_url, with_schema
 
 _BODIES = {"resources", "resource_versions", "record_changes"}
 
 
-@pytest.fixture
-def empty_postgres(postgres_url: str) -> Iterator[str]:
-    schema = f"ib_test_{uuid.uuid4().hex[:8]}"
-    engine = create_engine(postgres_base_url())
-    with engine.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield with_schema(postgres_base_url(), schema)
-    finally:
-        with engine.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
-
-
-def test_bodies_are_compressed_with_lz4_and_back_with_pglz(empty_postgres: str) -> None:
-    database = Database(empty_postgres)
+def test_bodies_are_compressed_with_lz4_and_back_with_pglz(empty_postgres_url: str) -> None:
+    database = Database(empty_postgres_url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
 

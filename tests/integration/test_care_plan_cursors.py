@@ -5,18 +5,15 @@ removes their table."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
-import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect
 
 from service.store.db import MIGRATIONS, Database
 from service.sync import ledger
-from tests.conftest import postgres_base_url, with_schema
 
 NOW = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
 
@@ -58,25 +55,6 @@ def test_the_patients_polled_are_those_matched_for_the_destination(database: Dat
             ("E-2", "2026-12-01T09:05:00Z"),
         ]
         assert ledger.patient_cursors(uow.connection, other) == [("E-7", None)]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database of its own with no schema yet."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    request.getfixturevalue("postgres_url")  # skips (or fails under CI) when unreachable
-    engine = create_engine(postgres_base_url())
-    schema = f"ib_test_{uuid.uuid4().hex[:12]}"
-    with engine.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield with_schema(postgres_base_url(), schema)
-    finally:
-        with engine.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
 
 
 def test_migration_0014_adds_the_cursor_table_and_takes_it_away(empty_url: str) -> None:

@@ -10,21 +10,19 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import insert
 
 from service.fhir.errors import FhirError
 from service.fhir.search import matching_ids, parse_search, run_search
 from service.store.db import MIGRATIONS, Database
 from service.store.resources import ResourceRepository
 from service.store.tables import resources
-from tests.conftest import postgres_base_url, with_schema
 
 BASE = "http://testserver/fhir"
 TAG_SYSTEM = "urn:test:tag"
@@ -443,25 +441,6 @@ def test_malformed_composites_are_errors_naming_the_parameter(name: str, value: 
 def test_sorting_by_a_composite_is_refused() -> None:
     with pytest.raises(FhirError):
         parse_search("Observation", [("_sort", "code-value-quantity")], base=BASE, strict=True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database of its own with no schema yet, to migrate step by step."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    request.getfixturevalue("postgres_url")  # skips (or fails under CI) when unreachable
-    engine = create_engine(postgres_base_url())
-    schema = f"ib_test_{uuid.uuid4().hex[:12]}"
-    with engine.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield with_schema(postgres_base_url(), schema)
-    finally:
-        with engine.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
 
 
 def test_the_index_migrations_index_resources_stored_before_them(empty_url: str) -> None:
