@@ -12,24 +12,10 @@ from typing import Any
 import orjson
 from fastapi.testclient import TestClient
 
+from tests.api.test_fhir_conditional_updates import observation
 from tests.fhir_check import r4_errors
 
 FHIR = "application/fhir+json"
-
-
-def observation(*values: str, heart_rate: int = 72, **extra: Any) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "identifier": [{"system": "urn:ehr:obs", "value": value} for value in values],
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-        "valueQuantity": {
-            "value": heart_rate,
-            "unit": "/min",
-            "system": "http://unitsofmeasure.org",
-            "code": "/min",
-        },
-    } | extra
 
 
 def send(client: TestClient, kind: str, *entries: dict[str, Any]) -> Any:
