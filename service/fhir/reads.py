@@ -17,6 +17,7 @@ change only with a release.
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 from datetime import UTC
 from email.utils import format_datetime, parsedate_to_datetime
@@ -62,6 +63,16 @@ class _NameConvertor(Convertor[str]):
 
 
 register_url_convertor("fhir_name", _NameConvertor())
+
+
+_VERSION_ID = re.compile(r"[0-9]{1,9}")
+"""A version id this store can have issued: ASCII digits (`str.isdigit` takes any script's, and
+superscripts `int` refuses), and few enough to be a version number."""
+
+
+def version_number(version_id: str) -> int | None:
+    """The version a vread's `_history/{vid}` names, or None when no stored version has that id."""
+    return int(version_id) if _VERSION_ID.fullmatch(version_id) else None
 
 
 def not_modified(request: Request, stored: StoredResource) -> bool:
@@ -143,17 +154,18 @@ class _ReadEndpoint:
         self, request: Request, resource_type: str, resource_id: str, version_id: str
     ) -> Response:
         _check_type(resource_type)
-        if resource_type not in STORED_TYPES or not version_id.isdigit():
+        version = version_number(version_id)
+        if resource_type not in STORED_TYPES or version is None:
             raise ResourceNotFound(f"{resource_type}/{resource_id}/_history/{version_id}")
-        row = await self._reader.version(resource_type, resource_id, int(version_id))
+        row = await self._reader.version(resource_type, resource_id, version)
         if row is None:
             raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id}")
         if row.body is None:
             raise ResourceGone(resource_type, resource_id, row.version)
-        version = StoredResource(
+        stored = StoredResource(
             row.resource_type, row.id, row.version, row.last_updated, False, row.body
         )
-        return resource_response(request, version)
+        return resource_response(request, stored)
 
 
 def build_read_routes(*, reader: ResourceReader, conformance: ConformanceResources) -> list[Route]:
