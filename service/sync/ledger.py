@@ -37,6 +37,7 @@ from service.store.tables import (
     resources,
     sync_conflicts,
     sync_deliveries,
+    sync_delivery_totals,
     sync_destinations,
     sync_lanes,
     sync_ledger,
@@ -280,6 +281,7 @@ def first_due(connection: Connection, destination: str, lane: str) -> datetime |
 
 def finish(
     connection: Connection,
+    destination: str,
     items: Sequence[Delivery],
     *,
     status: str,
@@ -288,7 +290,8 @@ def finish(
     error: str | None = None,
     outcome: dict[str, Any] | None = None,
 ) -> None:
-    """Deliveries that ended (delivered, dead, superseded, echo, unsupported)."""
+    """Deliveries that ended (delivered, dead, superseded, echo, unsupported), and counted
+    (`sync_delivery_totals`) unless they are dead letters."""
     if not items:
         return
     values: dict[str, Any] = {"status": status, "finished_at": now, "error": error}
@@ -310,6 +313,57 @@ def finish(
         .where(sync_deliveries.c.id == bindparam("b_id"))
         .values(latency_ms=bindparam("latency_ms"), **values),
         rows,
+    )
+    if status != DEAD:
+        _count_ended(connection, destination, status, [row["latency_ms"] for row in rows])
+
+
+def _latency_bucket(latency_ms: int | None) -> int:
+    if latency_ms is not None:
+        for bound in LATENCY_BUCKETS_MS:
+            if latency_ms <= bound:
+                return bound
+    return -1
+
+
+def _count_ended(
+    connection: Connection, destination: str, status: str, latencies: Sequence[int | None]
+) -> None:
+    """Add deliveries that ended to `sync_delivery_totals`, in the caller's transaction."""
+    totals: dict[int, list[int]] = {}
+    for latency in latencies:
+        total = totals.setdefault(_latency_bucket(latency), [0, 0])
+        total[0] += 1
+        total[1] += latency or 0
+    if connection.dialect.name == "postgresql":
+        # The destination's row first: every transaction that counts for a destination takes
+        # its locks in the same order (that row, then its totals), so two workers finishing
+        # lanes of one destination wait for each other instead of deadlocking.
+        connection.execute(
+            select(sync_destinations.c.name)
+            .where(sync_destinations.c.name == destination)
+            .with_for_update()
+        )
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(sync_delivery_totals)
+    connection.execute(
+        statement.on_conflict_do_update(
+            index_elements=["destination", "status", "latency_bucket_ms"],
+            set_={
+                "deliveries": sync_delivery_totals.c.deliveries + statement.excluded.deliveries,
+                "latency_ms": sync_delivery_totals.c.latency_ms + statement.excluded.latency_ms,
+            },
+        ),
+        [
+            {
+                "destination": destination,
+                "status": status,
+                "latency_bucket_ms": bucket,
+                "deliveries": count,
+                "latency_ms": latency_ms,
+            }
+            for bucket, (count, latency_ms) in sorted(totals.items())
+        ],
     )
 
 
@@ -676,35 +730,65 @@ def retry_dead(connection: Connection, delivery_id: int, *, now: datetime) -> bo
 
 
 def skip_dead(connection: Connection, delivery_id: int, *, now: datetime) -> bool:
+    destination = connection.execute(
+        select(sync_deliveries.c.destination).where(
+            sync_deliveries.c.id == delivery_id, sync_deliveries.c.status == DEAD
+        )
+    ).scalar()
+    if destination is None:
+        return False
     result = connection.execute(
         update(sync_deliveries)
         .where(sync_deliveries.c.id == delivery_id, sync_deliveries.c.status == DEAD)
         .values(status=SKIPPED, finished_at=now)
     )
-    return bool(result.rowcount)
+    if not result.rowcount:
+        return False
+    _count_ended(connection, destination, SKIPPED, [None])
+    return True
 
 
 def status(
     connection: Connection, destinations: Sequence[Destination], *, now: datetime
 ) -> list[dict[str, Any]]:
-    """Per destination: queue depth, oldest pending age, last success, failures, dead letters."""
+    """Per destination: queue depth, oldest pending age, last success, failures, dead letters.
+
+    Bounded reads: the pending deliveries and dead letters through the (destination, status)
+    index, and what ended from `sync_delivery_totals`, never the deliveries of the past.
+    """
     counts: dict[str, dict[str, int]] = {}
     oldest: dict[str, datetime] = {}
     failing: dict[str, int] = {}
-    rows = connection.execute(
+    for name in dict.fromkeys(destination.name for destination in destinations):
+        mine = counts.setdefault(name, {})
+        waiting = connection.execute(
+            select(
+                func.count(),
+                func.min(sync_deliveries.c.written_at),
+                func.sum(case((sync_deliveries.c.attempts > 0, 1), else_=0)),
+            ).where(sync_deliveries.c.destination == name, sync_deliveries.c.status == PENDING)
+        ).one()
+        mine[PENDING] = int(waiting[0])
+        if waiting[1] is not None:
+            oldest[name] = waiting[1]
+        failing[name] = int(waiting[2] or 0)
+        mine[DEAD] = int(
+            connection.execute(
+                select(func.count()).where(
+                    sync_deliveries.c.destination == name, sync_deliveries.c.status == DEAD
+                )
+            ).scalar_one()
+        )
+    ended = connection.execute(
         select(
-            sync_deliveries.c.destination,
-            sync_deliveries.c.status,
-            func.count(),
-            func.min(sync_deliveries.c.written_at),
-            func.sum(case((sync_deliveries.c.attempts > 0, 1), else_=0)),
-        ).group_by(sync_deliveries.c.destination, sync_deliveries.c.status)
+            sync_delivery_totals.c.destination,
+            sync_delivery_totals.c.status,
+            func.sum(sync_delivery_totals.c.deliveries),
+        ).group_by(sync_delivery_totals.c.destination, sync_delivery_totals.c.status)
     )
-    for name, state, count, first, retrying in rows:
-        counts.setdefault(name, {})[state] = int(count)
-        if state == PENDING:
-            oldest[name] = first
-            failing[name] = int(retrying or 0)
+    for name, state, count in ended:
+        if name in counts:
+            counts[name][state] = int(count)
     open_conflicts: dict[str, int] = dict(
         connection.execute(
             select(sync_conflicts.c.destination, func.count())
@@ -757,22 +841,30 @@ def status(
 
 def latency_histogram(connection: Connection) -> dict[str, tuple[list[int], int, float]]:
     """Per destination: cumulative counts per bucket of `LATENCY_BUCKETS_MS`, count, sum (ms)."""
-    columns = [
-        func.sum(case((sync_deliveries.c.latency_ms <= b, 1), else_=0)) for b in LATENCY_BUCKETS_MS
-    ]
     rows = connection.execute(
         select(
-            sync_deliveries.c.destination,
-            func.count(),
-            func.sum(sync_deliveries.c.latency_ms),
-            *columns,
-        )
-        .where(sync_deliveries.c.status == DELIVERED, sync_deliveries.c.latency_ms.is_not(None))
-        .group_by(sync_deliveries.c.destination)
+            sync_delivery_totals.c.destination,
+            sync_delivery_totals.c.latency_bucket_ms,
+            sync_delivery_totals.c.deliveries,
+            sync_delivery_totals.c.latency_ms,
+        ).where(sync_delivery_totals.c.status == DELIVERED)
     )
-    return {
-        row[0]: ([int(v or 0) for v in row[3:]], int(row[1]), float(row[2] or 0)) for row in rows
-    }
+    per_bucket: dict[str, dict[int, int]] = {}
+    totals: dict[str, list[float]] = {}
+    for name, bucket, count, latency_ms in rows:
+        per_bucket.setdefault(name, {})[bucket] = int(count)
+        total = totals.setdefault(name, [0, 0.0])
+        total[0] += int(count)
+        total[1] += float(latency_ms)
+    out: dict[str, tuple[list[int], int, float]] = {}
+    for name, buckets in per_bucket.items():
+        cumulative, running = [], 0
+        for bound in LATENCY_BUCKETS_MS:
+            running += buckets.get(bound, 0)
+            cumulative.append(running)
+        count, latency_ms = totals[name]
+        out[name] = (cumulative, int(count), latency_ms)
+    return out
 
 
 def note_result(

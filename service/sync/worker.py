@@ -298,15 +298,21 @@ class DeliveryWorker:
                 by_strategy.setdefault(strategy, []).extend(work.covers)
             for strategy, deliveries in by_strategy.items():
                 store.finish(
-                    connection, deliveries, status=store.DELIVERED, now=now, strategy=strategy
+                    connection, name, deliveries, status=store.DELIVERED, now=now, strategy=strategy
                 )
                 done += len(deliveries)
             for deliveries, status, error in results.ended:
-                store.finish(connection, deliveries, status=status, now=now, error=error)
+                store.finish(connection, name, deliveries, status=status, now=now, error=error)
                 done += len(deliveries)
             for deliveries, error, outcome in results.dead:
                 store.finish(
-                    connection, deliveries, status=store.DEAD, now=now, error=error, outcome=outcome
+                    connection,
+                    name,
+                    deliveries,
+                    status=store.DEAD,
+                    now=now,
+                    error=error,
+                    outcome=outcome,
                 )
                 done += len(deliveries)
             if results.postponed:
@@ -314,6 +320,7 @@ class DeliveryWorker:
                 if head.attempts + 1 >= destination.max_attempts:
                     store.finish(
                         connection,
+                        name,
                         [head],
                         status=store.DEAD,
                         now=now,

@@ -20,7 +20,7 @@ from service.bootstrap import Services, bootstrap
 from service.config import Settings
 from service.logs import JsonFormatter, TextFormatter
 from service.records.service import parse_record, put_record
-from service.store.tables import resources
+from service.store.tables import resources, sync_deliveries
 from service.sync import ledger
 from service.sync.client import EhrClient
 from service.sync.destinations import Destination, parse_destinations
@@ -145,6 +145,23 @@ def test_two_workers_deliver_each_change_once_and_each_patient_in_order(
             worker.close()
     assert row["queue_depth"] == 0
     assert row["dead_letters"] == 0
+    # The counts that status and /metrics read, kept as the two workers ended deliveries
+    # concurrently, are those of the deliveries themselves.
+    with services.database.unit_of_work(write=False) as uow:
+        scanned = uow.connection.execute(
+            select(sync_deliveries.c.status, sync_deliveries.c.latency_ms).where(
+                sync_deliveries.c.destination == target.name
+            )
+        ).all()
+        (row,) = ledger.status(uow.connection, [target], now=ledger_now())
+        histogram = ledger.latency_histogram(uow.connection)[target.name]
+    latencies = [latency for status, latency in scanned if status == ledger.DELIVERED]
+    assert row["delivered"] == len(latencies) > 0
+    assert row["echoes_suppressed"] + row["unsupported"] + row["superseded"] == sum(
+        status in (ledger.ECHO, ledger.UNSUPPORTED, ledger.SUPERSEDED) for status, _ in scanned
+    )
+    within = [sum(latency <= bound for latency in latencies) for bound in ledger.LATENCY_BUCKETS_MS]
+    assert histogram == (within, len(latencies), float(sum(latencies)))
     identifiers = [i for _, i in ehr.arrived]
     assert len(identifiers) == len(set(identifiers)), "a change arrived twice"
     for clinic in clinics:
