@@ -33,6 +33,8 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -147,6 +149,8 @@ class Entry:
     full_url: str | None
     if_match: int | None
     if_none_exist: str | None
+    if_none_match: str | None = None
+    if_modified_since: datetime | None = None
     planned_id: str | None = None
     response: dict[str, Any] = field(default_factory=dict)
     body: bytes | None = None
@@ -203,10 +207,18 @@ def _parse_entry(index: int, raw: Any) -> Entry:
         raise FhirError(400, "required", f"entry {index} has no request", f"{where}.request")
     method = request.get("method")
     url = request.get("url")
-    if method not in _ORDER or not isinstance(url, str) or not url:
+    if not isinstance(method, str) or method not in _ORDER or not isinstance(url, str) or not url:
         raise FhirError(
             400, "invalid", f"entry {index} needs a request method and url", f"{where}.request"
         )
+    for name in _REQUEST_STRINGS:
+        if name in request and not isinstance(request[name], str):
+            raise FhirError(
+                400,
+                "invalid",
+                f"entry {index}: request.{name} must be a string",
+                f"{where}.request",
+            )
     split = urlsplit(url)
     path = split.path.strip("/")
     if "/fhir/" in f"/{path}":
@@ -214,10 +226,16 @@ def _parse_entry(index: int, raw: Any) -> Entry:
     parts = path.split("/") if path else []
     if not parts:
         raise FhirError(400, "invalid", f"entry {index}: {url!r} names no resource type")
+    _check_path(index, str(method), url, parts, split.query)
     resource = raw.get("resource")
     if resource is not None and not isinstance(resource, dict):
         raise FhirError(400, "invalid", f"entry {index}: the resource is not an object")
     full_url = raw.get("fullUrl")
+    if full_url is not None and not isinstance(full_url, str):
+        raise FhirError(
+            400, "invalid", f"entry {index}: fullUrl must be a string", f"{where}.fullUrl"
+        )
+    since = request.get("ifModifiedSince")
     return Entry(
         searches=_conditional_references(resource),
         index=index,
@@ -228,12 +246,55 @@ def _parse_entry(index: int, raw: Any) -> Entry:
         path=tuple(parts),
         query=split.query or None,
         resource=resource,
-        full_url=full_url if isinstance(full_url, str) else None,
+        full_url=full_url,
         if_match=parse_if_match(request.get("ifMatch")) if request.get("ifMatch") else None,
-        if_none_exist=request.get("ifNoneExist")
-        if isinstance(request.get("ifNoneExist"), str)
-        else None,
+        if_none_exist=request.get("ifNoneExist"),
+        if_none_match=request.get("ifNoneMatch") or None,
+        if_modified_since=None if not since else _parse_since(index, since),
     )
+
+
+_REQUEST_STRINGS = ("ifMatch", "ifNoneExist", "ifNoneMatch", "ifModifiedSince")
+"""Bundle.entry.request elements that are FHIR strings (or an instant), when present."""
+
+
+def _check_path(index: int, method: str, url: str, parts: list[str], query: str) -> None:
+    """The URL has the shape the entry's interaction takes, as the same request sent alone
+    would need: a create `Type`, an update, patch or delete `Type/id` or `Type?criteria`.
+
+    Anything past `Type/id` (`Type/id/_history/n`, `Type/id/$op`) would otherwise be taken for
+    `Type/id` itself: a DELETE of a version would delete the resource."""
+    problem = None
+    if method == "POST" and len(parts) != 1:
+        problem = "a POST entry creates: its url is the resource type alone"
+    elif method in ("PUT", "PATCH", "DELETE") and len(parts) > 2:
+        problem = f"a {method} entry names Type/id or Type?criteria"
+    elif method in ("PUT", "PATCH", "DELETE") and len(parts) == 2 and query:
+        problem = f"a {method} entry names Type/id or Type?criteria, not both"
+    if problem is not None:
+        raise FhirError(
+            400,
+            "not-supported",
+            f"entry {index}: {url!r}: {problem}",
+            f"Bundle.entry[{index}].request.url",
+        )
+
+
+def _parse_since(index: int, value: str) -> datetime:
+    """Bundle.entry.request.ifModifiedSince: an instant (an HTTP date is taken too)."""
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            parsed = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            raise FhirError(
+                400,
+                "invalid",
+                f"entry {index}: ifModifiedSince {value!r} is not an instant",
+                f"Bundle.entry[{index}].request.ifModifiedSince",
+            ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 # --- running entries ------------------------------------------------------------------------------
@@ -271,6 +332,8 @@ def _run_entry(
     resource_type = entry.resource_type
     if entry.method in ("GET", "HEAD"):
         _get(writer, entry, strict=strict)
+        if entry.method == "HEAD":
+            entry.body = None  # what GET answers, without the body
         return None
     if entry.method == "DELETE":
         check_deletable(resource_type)
@@ -340,7 +403,25 @@ def _get(writer: FacadeWriter, entry: Entry, *, strict: bool) -> None:
         "etag": f'W/"{stored.version}"',
         "lastModified": stored.last_updated.isoformat(),
     }
+    if _not_modified(entry, stored.version, stored.last_updated):
+        entry.response["status"] = "304 Not Modified"
+        return
     entry.body = stored.body.encode()
+
+
+def _not_modified(entry: Entry, version: int, last_updated: datetime) -> bool:
+    """A conditional read: the entry's ifNoneMatch names this version, or the resource has not
+    changed since its ifModifiedSince (Bundle.entry.request, as the headers of a read)."""
+    if entry.if_none_match is not None:
+        tags = {tag.strip().removeprefix("W/").strip('"') for tag in entry.if_none_match.split(",")}
+        return "*" in tags or str(version) in tags
+    if entry.if_modified_since is not None:
+        since = entry.if_modified_since
+        if since.microsecond:
+            return last_updated <= since
+        # Whole seconds (an HTTP date's): a version written within that second is not newer.
+        return last_updated.replace(microsecond=0) <= since
+    return False
 
 
 def _vread(writer: FacadeWriter, entry: Entry, version: str) -> None:
@@ -359,6 +440,9 @@ def _vread(writer: FacadeWriter, entry: Entry, version: str) -> None:
         "etag": f'W/"{found.version}"',
         "lastModified": found.last_updated.isoformat(),
     }
+    if _not_modified(entry, found.version, found.last_updated):
+        entry.response["status"] = "304 Not Modified"
+        return
     entry.body = found.body.encode()
 
 
@@ -850,8 +934,41 @@ def response_bundle(kind: str, entries: list[Entry]) -> bytes:
         if entry.body is not None:
             item = item[:-1] + b',"resource":' + entry.body + b"}"
         parts.append(item)
-    start = orjson.dumps({"resourceType": "Bundle", "type": f"{kind}-response"})[:-1]
-    return start + b',"entry":[' + b",".join(parts) + b"]}"
+    start = orjson.dumps({"resourceType": "Bundle", "type": f"{kind}-response"})
+    if not parts:
+        return start  # FHIR JSON has no empty arrays: no entry at all
+    return start[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
+
+
+_RETURN = re.compile(r'return\s*=\s*"?(minimal|representation|OperationOutcome)"?', re.IGNORECASE)
+
+
+def apply_return_preference(entries: list[Entry], prefer: str | None) -> None:
+    """`Prefer: return=` for the entries that wrote (a read's or search's answer is its body):
+    `minimal` leaves their resources out, `OperationOutcome` gives each, in place of its
+    resource, an OperationOutcome in `response.outcome` (http.html#transaction-response)."""
+    match = _RETURN.search(prefer or "")
+    preference = "representation" if match is None else match.group(1).lower()
+    if preference == "representation":
+        return
+    for entry in entries:
+        if entry.method in ("GET", "HEAD") or "outcome" in entry.response:
+            continue
+        if preference == "operationoutcome":
+            location = entry.response.get("location")
+            status = entry.response.get("status", "")
+            entry.response["outcome"] = {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {
+                        "severity": "information",
+                        "code": "informational",
+                        "diagnostics": f"entry {entry.index} ({entry.method} {entry.url}): "
+                        + (f"{status}, {location}" if location else status),
+                    }
+                ],
+            }
+        entry.body = None
 
 
 # --- HTTP -----------------------------------------------------------------------------------------
@@ -929,10 +1046,7 @@ def build_bundle_router() -> APIRouter:
             return Response(
                 orjson.dumps(failed.outcome()), status_code=failed.status, media_type=FHIR_JSON
             )
-        if prefer and "return=minimal" in prefer:
-            for entry in entries:
-                if entry.method not in ("GET", "HEAD"):  # a read's or search's answer is its body
-                    entry.body = None
+        apply_return_preference(entries, prefer)
         return Response(response_bundle(kind, entries), media_type=FHIR_JSON)
 
     return router
