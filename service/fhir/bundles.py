@@ -100,12 +100,15 @@ _CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]{1,63})\?(.+)", re.DOTALL)
 # only be a key and the start of its string value, at any depth, as the walks found them.
 _REFERENCE_VALUE = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')
 _CONDITIONAL_VALUE = re.compile(rb'"reference":"[A-Z][A-Za-z]{1,63}\?')
+_PLACEHOLDER_VALUE = re.compile(rb'"reference":"urn:uuid:')
 
 
 class EntryFailed(FhirError):
     """One entry of a transaction failed: the whole transaction is refused with its outcome."""
 
-    def __init__(self, index: int, method: str, url: str, error: FhirError) -> None:
+    def __init__(
+        self, index: int, method: str, url: str, error: FhirError, full_url: str | None = None
+    ) -> None:
         issues = (
             error.issues
             if isinstance(error, InvalidResource)
@@ -119,15 +122,22 @@ class EntryFailed(FhirError):
             ]
         )
         where = f"Bundle.entry[{index}]"
+        named = f", fullUrl {full_url}" if full_url else ""
         self.issues = [
             {
                 **issue,
-                "diagnostics": f"entry {index} ({method} {url}): {issue.get('diagnostics', '')}",
+                "diagnostics": f"entry {index} ({method} {url}{named}): "
+                + str(issue.get("diagnostics", "")),
                 "expression": [where, *issue.get("expression", [])],
             }
             for issue in issues
         ]
         super().__init__(error.status, error.code, self.issues[0]["diagnostics"], where)
+
+    @classmethod
+    def of(cls, entry: Entry, error: FhirError) -> EntryFailed:
+        """The entry's failure, named by its index, request and fullUrl."""
+        return cls(entry.index, entry.method, entry.url, error, entry.full_url)
 
     def outcome(self) -> dict[str, Any]:
         return {"resourceType": "OperationOutcome", "issue": self.issues}
@@ -613,8 +623,11 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
     ordered = sorted(entries, key=lambda e: (_ORDER[e.method], e.index))
     for entry in ordered:
         claim(entry, _named_identity(entry))
+    matched: dict[int, str] = {}
     for entry, identity in _conditional_identities(writer, ordered):
         claim(entry, identity)
+        matched[entry.index] = identity[1]
+    referenced = {reference for entry in entries for reference in _references(entry.resource)}
     targets: dict[str, str] = {}
     for entry in entries:
         try:
@@ -635,20 +648,49 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
                 entry.planned_id = found[0] if len(found) == 1 else _planned_id(writer, entry)
                 if entry.full_url and entry.planned_id:
                     targets[entry.full_url] = f"{entry.resource_type}/{entry.planned_id}"
-            elif entry.method == "PUT" and entry.resource_id and entry.full_url:
+            elif entry.method in ("PUT", "PATCH") and entry.resource_id and entry.full_url:
                 targets[entry.full_url] = f"{entry.resource_type}/{entry.resource_id}"
+            elif (
+                entry.method == "PUT"
+                and entry.full_url is not None
+                and entry.full_url in referenced
+                and entry.resource is not None
+            ):
+                # A conditional update other entries refer to by its fullUrl: they name the
+                # resource it matches, or the one it creates, with an id chosen here.
+                target_id = _conditional_update_target(writer, entry, matched.get(entry.index))
+                if target_id is not None:
+                    targets[entry.full_url] = f"{entry.resource_type}/{target_id}"
         except EntryFailed:
             raise  # an overlap, which names its entries already
         except FhirError as error:
-            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
-    rewrite = _rewriter(targets)
+            raise EntryFailed.of(entry, error) from None
+    rewriters: dict[str | None, Callable[[dict[str, Any]], dict[str, Any]]] = {}
     for entry in entries:
-        if entry.resource is not None:
-            entry.resource = rewrite(entry.resource)  # a copy: the rewrite builds anew
+        if entry.resource is None:
+            continue
+        # A relative reference (`Type/id`) in an entry whose fullUrl is a RESTful URL names
+        # the entry at that base, if there is one (bundle.html#references).
+        base = _restful_base(entry.full_url)
+        if base not in rewriters:
+            rewriters[base] = _rewriter(targets | _relative_targets(targets, base))
+        entry.resource = rewriters[base](entry.resource)  # a copy: the rewrite builds anew
+        _check_placeholders_resolved(entry)
     outcomes: list[Written | Deleted | None] = []
 
     def done(entry: Entry, outcome: Written | Deleted | None) -> None:
-        claim(entry, _identity(outcome))
+        identity = _identity(outcome)
+        claim(entry, identity)
+        pointed = targets.get(entry.full_url) if entry.full_url is not None else None
+        if pointed is not None and identity is not None and pointed != "/".join(identity):
+            # References to its fullUrl were pointed at a resource it did not come to write.
+            error = FhirError(
+                409,
+                "conflict",
+                f"references to its fullUrl {entry.full_url} were pointed at {pointed}, but it "
+                f"wrote {'/'.join(identity)}",
+            )
+            raise EntryFailed.of(entry, error)
         _record(entry, writer.base, outcome)
         outcomes.append(outcome)
 
@@ -663,7 +705,7 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
             written = writer.create_new([resource for _, resource in pending])
         except FhirError as error:
             entry = pending[0][0]
-            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+            raise EntryFailed.of(entry, error) from None
         for (entry, _), outcome in zip(pending, written, strict=True):
             done(entry, outcome)  # a new id: claimed for what a later entry may resolve to
         pending.clear()
@@ -681,10 +723,10 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
             written = writer.conditional_updates_by_identifier([update for _, update in run])
         except UpdateFailed as failed:
             entry = run[failed.position][0]
-            raise EntryFailed(entry.index, entry.method, entry.url, failed.error) from None
+            raise EntryFailed.of(entry, failed.error) from None
         except FhirError as error:
             entry = run[0][0]
-            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+            raise EntryFailed.of(entry, error) from None
         if written is None:
             # They depend on one another, so only running them in turn says where each goes:
             # two that end at the same resource then fail as overlapping; the rest (say, one
@@ -694,7 +736,7 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
                 try:
                     outcome = _run_entry(writer, entry, strict=strict)
                 except FhirError as error:
-                    raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+                    raise EntryFailed.of(entry, error) from None
                 done(entry, outcome)
             return
         for (entry, _), written_one in zip(run, written, strict=True):
@@ -705,7 +747,7 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
             update = _identifier_update(entry)
         except FhirError as error:
             write_updates()  # an earlier entry's failure is the one to report
-            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+            raise EntryFailed.of(entry, error) from None
         if update is not None:
             write_pending()
             updates.append((entry, update))
@@ -720,7 +762,7 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
                 pending.append((entry, resource))
                 continue
         except FhirError as error:
-            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+            raise EntryFailed.of(entry, error) from None
         write_pending()
         try:
             if entry.method == "POST" and entry.if_none_exist is not None:
@@ -744,11 +786,78 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
             else:
                 outcome = _run_entry(writer, entry, strict=strict)
         except FhirError as error:
-            raise EntryFailed(entry.index, entry.method, entry.url, error) from None
+            raise EntryFailed.of(entry, error) from None
         done(entry, outcome)
     write_pending()
     write_updates()
     audit_facade_writes(writer.connection, outcomes, subtype="transaction")
+
+
+_RESTFUL = re.compile(r"(.+)/([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})")
+"""A RESTful fullUrl: `[base]/Type/id`."""
+
+
+def _restful_base(full_url: str | None) -> str | None:
+    """The `[base]` of a RESTful fullUrl (`[base]/Type/id`); None for a urn or no fullUrl."""
+    if full_url is None or not full_url.startswith(("http://", "https://")):
+        return None
+    match = _RESTFUL.fullmatch(full_url)
+    return None if match is None else match.group(1)
+
+
+def _relative_targets(targets: dict[str, str], base: str | None) -> dict[str, str]:
+    """The targets of RESTful fullUrls at `base` by their relative form `Type/id`."""
+    if base is None:
+        return {}
+    prefix = base + "/"
+    return {
+        full_url.removeprefix(prefix): target
+        for full_url, target in targets.items()
+        if full_url.startswith(prefix) and _RESTFUL.fullmatch(full_url)
+    }
+
+
+def _references(resource: dict[str, Any] | None) -> set[str]:
+    """Every Reference.reference in a resource, at any depth (contained resources and
+    extensions included)."""
+    if resource is None:
+        return set()
+    found = set()
+    for raw in _REFERENCE_VALUE.findall(orjson.dumps(resource)):
+        found.add(orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode())
+    return found
+
+
+def _check_placeholders_resolved(entry: Entry) -> None:
+    """A `urn:uuid:` reference left after the rewrite names no entry of the transaction: it
+    would be stored pointing nowhere, so the transaction fails."""
+    if entry.resource is None or not _PLACEHOLDER_VALUE.search(orjson.dumps(entry.resource)):
+        return
+    dangling = sorted(r for r in _references(entry.resource) if r.startswith("urn:uuid:"))
+    error = FhirError(
+        400,
+        "invalid",
+        f"the reference {dangling[0]!r} names no entry of this transaction (no entry has it "
+        "as its fullUrl)",
+    )
+    raise EntryFailed.of(entry, error)
+
+
+def _conditional_update_target(writer: FacadeWriter, entry: Entry, match: str | None) -> str | None:
+    """The id a conditional update will write: the one resource its criteria match, else the
+    id its body gives or one planned here (given to its body); None when it cannot be known
+    before it runs (a record-backed type whose id the record decides, not derivable)."""
+    if match is not None:
+        return match
+    assert entry.resource is not None
+    given = entry.resource.get("id")
+    if isinstance(given, str):
+        return given
+    if entry.resource_type in RECORD_KINDS:
+        return _planned_id(writer, entry)
+    planned = str(uuid.uuid4())
+    entry.resource = entry.resource | {"id": planned}
+    return planned
 
 
 def _named_identity(entry: Entry) -> tuple[str, str] | None:
@@ -821,7 +930,7 @@ def _overlap(entry: Entry, other: Entry, identity: tuple[str, str]) -> EntryFail
         "resolves to (FHIR R4 http.html#trules)",
         f"Bundle.entry[{other.index}]",
     )
-    return EntryFailed(entry.index, entry.method, entry.url, error)
+    return EntryFailed.of(entry, error)
 
 
 def _identifier_update(entry: Entry) -> IdentifierUpdate | None:
@@ -867,6 +976,23 @@ def _batch_entry(writer: FacadeWriter, entry: Entry, *, strict: bool) -> Written
     return _run_entry(writer, entry, strict=strict)
 
 
+def _check_independent(entry: Entry, local: dict[str, int]) -> None:
+    """A batch entry's resource refers to no other entry of the batch by its fullUrl."""
+    if entry.resource is None or not local:
+        return
+    base = _restful_base(entry.full_url)
+    for reference in sorted(_references(entry.resource)):
+        full_url = reference if base is None or "://" in reference else f"{base}/{reference}"
+        other = local.get(full_url, local.get(reference))
+        if other is not None and other != entry.index:
+            raise FhirError(
+                400,
+                "invalid",
+                f"the reference {reference!r} names entry {other} of this batch; batch entries "
+                "are independent and may not refer to each other (send a transaction)",
+            )
+
+
 def run_batch(
     *,
     services: Services,
@@ -876,8 +1002,17 @@ def run_batch(
     strict: bool = False,
 ) -> None:
     """Each entry in a unit of work of its own; a failed entry reports its OperationOutcome."""
+    # What other entries create, or name only within this Bundle, is no resource a batch
+    # entry may refer to (http.html#brules: such references are non-conformant).
+    local = {
+        entry.full_url: entry.index
+        for entry in entries
+        if entry.full_url is not None
+        and (entry.method == "POST" or not entry.full_url.startswith(("http://", "https://")))
+    }
     for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
         try:
+            _check_independent(entry, local)
             outcome = run_write(
                 services=services,
                 base=base,
@@ -887,7 +1022,7 @@ def run_batch(
                 ),
             )
         except FhirError as error:
-            failed = EntryFailed(entry.index, entry.method, entry.url, error)
+            failed = EntryFailed.of(entry, error)
             entry.response = {
                 "status": f"{error.status}",
                 "outcome": failed.outcome(),

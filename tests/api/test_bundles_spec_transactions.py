@@ -225,3 +225,265 @@ def test_prefer_return_operation_outcome_answers_an_outcome_per_entry(
         created["response"]["location"] in created["response"]["outcome"]["issue"][0]["diagnostics"]
     )
     assert searched["resource"]["type"] == "searchset"  # a search's answer is its body
+
+
+# --- references between entries -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("matches", [False, True])
+def test_references_to_a_conditional_updates_full_url_name_its_resource(
+    client: TestClient, matches: bool
+) -> None:
+    value = uuid.uuid4().hex
+    if matches:
+        existing = client.post("/fhir/Observation", json=observation(value)).json()
+    full_url = urn()
+    sent = bundle(
+        "transaction",
+        {
+            "fullUrl": full_url,
+            "resource": observation(value, status="amended"),
+            "request": {"method": "PUT", "url": f"Observation?identifier=urn:ehr:obs|{value}"},
+        },
+        {
+            "resource": observation(derivedFrom=[{"reference": full_url}]),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+    )
+    response = post(client, sent)
+    assert response.status_code == 200, response.text
+    updated, referring = response.json()["entry"]
+    assert updated["response"]["status"] == ("200 OK" if matches else "201 Created")
+    if matches:
+        assert updated["resource"]["id"] == existing["id"]
+    target = f"Observation/{updated['resource']['id']}"
+    assert referring["resource"]["derivedFrom"] == [{"reference": target}]
+    assert stored(client, "Observation", referring["resource"]["id"])["derivedFrom"] == [
+        {"reference": target}
+    ]
+
+
+def test_references_to_a_conditional_update_by_other_criteria_name_its_resource(
+    client: TestClient,
+) -> None:
+    value = uuid.uuid4().hex
+    existing = client.post("/fhir/Observation", json=observation(value)).json()
+    full_url = urn()
+    sent = bundle(
+        "transaction",
+        {
+            "resource": observation(hasMember=[{"reference": full_url}]),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+        {
+            "fullUrl": full_url,
+            "resource": observation(value),
+            "request": {
+                "method": "PUT",
+                "url": f"Observation?identifier=urn:ehr:obs|{value}&status=final",
+            },
+        },
+    )
+    response = post(client, sent)
+    assert response.status_code == 200, response.text
+    referring = response.json()["entry"][0]["resource"]
+    assert referring["hasMember"] == [{"reference": f"Observation/{existing['id']}"}]
+
+
+def test_relative_references_resolve_against_the_entrys_restful_full_url(
+    client: TestClient,
+) -> None:
+    """bundle.html#references: `Type/id` in an entry whose fullUrl is `[base]/Type/id` names
+    the entry whose fullUrl is `[base]/Type/id`, if there is one."""
+    other = "http://ehr.example.org/fhir"
+    old_id = uuid.uuid4().hex[:12]
+    sent = bundle(
+        "transaction",
+        {
+            "fullUrl": f"{other}/Encounter/{old_id}",
+            "resource": encounter() | {"id": old_id},
+            "request": {"method": "POST", "url": "Encounter"},
+        },
+        {
+            "fullUrl": f"{other}/Observation/{uuid.uuid4().hex[:12]}",
+            "resource": observation(encounter={"reference": f"Encounter/{old_id}"}),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+        {
+            "fullUrl": f"{other}/Observation/{uuid.uuid4().hex[:12]}",
+            "resource": observation(
+                encounter={"reference": f"{other}/Encounter/{old_id}"},
+                extension=[
+                    {
+                        "url": "http://example.org/fhir/StructureDefinition/visit",
+                        "valueReference": {"reference": f"Encounter/{old_id}"},
+                    }
+                ],
+            ),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+        {
+            # No RESTful fullUrl: its relative reference is to this server, left as it is.
+            "resource": observation(derivedFrom=[{"reference": f"Observation/{old_id}"}]),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+    )
+    response = post(client, sent)
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    new_id = entries[0]["resource"]["id"]
+    assert new_id != old_id
+    target = {"reference": f"Encounter/{new_id}"}
+    assert entries[1]["resource"]["encounter"] == target
+    assert entries[2]["resource"]["encounter"] == target
+    assert entries[2]["resource"]["extension"][0]["valueReference"] == target
+    assert entries[3]["resource"]["derivedFrom"] == [{"reference": f"Observation/{old_id}"}]
+
+
+def test_references_rewritten_in_contained_resources_extensions_and_arrays(
+    client: TestClient,
+) -> None:
+    visit, first, second = urn(), urn(), f"urn:oid:1.2.840.{uuid.uuid4().int % 10**9}"
+    sent = bundle(
+        "transaction",
+        {
+            "resource": observation(
+                encounter={"reference": visit},
+                extension=[
+                    {
+                        "url": "http://example.org/fhir/StructureDefinition/visit",
+                        "valueReference": {"reference": visit},
+                    }
+                ],
+                contained=[
+                    {
+                        "resourceType": "Observation",
+                        "id": "inner",
+                        "status": "final",
+                        "code": {"text": "inner"},
+                        "encounter": {"reference": visit},
+                    }
+                ],
+                hasMember=[{"reference": "#inner"}, {"reference": first}, {"reference": second}],
+            ),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+        {
+            "fullUrl": visit,
+            "resource": encounter(),
+            "request": {"method": "POST", "url": "Encounter"},
+        },
+        {
+            "fullUrl": first,
+            "resource": observation(),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+        {
+            "fullUrl": second,
+            "resource": observation(),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+    )
+    response = post(client, sent)
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    made = stored(client, "Observation", entries[0]["resource"]["id"])
+    visit_ref = {"reference": f"Encounter/{entries[1]['resource']['id']}"}
+    assert made["encounter"] == visit_ref
+    assert made["extension"][0]["valueReference"] == visit_ref
+    assert made["contained"][0]["encounter"] == visit_ref
+    assert made["hasMember"] == [
+        {"reference": "#inner"},
+        {"reference": f"Observation/{entries[2]['resource']['id']}"},
+        {"reference": f"Observation/{entries[3]['resource']['id']}"},
+    ]
+
+
+def test_a_urn_uuid_reference_to_no_entry_fails_the_transaction(client: TestClient) -> None:
+    value, dangling = uuid.uuid4().hex, urn()
+    sent = bundle(
+        "transaction",
+        {"resource": observation(value), "request": {"method": "POST", "url": "Observation"}},
+        {
+            "fullUrl": urn(),
+            "resource": observation(derivedFrom=[{"reference": dangling}]),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+    )
+    response = post(client, sent)
+    assert response.status_code == 400, response.text
+    issue = issue_of(response)
+    assert issue["code"] == "invalid"
+    assert issue["expression"][0] == "Bundle.entry[1]"
+    assert dangling in issue["diagnostics"]
+    assert sent["entry"][1]["fullUrl"] in issue["diagnostics"]
+    # Rolled back: the first entry's create is not there either.
+    assert client.get(f"/fhir/Observation?identifier=urn:ehr:obs|{value}").json().get("total") == 0
+
+
+def test_batch_entries_may_not_refer_to_each_other(client: TestClient) -> None:
+    """http.html#brules: a reference from one batch entry to another that it creates is not
+    conformant; the entry that refers fails on its own, the others run."""
+    visit, server_side = urn(), "http://ehr.example.org/fhir/Encounter/9"
+    sent = bundle(
+        "batch",
+        {
+            "fullUrl": visit,
+            "resource": encounter(),
+            "request": {"method": "POST", "url": "Encounter"},
+        },
+        {
+            "resource": observation(encounter={"reference": visit}),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+        {
+            "fullUrl": server_side,
+            "resource": encounter(),
+            "request": {"method": "POST", "url": "Encounter"},
+        },
+        {
+            "fullUrl": "http://ehr.example.org/fhir/Observation/1",
+            "resource": observation(encounter={"reference": "Encounter/9"}),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+        {"resource": observation(), "request": {"method": "POST", "url": "Observation"}},
+    )
+    response = post(client, sent)
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    assert [e["response"]["status"] for e in entries] == [
+        "201 Created",
+        "400",
+        "201 Created",
+        "400",
+        "201 Created",
+    ]
+    for index in (1, 3):
+        issue = entries[index]["response"]["outcome"]["issue"][0]
+        assert issue["code"] == "invalid"
+        assert issue["expression"] == [f"Bundle.entry[{index}]"]
+    assert visit in entries[1]["response"]["outcome"]["issue"][0]["diagnostics"]
+
+
+def test_the_outcome_of_a_failed_transaction_names_the_entrys_index_and_full_url(
+    client: TestClient,
+) -> None:
+    full_url = urn()
+    broken = observation()
+    del broken["status"]
+    sent = bundle(
+        "transaction",
+        {"resource": observation(), "request": {"method": "POST", "url": "Observation"}},
+        {
+            "fullUrl": full_url,
+            "resource": broken,
+            "request": {"method": "POST", "url": "Observation"},
+        },
+    )
+    response = post(client, sent)
+    assert response.status_code == 422, response.text
+    issues = response.json()["issue"]
+    assert issues
+    for issue in issues:
+        assert issue["expression"][0] == "Bundle.entry[1]"
+        assert issue["diagnostics"].startswith(f"entry 1 (POST Observation, fullUrl {full_url}): ")
