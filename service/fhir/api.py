@@ -46,6 +46,7 @@ from service.fhir.search import (
     query_string,
     run_search,
 )
+from service.fhir.search_index import date_range
 from service.fhir.search_parameters import INDEXED_TYPES, definitions
 from service.store.resources import ResourceRepository, VersionRow
 
@@ -190,8 +191,38 @@ def _decode_cursor(token: str | None) -> tuple[datetime, str, int] | None:
         raise FhirError(400, "invalid", "_page is not a page token this server issued") from None
 
 
+def _instant(value: str, name: str) -> datetime:
+    """A FHIR instant (date, time and offset), as `_since` is typed; a `+` that became a space in
+    the URL is put back. A date alone, a time without its offset or a number is a 400: read as
+    anything else it would pick versions the client did not ask for."""
+    text = value.strip().replace(" ", "+")
+    try:
+        if "T" not in text:
+            raise ValueError(text)
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            raise ValueError(text)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # year 1 at +01:00 overflows in UTC
+        raise FhirError(
+            400, "invalid", f"{name} must be an instant with a time zone, not {value!r}", name
+        ) from None
+
+
+def _period(value: str, name: str) -> tuple[datetime, datetime]:
+    """The inclusive UTC range a date or dateTime covers at its precision (`_at=2026-10` is the
+    whole month), as a search's date parameter reads it."""
+    try:
+        return date_range(value.replace(" ", "+"))
+    except ValueError:
+        raise FhirError(
+            400, "invalid", f"{name} must be a FHIR date or dateTime, not {value!r}", name
+        ) from None
+
+
 Count = Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)]
-Since = Annotated[datetime | None, Query(alias="_since")]
+Since = Annotated[str | None, Query(alias="_since")]
+At = Annotated[str | None, Query(alias="_at")]
 Page = Annotated[str | None, Query(alias="_page")]
 
 
@@ -201,23 +232,34 @@ async def _history(
     resource_type: str,
     resource_id: str | None,
     count: int,
-    since: datetime | None,
+    since_text: str | None,
     page: str | None,
+    at_text: str | None = None,
 ) -> Response:
-    """Type history (`resource_id` None) or instance history, newest first, a page at a time."""
+    """Type history (`resource_id` None) or instance history, newest first, a page at a time:
+    `_since` the versions made at or after an instant, `_at` those current at some point of a
+    date's or dateTime's range."""
     _check_type(resource_type)
     if resource_type not in STORED_TYPES:
         raise FhirError(405, "not-supported", f"{resource_type} has no history here")
+    since = None if since_text is None else _instant(since_text, "_since")
+    at = None if at_text is None else _period(at_text, "_at")
     after = _decode_cursor(page)
 
     def read() -> list[VersionRow]:
         with services.database.unit_of_work(write=False) as uow:
             return ResourceRepository(uow.connection).type_history(
-                resource_type, resource_id=resource_id, since=since, before=after, limit=count + 1
+                resource_type,
+                resource_id=resource_id,
+                since=since,
+                at=at,
+                before=after,
+                limit=count + 1,
             )
 
     rows = await run_in_threadpool(read)
-    if resource_id is not None and not rows and after is None and since is None:
+    filtered = since is not None or at is not None
+    if resource_id is not None and not rows and after is None and not filtered:
         raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
     next_url = None
     if len(rows) > count:
@@ -462,9 +504,10 @@ def build_router() -> APIRouter:
         services: ServicesDep,
         count: Count = 50,
         since: Since = None,
+        at: At = None,
         page: Page = None,
     ) -> Response:
-        return await _history(request, services, resource_type, None, count, since, page)
+        return await _history(request, services, resource_type, None, count, since, page, at)
 
     @router.get(
         "/{resource_type}/{resource_id}/_history",
@@ -478,8 +521,9 @@ def build_router() -> APIRouter:
         services: ServicesDep,
         count: Count = 50,
         since: Since = None,
+        at: At = None,
         page: Page = None,
     ) -> Response:
-        return await _history(request, services, resource_type, resource_id, count, since, page)
+        return await _history(request, services, resource_type, resource_id, count, since, page, at)
 
     return router

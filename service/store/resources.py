@@ -297,15 +297,36 @@ class ResourceRepository:
         *,
         resource_id: str | None = None,
         since: datetime | None = None,
+        at: tuple[datetime, datetime] | None = None,
         before: tuple[datetime, str, int] | None = None,
         limit: int = 50,
     ) -> list[VersionRow]:
-        """Versions newest first, after a keyset cursor (last updated, id, version)."""
+        """Versions newest first, after a keyset cursor (last updated, id, version).
+
+        `since`: the versions made at or after it. `at` (an inclusive range): the versions
+        current at some point of it, from when each was made until the next version was.
+        """
         query = select(*_VERSION_COLUMNS).where(resource_versions.c.resource_type == resource_type)
         if resource_id is not None:
             query = query.where(resource_versions.c.id == resource_id)
         if since is not None:
             query = query.where(resource_versions.c.last_updated >= since)
+        if at is not None:
+            low, high = at
+            following = resource_versions.alias("following")
+            superseded = (
+                select(following.c.last_updated)
+                .where(
+                    following.c.resource_type == resource_versions.c.resource_type,
+                    following.c.id == resource_versions.c.id,
+                    following.c.version == resource_versions.c.version + 1,
+                )
+                .scalar_subquery()
+            )
+            query = query.where(
+                resource_versions.c.last_updated <= high,
+                or_(superseded.is_(None), superseded > low),
+            )
         if before is not None:
             when, last_id, last_version = before
             query = query.where(

@@ -4,7 +4,9 @@ history Bundle's order and entries."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -64,3 +66,99 @@ def test_vread_of_a_deleted_version_is_gone_and_earlier_versions_stay(client: Te
     assert gone.headers["etag"] == 'W/"2"'
     assert client.get(f"{url}/_history/1").json() == created
     assert_outcome(client.get(f"{url}/_history/3"), 404, "not-found")
+
+
+def _versions(client: TestClient, count: int) -> tuple[str, list[datetime]]:
+    """An Observation with `count` versions, a few milliseconds apart, and when each was made."""
+    created = client.post("/fhir/Observation", json=observation()).json()
+    url = f"/fhir/Observation/{created['id']}"
+    times = [datetime.fromisoformat(created["meta"]["lastUpdated"])]
+    body = created
+    for n in range(2, count + 1):
+        time.sleep(0.01)
+        body = client.put(url, json=body | {"valueQuantity": {"value": n, "unit": "/min"}}).json()
+        assert body["meta"]["versionId"] == str(n)
+        times.append(datetime.fromisoformat(body["meta"]["lastUpdated"]))
+    return url, times
+
+
+def _history_versions(response: Any) -> list[str]:
+    assert response.status_code == 200, response.text
+    bundle = response.json()
+    assert (bundle["resourceType"], bundle["type"]) == ("Bundle", "history")
+    return [entry["response"]["etag"] for entry in bundle.get("entry", [])]
+
+
+def _param(moment: datetime) -> str:
+    return quote(moment.isoformat(), safe="")
+
+
+@pytest.mark.parametrize(
+    "since",
+    [
+        "2026-01-01",  # a date is no instant: read as midnight UTC it would guess a zone
+        "2026",  # read as a number it was 33 minutes past 1970
+        "2026-01-01T00:00:00",  # a time without its offset
+        "yesterday",
+        "2026-13-01T00:00:00Z",
+    ],
+)
+def test_history_since_takes_an_instant_only(client: TestClient, since: str) -> None:
+    url, _times = _versions(client, 1)
+    body = assert_outcome(client.get(f"{url}/_history?_since={since}"), 400, "invalid")
+    assert body["issue"][0]["expression"] == ["_since"]
+    assert_outcome(client.get(f"/fhir/Observation/_history?_since={since}"), 400, "invalid")
+
+
+def test_history_since_keeps_the_versions_made_at_or_after_it(client: TestClient) -> None:
+    url, times = _versions(client, 3)
+    assert _history_versions(client.get(f"{url}/_history?_since={_param(times[1])}")) == [
+        'W/"3"',
+        'W/"2"',
+    ]
+    # An offset other than UTC, its `+` left unencoded (it arrives as a space): the same instant.
+    east = times[1].astimezone(timezone(timedelta(hours=5))).isoformat()
+    assert _history_versions(client.get(f"{url}/_history?_since={east}")) == ['W/"3"', 'W/"2"']
+    later = times[2] + timedelta(seconds=1)
+    assert _history_versions(client.get(f"{url}/_history?_since={_param(later)}")) == []
+
+
+def test_history_at_keeps_the_versions_current_during_it(client: TestClient) -> None:
+    url, times = _versions(client, 3)
+    between = times[0] + (times[1] - times[0]) / 2
+    assert _history_versions(client.get(f"{url}/_history?_at={_param(between)}")) == ['W/"1"']
+    assert _history_versions(client.get(f"{url}/_history?_at={_param(times[1])}")) == ['W/"2"']
+    after = times[2] + timedelta(days=2)
+    assert _history_versions(client.get(f"{url}/_history?_at={_param(after)}")) == ['W/"3"']
+    before = times[0] - timedelta(days=2)
+    assert _history_versions(client.get(f"{url}/_history?_at={_param(before)}")) == []
+    # A day is its whole range: every version made that day, and the one current when it began.
+    day = times[0].date().isoformat()
+    assert _history_versions(client.get(f"{url}/_history?_at={day}")) == [
+        'W/"3"',
+        'W/"2"',
+        'W/"1"',
+    ]
+    # Type history too: a resource made after the moment was not current at it.
+    other, _ = _versions(client, 1)
+    type_history = client.get(f"/fhir/Observation/_history?_at={_param(between)}&_count=1000")
+    urls = [entry["fullUrl"] for entry in type_history.json()["entry"]]
+    assert f"http://testserver{url}" in urls
+    assert f"http://testserver{other}" not in urls
+    body = assert_outcome(client.get(f"{url}/_history?_at=soon"), 400, "invalid")
+    assert body["issue"][0]["expression"] == ["_at"]
+
+
+def test_a_deletion_is_a_history_entry_without_a_resource(client: TestClient) -> None:
+    url, times = _versions(client, 2)
+    assert client.delete(url).status_code == 204
+    bundle = client.get(f"{url}/_history").json()
+    entries = bundle["entry"]
+    assert [e["request"]["method"] for e in entries] == ["DELETE", "PUT", "POST"]
+    assert "resource" not in entries[0]
+    assert entries[0]["response"]["etag"] == 'W/"3"'
+    assert entries[0]["request"]["url"] == url.removeprefix("/fhir/")
+    assert all("resource" in e for e in entries[1:])
+    modified = [datetime.fromisoformat(e["response"]["lastModified"]) for e in entries]
+    assert modified == sorted(modified, reverse=True)
+    assert modified[1:] == times[::-1]
