@@ -82,6 +82,8 @@ EXPORT_PARAMETERS = ("_outputFormat", "_since", "_type", "_typeFilter")
 """The kick-off parameters honoured, at system and Patient level, by GET and POST."""
 PATIENT_EXPORT_PARAMETERS = (*EXPORT_PARAMETERS, "patient")
 """Patient level adds `patient` references (in a POST body only, as the IG has it)."""
+FORMAT_PARAMETERS = ("_format", "_pretty")
+"""The response-format parameters any FHIR request may carry."""
 UNSUPPORTED_EXPORT_PARAMETERS = ("_elements", "_until", "includeAssociatedData", "organizeOutputBy")
 EVERYTHING_PARAMETERS = ("start", "end", "_since", "_type", "_count")
 CARE_DATES: dict[str, tuple[str, ...]] = {
@@ -229,8 +231,24 @@ def parse_types(value: str | None, *, allowed: Sequence[str], name: str = "_type
     return wanted
 
 
+def _preferences(prefer: str | None) -> dict[str, str]:
+    """The preferences of a `Prefer` header (RFC 7240): token -> value, in lower case; the
+    parameters after a `;` belong to their preference and are left out."""
+    found: dict[str, str] = {}
+    for part in (prefer or "").split(","):
+        token, _, value = part.split(";", 1)[0].partition("=")
+        if token.strip():
+            found.setdefault(token.strip().lower(), value.strip().strip('"').lower())
+    return found
+
+
 def _prefers_async(prefer: str | None) -> bool:
-    return any(part.strip().lower() == "respond-async" for part in (prefer or "").split(","))
+    return "respond-async" in _preferences(prefer)
+
+
+def _handling(prefer: str | None) -> str | None:
+    """`Prefer: handling=strict|lenient`, or None when the client did not say."""
+    return _preferences(prefer).get("handling")
 
 
 def parameters_of_body(raw: bytes, content_type: str, *, operation: str) -> list[tuple[str, str]]:
@@ -392,13 +410,31 @@ def _patient_ids(references: Sequence[str], *, base: str) -> list[str]:
 
 
 def export_request(
-    pairs: Sequence[tuple[str, str]], *, level: str, base: str, post: bool
+    pairs: Sequence[tuple[str, str]],
+    *,
+    level: str,
+    base: str,
+    post: bool,
+    handling: str | None = None,
 ) -> ExportRequest:
-    """Check the kick-off parameters (query and POST body alike)."""
+    """Check the kick-off parameters (query and POST body alike).
+
+    A parameter of the IG this server does not support is a 400, unless the client sent
+    `Prefer: handling=lenient`: then it is left out (export.md: "the server MAY process the
+    request instead of returning an error"). A parameter the IG does not define is left out,
+    unless the client sent `Prefer: handling=strict`: then it is a 400 too.
+    """
     names = {name for name, _ in pairs}
+    if handling == "strict":
+        known = {*PATIENT_EXPORT_PARAMETERS, *UNSUPPORTED_EXPORT_PARAMETERS, *FORMAT_PARAMETERS}
+        for name in sorted(names - known):
+            raise FhirError(
+                400, "not-supported", f"$export has no parameter {name} (handling=strict)", name
+            )
     for name in UNSUPPORTED_EXPORT_PARAMETERS:
-        if name in names:
+        if name in names and handling != "lenient":
             raise FhirError(400, "not-supported", f"$export does not support {name}", name)
+    pairs = [(name, value) for name, value in pairs if name not in UNSUPPORTED_EXPORT_PARAMETERS]
     output_format = _single(pairs, "_outputFormat")
     # Clients often leave the `+` of application/fhir+ndjson unescaped, so it arrives a space.
     if output_format is not None and output_format.replace(" ", "+") not in OUTPUT_FORMATS:
@@ -410,7 +446,12 @@ def export_request(
             "_outputFormat",
         )
     allowed = _compartment_types() if level == "patient" else STORED_TYPES
-    types = parse_types(_joined(pairs, "_type"), allowed=allowed)
+    type_text = _joined(pairs, "_type")
+    if handling == "lenient" and type_text is not None:
+        # Types this export does not return are left out; if none is left, the error says so.
+        wanted = [t.strip() for t in type_text.split(",") if t.strip() in allowed]
+        type_text = ",".join(wanted) if wanted else type_text
+    types = parse_types(type_text, allowed=allowed)
     since_text = _single(pairs, "_since")
     since = None if since_text is None else parse_instant(since_text, "_since")
     filter_values = [value for name, value in pairs if name == "_typeFilter"]
@@ -456,7 +497,7 @@ def kick_off(
     """Check a kick-off request and record its job, its snapshot instant now, as `client_id`'s."""
     if not _prefers_async(prefer):
         raise FhirError(400, "invalid", "$export needs the header 'Prefer: respond-async'")
-    wanted = export_request(pairs, level=level, base=base, post=post)
+    wanted = export_request(pairs, level=level, base=base, post=post, handling=_handling(prefer))
     with database.unit_of_work(write=True) as uow:
         repository = ResourceRepository(uow.connection)
         for patient_id in wanted.patients:
