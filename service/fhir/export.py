@@ -658,9 +658,11 @@ def everything_parameters(params: Mapping[str, str]) -> dict[str, Any]:
     count_text = params.get("_count")
     count = EVERYTHING_COUNT
     if count_text is not None:
-        if not re.fullmatch(r"[0-9]{1,9}", count_text.strip()) or int(count_text) < 1:
+        digits = count_text.strip()
+        if not re.fullmatch(r"[0-9]+", digits) or not digits.strip("0"):
             raise FhirError(400, "invalid", "_count must be a positive integer", "_count")
-        count = min(int(count_text), MAX_COUNT)
+        # A page larger than the server serves is a page as large as it serves (search.html).
+        count = MAX_COUNT if len(digits) > 9 else min(int(digits), MAX_COUNT)
     since_text = params.get("_since")
     type_text = params.get("_type")
     # The range is inclusive at the bounds' precision: end=2026-10 runs to October's last instant.

@@ -1,5 +1,6 @@
-"""Bulk Data kick-off (Bulk Data Access IG v2, export.md) against the letter of the IG: the
-`Prefer` header as RFC 7240 writes it, `handling=lenient` and `handling=strict`."""
+"""Bulk Data kick-off (Bulk Data Access IG v2, export.md) and `$everything` paging against the
+letter of their specifications: the `Prefer` header as RFC 7240 writes it, `handling=lenient`
+and `handling=strict`, and `_count` larger than a page."""
 
 from __future__ import annotations
 
@@ -123,3 +124,20 @@ def test_a_parameter_the_ig_does_not_define_is_a_400_under_handling_strict(
     assert known.status_code == 202, known.text
     lenient_default = client.get("/fhir/$export?colour=blue", headers={"Prefer": "respond-async"})
     assert lenient_default.status_code == 202, lenient_default.text
+
+
+@pytest.mark.parametrize("count", ["1001", "99999999999", "0001000"])
+def test_everything_takes_a_count_larger_than_a_page(client: TestClient, count: str) -> None:
+    patient = client.get("/fhir/Patient/$everything?_count=1").json()
+    assert patient["type"] == "searchset"
+    response = client.get(f"/fhir/Patient/$everything?_count={count}")
+    assert response.status_code == 200, response.text
+    assert response.json()["type"] == "searchset"
+
+
+@pytest.mark.parametrize("count", ["0", "000", "-1", "ten", ""])
+def test_everything_refuses_a_count_that_is_no_positive_integer(
+    client: TestClient, count: str
+) -> None:
+    issue = outcome_issue(client.get(f"/fhir/Patient/$everything?_count={count}"), 400)
+    assert issue["expression"] == ["_count"]
