@@ -370,7 +370,12 @@ def _run_entry(
                 resource | {"id": entry.planned_id},
                 must_be_new=True,
             )
-        return writer.create(resource_type, resource)
+        criteria = (
+            None
+            if entry.if_none_exist is None
+            else parse_criteria(resource_type, entry.if_none_exist)
+        )
+        return writer.create(resource_type, resource, if_none_exist=criteria)
     # PUT
     if entry.resource_id is not None:
         check_id(entry.resource_id)

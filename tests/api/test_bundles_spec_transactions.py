@@ -487,3 +487,56 @@ def test_the_outcome_of_a_failed_transaction_names_the_entrys_index_and_full_url
     for issue in issues:
         assert issue["expression"][0] == "Bundle.entry[1]"
         assert issue["diagnostics"].startswith(f"entry 1 (POST Observation, fullUrl {full_url}): ")
+
+
+# --- conditional create in a batch ----------------------------------------------------------------
+
+
+def test_a_batch_entry_with_if_none_exist_creates_only_without_a_match(client: TestClient) -> None:
+    """A batch entry is the request sent alone: `ifNoneExist` is a conditional create (no match:
+    create, 201; one: nothing created, 200 with the match; several: 412)."""
+    one, several, none = (uuid.uuid4().hex for _ in range(3))
+    existing = client.post("/fhir/Observation", json=observation(one)).json()
+    for _ in range(2):
+        client.post("/fhir/Observation", json=observation(several))
+
+    def conditional(value: str) -> dict[str, Any]:
+        return {
+            "resource": observation(value),
+            "request": {
+                "method": "POST",
+                "url": "Observation",
+                "ifNoneExist": f"identifier=urn:ehr:obs|{value}",
+            },
+        }
+
+    sent = bundle("batch", conditional(one), conditional(several), conditional(none))
+    response = post(client, sent)
+    assert response.status_code == 200, response.text
+    matched, ambiguous, created = response.json()["entry"]
+    assert matched["response"]["status"] == "200 OK"
+    assert matched["resource"]["id"] == existing["id"]
+    assert matched["response"]["location"].endswith(f"/Observation/{existing['id']}/_history/1")
+    assert ambiguous["response"]["status"] == "412"
+    assert ambiguous["response"]["outcome"]["issue"][0]["expression"] == ["Bundle.entry[1]"]
+    assert created["response"]["status"] == "201 Created"
+    totals = {
+        value: client.get(f"/fhir/Observation?identifier=urn:ehr:obs|{value}").json()["total"]
+        for value in (one, several, none)
+    }
+    assert totals == {one: 1, several: 2, none: 1}
+
+
+def test_a_batch_entry_with_bad_if_none_exist_criteria_fails_on_its_own(client: TestClient) -> None:
+    sent = bundle(
+        "batch",
+        {
+            "resource": observation(),
+            "request": {"method": "POST", "url": "Observation", "ifNoneExist": "colour=blue"},
+        },
+        {"resource": observation(), "request": {"method": "POST", "url": "Observation"}},
+    )
+    response = post(client, sent)
+    assert response.status_code == 200, response.text
+    statuses = [e["response"]["status"] for e in response.json()["entry"]]
+    assert statuses == ["400", "201 Created"]
