@@ -123,11 +123,70 @@ ServicesDep = Annotated[Services, Depends(_services)]
 ConformanceDep = Annotated[ConformanceResources, Depends(_conformance)]
 
 
+_PLAIN_ACCEPT = frozenset(
+    ("", "*/*", "application/fhir+json", "application/json", "application/json, */*")
+)
+"""Accept headers answered without parsing: what clients send on almost every request."""
+JSON_FORMATS = frozenset(
+    (
+        *("json", "application/json", "application/fhir+json", "application/json+fhir"),
+        # Bulk Data output files, which a client downloads with Accept: application/fhir+ndjson
+        *("ndjson", "application/ndjson", "application/fhir+ndjson", "application/x-ndjson"),
+    )
+)
+"""`_format` values and media types that are FHIR JSON (R4 http.html#mime-type), or NDJSON."""
+_ANY = frozenset(("*/*", "application/*"))
+FHIR_VERSIONS = frozenset(("4.0", "4.0.1"))
+"""`fhirVersion` media type parameter values this server speaks (R4 versioning.html)."""
+
+
+def _media_range(text: str) -> tuple[str, dict[str, str]]:
+    """A media type or range, lower-cased, and its parameters (`q`, `fhirVersion` ...)."""
+    kind, *rest = text.split(";")
+    parameters: dict[str, str] = {}
+    for item in rest:
+        name, _, value = item.partition("=")
+        parameters[name.strip().lower()] = value.strip().strip('"')
+    return kind.strip().lower(), parameters
+
+
+def speaks_json(text: str) -> bool:
+    """Whether a media type (or `_format` value) is FHIR JSON in the FHIR version served."""
+    kind, parameters = _media_range(text)
+    version = parameters.get("fhirversion")
+    json = kind in JSON_FORMATS or kind.endswith(("/json", "+json"))
+    return json and (version is None or version in FHIR_VERSIONS)
+
+
+def _accepts_json(accept: str) -> bool:
+    """Whether an Accept header allows FHIR JSON: a JSON type or `*/*`, at a q above 0."""
+    for item in accept.split(","):
+        kind, parameters = _media_range(item)
+        try:
+            weight = float(parameters.get("q", "1"))
+        except ValueError:
+            weight = 1.0  # an unreadable weight: the range as if it had none
+        if weight <= 0:
+            continue
+        if kind in _ANY or speaks_json(item):
+            return True
+    return False
+
+
 async def negotiate(request: Request) -> None:
-    """JSON only: `_format` or Accept asking for XML (or anything but JSON) is a 406."""
-    wanted = request.query_params.get("_format") or request.headers.get("accept") or ""
-    if not wanted or "json" in wanted or "*/*" in wanted or "application/*" in wanted:
-        return
+    """JSON only: `_format` or Accept asking for XML (or anything but R4 JSON) is a 406.
+
+    `_format` wins over Accept (R4 http.html#mime-type). A JSON type at `q=0`, or with a
+    `fhirVersion` other than 4.0, is not acceptable.
+    """
+    wanted = request.query_params.get("_format")
+    if wanted is not None:
+        if speaks_json(wanted):
+            return
+    else:
+        wanted = request.headers.get("accept") or ""
+        if wanted in _PLAIN_ACCEPT or _accepts_json(wanted):
+            return
     raise NotAcceptable(f"this server answers in application/fhir+json, not {wanted}")
 
 

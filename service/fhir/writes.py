@@ -61,7 +61,7 @@ from mappings.patient import patient_from_fhir
 from mappings.unsupported import UnsupportedContent
 from service.bootstrap import Services
 from service.errors import InvalidRecord, Problem
-from service.fhir.api import CONFORMANCE_TYPES, STORED_TYPES, negotiate
+from service.fhir.api import CONFORMANCE_TYPES, FHIR_VERSIONS, STORED_TYPES, negotiate
 from service.fhir.errors import (
     FHIR_JSON,
     FhirError,
@@ -224,7 +224,7 @@ def parse_criteria(resource_type: str, query: str) -> Params:
 
 
 def check_media_type(content_type: str | None) -> None:
-    """A resource body is FHIR JSON (or plain JSON)."""
+    """A resource body is FHIR JSON (or plain JSON), in UTF-8 and FHIR 4.0."""
     media = (content_type or "").split(";")[0].strip().lower()
     if media and media not in (
         "application/fhir+json",
@@ -232,10 +232,27 @@ def check_media_type(content_type: str | None) -> None:
         "application/json+fhir",
     ):
         raise UnsupportedMediaType(f"send application/fhir+json, not {media}")
+    _check_media_parameters(content_type)
+
+
+def _check_media_parameters(content_type: str | None) -> None:
+    """FHIR bodies are UTF-8 (R4 http.html#mime-type) and this server reads FHIR 4.0 alone
+    (R4 versioning.html, the `fhirVersion` parameter): a body said to be anything else is a 415,
+    not read as what it is not."""
+    for item in (content_type or "").split(";")[1:]:
+        name, _, value = item.partition("=")
+        name, value = name.strip().lower(), value.strip().strip('"')
+        if name == "charset" and value.lower() not in ("utf-8", "utf8"):
+            raise UnsupportedMediaType(f"FHIR bodies are UTF-8, not charset={value}")
+        if name == "fhirversion" and value not in FHIR_VERSIONS:
+            raise UnsupportedMediaType(
+                f"this server takes FHIR 4.0 (R4) resources, not fhirVersion={value}"
+            )
 
 
 def check_patch_media_type(content_type: str | None) -> str:
     """The media type of a PATCH body: a JSON Patch, or a FHIRPath Patch in FHIR JSON."""
+    _check_media_parameters(content_type)
     media = (content_type or "").split(";")[0].strip().lower()
     if media != JSON_PATCH and media not in FHIRPATH_PATCH_MEDIA:
         raise UnsupportedMediaType(
