@@ -23,6 +23,27 @@ from service.fhir.profile_validation import ProfileValidator
 
 Issue = dict[str, Any]
 
+MAX_DEPTH = 64
+"""The deepest a resource may nest (the document being level 1), as the write path allows:
+the validators below walk it recursively, so a deeper one is refused before they see it."""
+
+
+def _nests_deeper_than(data: Any, limit: int) -> bool:
+    """Whether a value lies deeper than `limit`: level by level, without recursion."""
+    level = [data] if isinstance(data, dict | list) else []
+    depth = 1
+    while level:
+        if depth >= limit and any(level):
+            return True
+        below: list[Any] = []
+        for container in level:
+            for value in container.values() if isinstance(container, dict) else container:
+                if isinstance(value, dict | list):
+                    below.append(value)
+        level = below
+        depth += 1
+    return False
+
 
 def structural_issues(resource: Mapping[str, Any] | bytes) -> list[Issue]:
     """Every R4 structural problem in a resource, as OperationOutcome issues."""
@@ -49,8 +70,19 @@ class ResourceValidator:
     ) -> list[Issue]:
         """Every issue; the profile checks run only on structurally sound resources.
 
-        `data`: the resource's JSON, when the caller has it (the structural check reads that).
+        `data`: the resource's JSON, when the caller has it (the structural check reads that);
+        a caller with the JSON has parsed it as a request body, its depth checked.
         """
+        if data is None and _nests_deeper_than(resource, MAX_DEPTH):
+            return [
+                {
+                    "severity": "error",
+                    "code": "too-costly",
+                    "diagnostics": f"the resource nests deeper than {MAX_DEPTH} levels, which "
+                    "no write here accepts; it was not validated further",
+                    "expression": [str(resource.get("resourceType", "Resource"))],
+                }
+            ]
         found = structural_issues(resource if data is None else data)
         if any(issue["severity"] == "error" for issue in found):
             return found
