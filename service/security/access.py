@@ -37,7 +37,6 @@ Errors raised here for handlers:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -657,12 +656,18 @@ class AccessMiddleware:
         task = asyncio.ensure_future(self.app(scope, receive, guarded_send))
         if deadline is not None:
             # The timer cuts off a handler that has not started its response by the deadline
-            # (it may never); `guarded_send` refuses one that starts after it.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.shield(started.wait()), max(0.0, deadline - loop.time())
+            # (it may never); `guarded_send` refuses one that starts after it. A handler that
+            # ends without starting one (it failed) is not waited for: its error goes on below.
+            starting = asyncio.ensure_future(started.wait())
+            try:
+                await asyncio.wait(
+                    (task, starting),
+                    timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-            if overran or not started.is_set():
+            finally:
+                starting.cancel()
+            if overran or not (started.is_set() or task.done()):
                 dropping = True  # whatever the handler sends from here on goes nowhere
                 task.cancel()
                 task.add_done_callback(_settled)

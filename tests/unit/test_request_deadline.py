@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import orjson
+import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from service.security.access import AccessMiddleware, Limits
@@ -16,13 +17,13 @@ from service.security.access import AccessMiddleware, Limits
 DEADLINE = 0.05
 
 
-def middleware(app: Any) -> AccessMiddleware:
+def middleware(app: Any, deadline: float = DEADLINE) -> AccessMiddleware:
     return AccessMiddleware(
-        app, authenticator=None, audit=None, limits=Limits(request_timeout_seconds=DEADLINE)
+        app, authenticator=None, audit=None, limits=Limits(request_timeout_seconds=deadline)
     )
 
 
-async def answer(app: Any, method: str = "GET") -> list[Message]:
+async def answer(app: Any, method: str = "GET", deadline: float = DEADLINE) -> list[Message]:
     """What the middleware sends for one request to /fhir/Patient."""
     sent: list[Message] = []
 
@@ -46,7 +47,7 @@ async def answer(app: Any, method: str = "GET") -> list[Message]:
         "http_version": "1.1",
         "state": {},
     }
-    await middleware(app)(scope, receive, send)
+    await middleware(app, deadline)(scope, receive, send)
     return sent
 
 
@@ -118,3 +119,19 @@ def test_a_write_has_no_deadline() -> None:
 
     sent = asyncio.run(answer(slow_write, method="POST"))
     assert status_of(sent) == 200
+
+
+def test_a_read_whose_handler_fails_is_not_held_until_the_deadline() -> None:
+    """A handler that fails before it answers: its error goes on to the app's error handling
+    (a 500) at once, not a 503 "took too long" once the deadline has passed."""
+
+    class Broken(Exception):
+        pass
+
+    async def fails(scope: Scope, receive: Receive, send: Send) -> None:
+        raise Broken()
+
+    began = time.perf_counter()
+    with pytest.raises(Broken):
+        asyncio.run(answer(fails, deadline=30))
+    assert time.perf_counter() - began < 5
