@@ -161,10 +161,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """A write's result: the resource as now stored, and whether the write brought it into being."""
+    """A write's result: the resource as now stored, whether the write brought it into being,
+    and whether it made a new version (not when the content was the current version's, or a
+    conditional create found its match)."""
 
     stored: StoredResource
     created: bool
+    changed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,7 +412,7 @@ class FacadeWriter:
             if found:
                 stored = self.resources.read(resource_type, found[0])
                 if stored is not None and not stored.deleted:
-                    return Written(stored, created=False)
+                    return Written(stored, created=False, changed=False)
         if resource_type in RECORD_KINDS:
             return self._write_record_backed(resource_type, resource, None, None)
         resource = {**resource, "id": str(uuid.uuid4())}
@@ -638,12 +641,14 @@ class FacadeWriter:
             )
         if before is not None:
             self._check_not_maintained(before)
+            if not before.deleted and _same_content(before, resource):
+                return Written(before, created=False, changed=False)
         self._check_valid(resource)
         written = self.resources.write([resource], now=datetime.now(UTC))
         # Nothing written: the content is the current version's, which `before` holds.
         stored = _stored(written[0]) if written else before
         assert stored is not None  # written, or current and unchanged
-        return Written(stored, created=before is None or before.deleted)
+        return Written(stored, created=before is None or before.deleted, changed=bool(written))
 
     def new_resource(
         self, resource_type: str, resource: dict[str, Any], resource_id: str
@@ -797,7 +802,11 @@ class FacadeWriter:
             raise ResourceConflict(
                 f"the clinic's {kind} {record.external_id} does not yield a {resource_type}"
             )
-        return Written(stored, created=before is None or before.deleted)
+        return Written(
+            stored,
+            created=before is None or before.deleted,
+            changed=before is None or before.deleted or before.version != stored.version,
+        )
 
     def _record_key(self, kind: str, stored: StoredResource) -> tuple[str, str] | None:
         """The record a stored resource was materialized from, by its business identifier."""
@@ -986,6 +995,22 @@ def _conditional_target(
     # No match, an id given: create it with that id, unless that id exists (and so did not
     # match the criteria).
     return (given, True) if given is not None else (None, False)
+
+
+def _same_content(stored: StoredResource, resource: dict[str, Any]) -> bool:
+    """Whether a resource a client sent is the stored version's content, whatever the order of
+    its members: a resource read back and sent again (its id now second, its meta stripped of
+    the version) is no new version. The store compares the JSON as written, in its order."""
+    current = orjson.loads(stored.body)
+    meta = current.get("meta")
+    if isinstance(meta, dict):
+        kept = {key: value for key, value in meta.items() if key not in _SERVER_META}
+        if kept:
+            current["meta"] = kept
+        else:
+            current.pop("meta")
+    sort = orjson.OPT_SORT_KEYS
+    return bool(orjson.dumps(current, option=sort) == orjson.dumps(resource, option=sort))
 
 
 def _stored(written: WrittenResource) -> StoredResource:
@@ -1783,7 +1808,11 @@ def _written_response(request: Request, result: Written, prefer: str | None) -> 
     if preference == "minimal":
         return Response(status_code=status, headers=headers)
     if preference == "operationoutcome":
-        what = "created" if result.created else "updated"
+        what = (
+            "created"
+            if result.created
+            else ("updated" if result.changed else "unchanged: it is the current version")
+        )
         body = {
             "resourceType": "OperationOutcome",
             "issue": [

@@ -1,0 +1,61 @@
+"""Write interactions against the letter of FHIR R4 (http.html#create, #update, #patch), on
+SQLite and PostgreSQL: what `Prefer: return=OperationOutcome` says."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+FHIR = "application/fhir+json"
+OUTCOME = {"Prefer": "return=OperationOutcome"}
+
+
+def observation(**extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "identifier": [{"system": "urn:ehr:obs", "value": uuid.uuid4().hex}],
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"display": "Ms Secret Name"},
+        "valueQuantity": {"value": 72, "unit": "/min"},
+    } | extra
+
+
+def informational(response: Any, status: int, diagnostics: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(FHIR)
+    assert response.json() == {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "information", "code": "informational", "diagnostics": diagnostics}],
+    }
+
+
+def test_operation_outcome_says_what_the_write_did(client: TestClient) -> None:
+    sent = observation()
+    system, value = sent["identifier"][0]["system"], sent["identifier"][0]["value"]
+    criteria = {"If-None-Exist": f"identifier={system}|{value}"}
+    created = client.post("/fhir/Observation", json=sent, headers=OUTCOME | criteria)
+    location = created.headers["location"].removeprefix("http://testserver/fhir/")
+    informational(created, 201, f"{location} created")
+    path = location.rsplit("/_history/", 1)[0]
+    # The match of a conditional create: nothing was created, nor updated.
+    found = client.post("/fhir/Observation", json=sent, headers=OUTCOME | criteria)
+    informational(found, 200, f"{location} unchanged: it is the current version")
+    assert found.headers["etag"] == 'W/"1"'
+    body = client.get(f"/fhir/{path}").json()
+    # The same content again (as read back, or its members in another order): no new version,
+    # and the outcome does not claim one.
+    reordered = dict(reversed(list(body.items())))
+    for again in (body, reordered):
+        unchanged = client.put(f"/fhir/{path}", json=again, headers=OUTCOME)
+        informational(unchanged, 200, f"{location} unchanged: it is the current version")
+        assert unchanged.headers["etag"] == 'W/"1"'
+    assert len(client.get(f"/fhir/{path}/_history").json()["entry"]) == 1
+    informational(
+        client.put(f"/fhir/{path}", json=body | {"status": "amended"}, headers=OUTCOME),
+        200,
+        f"{path}/_history/2 updated",
+    )
+    assert client.get(f"/fhir/{path}").json()["meta"]["versionId"] == "2"
