@@ -179,8 +179,16 @@ def parse_bundle(data: Any) -> tuple[str, list[Entry]]:
             400, "invalid", f"Bundle.type must be batch or transaction, not {kind!r}", "Bundle.type"
         )
     raw_entries = data.get("entry", [])
-    if not isinstance(raw_entries, list) or len(raw_entries) > MAX_ENTRIES:
-        raise FhirError(400, "invalid", f"Bundle.entry is a list of at most {MAX_ENTRIES} entries")
+    if not isinstance(raw_entries, list):
+        raise FhirError(400, "invalid", "Bundle.entry must be a list of entries", "Bundle.entry")
+    if len(raw_entries) > MAX_ENTRIES:
+        raise FhirError(
+            400,
+            "too-costly",
+            f"Bundle.entry has {len(raw_entries)} entries; this server takes at most "
+            f"{MAX_ENTRIES} in one Bundle",
+            "Bundle.entry",
+        )
     entries = []
     for index, raw in enumerate(raw_entries):
         entries.append(_parse_entry(index, raw))

@@ -540,3 +540,23 @@ def test_a_batch_entry_with_bad_if_none_exist_criteria_fails_on_its_own(client: 
     assert response.status_code == 200, response.text
     statuses = [e["response"]["status"] for e in response.json()["entry"]]
     assert statuses == ["400", "201 Created"]
+
+
+# --- the Bundle's size and shape ------------------------------------------------------------------
+
+
+def test_a_bundle_over_the_entry_limit_is_too_costly(client: TestClient) -> None:
+    entry = {"request": {"method": "GET", "url": "Observation/x"}}
+    response = post(client, bundle("batch", *([entry] * 10001)))
+    issue = issue_of(response)
+    assert response.status_code == 400
+    assert issue["code"] == "too-costly"
+    assert issue["expression"] == ["Bundle.entry"]
+    assert "10001" in issue["diagnostics"]
+
+
+def test_an_entry_element_that_is_no_list_is_invalid(client: TestClient) -> None:
+    response = post(client, {"resourceType": "Bundle", "type": "batch", "entry": {}})
+    issue = issue_of(response)
+    assert response.status_code == 400
+    assert (issue["code"], issue["expression"]) == ("invalid", ["Bundle.entry"])
