@@ -1048,13 +1048,19 @@ def _check_version(
         )
 
 
+_MISSING_IN = re.compile(r"( not found) in .*", re.DOTALL)
+
+
 def _apply_patch(document: dict[str, Any], operations: list[dict[str, Any]]) -> Any:
     try:
         return jsonpatch.apply_patch(document, operations)
     except jsonpatch.InvalidJsonPatch as error:
         raise FhirError(400, "invalid", f"not a valid JSON Patch: {error}") from None
     except jsonpatch.JsonPatchTestFailed as error:
-        raise InvalidResource([_issue("processing", f"a test operation failed: {error}")]) from None
+        # jsonpointer names a missing member with the whole object it looked in: the resource's
+        # content, which is not the outcome's to repeat.
+        why = _MISSING_IN.sub(r"\1", str(error))
+        raise InvalidResource([_issue("processing", f"a test operation failed: {why}")]) from None
     except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as error:
         raise InvalidResource(
             [_issue("processing", f"the patch does not apply: {error}")]

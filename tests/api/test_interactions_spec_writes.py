@@ -1,14 +1,17 @@
 """Write interactions against the letter of FHIR R4 (http.html#create, #update, #patch), on
-SQLite and PostgreSQL: what `Prefer: return=OperationOutcome` says."""
+SQLite and PostgreSQL: what `Prefer: return=OperationOutcome` says and what a failed JSON Patch
+`test` tells."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
+import orjson
 from fastapi.testclient import TestClient
 
 FHIR = "application/fhir+json"
+PATCH = {"Content-Type": "application/json-patch+json"}
 OUTCOME = {"Prefer": "return=OperationOutcome"}
 
 
@@ -59,3 +62,24 @@ def test_operation_outcome_says_what_the_write_did(client: TestClient) -> None:
         f"{path}/_history/2 updated",
     )
     assert client.get(f"/fhir/{path}").json()["meta"]["versionId"] == "2"
+
+
+def test_a_failed_patch_test_does_not_repeat_the_resource(client: TestClient) -> None:
+    created = client.post("/fhir/Observation", json=observation()).json()
+    url = f"/fhir/Observation/{created['id']}"
+    for pointer, missing in (("/nothere", "nothere"), ("/subject/nothere", "nothere")):
+        ops = [{"op": "test", "path": pointer, "value": "x"}]
+        response = client.patch(url, content=orjson.dumps(ops), headers=PATCH)
+        assert response.status_code == 422, response.text
+        assert response.json() == {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "error",
+                    "code": "processing",
+                    "diagnostics": f"a test operation failed: member '{missing}' not found",
+                }
+            ],
+        }
+        assert "Secret" not in response.text
+    assert client.get(url).json()["meta"]["versionId"] == "1"
