@@ -183,7 +183,15 @@ class Deleted:
 
 
 def check_writable(resource_type: str) -> None:
-    """404 for a type the facade does not know, 405 for the read-only conformance types."""
+    """404 for a type the facade does not know, 405 for the read-only conformance types and
+    the CapabilityStatement."""
+    if resource_type == "metadata":
+        raise FhirError(
+            405,
+            "not-supported",
+            "the CapabilityStatement at /fhir/metadata is read-only",
+            headers={"Allow": "GET"},
+        )
     if resource_type in CONFORMANCE_TYPES or resource_type in READ_ONLY_TYPES:
         raise FhirError(405, "not-supported", f"{resource_type} resources are read-only here")
     if resource_type not in STORED_TYPES:

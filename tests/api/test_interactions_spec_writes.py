@@ -1,6 +1,6 @@
 """Write interactions against the letter of FHIR R4 (http.html#create, #update, #patch), on
-SQLite and PostgreSQL: what `Prefer: return=OperationOutcome` says and what a failed JSON Patch
-`test` tells."""
+SQLite and PostgreSQL: what `Prefer: return=OperationOutcome` says, what a failed JSON Patch
+`test` tells, and writes to the CapabilityStatement."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import orjson
+import pytest
 from fastapi.testclient import TestClient
 
 FHIR = "application/fhir+json"
@@ -83,3 +84,21 @@ def test_a_failed_patch_test_does_not_repeat_the_resource(client: TestClient) ->
         }
         assert "Secret" not in response.text
     assert client.get(url).json()["meta"]["versionId"] == "1"
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_the_capability_statement_is_read_only(client: TestClient, method: str) -> None:
+    response = client.request(method, "/fhir/metadata", json={"resourceType": "Basic"})
+    assert response.status_code == 405, response.text
+    assert response.headers["allow"] == "GET"
+    assert response.json() == {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": "not-supported",
+                "diagnostics": "the CapabilityStatement at /fhir/metadata is read-only",
+            }
+        ],
+    }
+    assert client.get("/fhir/metadata").status_code == 200
