@@ -406,7 +406,13 @@ def _get(writer: FacadeWriter, entry: Entry, *, strict: bool) -> None:
         return
     resource_type, resource_id = path[0], path[1]
     vread = len(path) == 4 and path[2] == "_history"
-    if entry.query or not (len(path) == 2 or vread) or resource_id.startswith(("_", "$")):
+    # `_format` and `_pretty` ask for what every answer here is (JSON): nothing to apply.
+    params = [name for name, _ in parse_qsl(entry.query or "", keep_blank_values=True)]
+    if (
+        any(name not in ("_format", "_pretty") for name in params)
+        or not (len(path) == 2 or vread)
+        or resource_id.startswith(("_", "$"))
+    ):
         raise FhirError(
             400,
             "not-supported",

@@ -560,3 +560,20 @@ def test_an_entry_element_that_is_no_list_is_invalid(client: TestClient) -> None
     issue = issue_of(response)
     assert response.status_code == 400
     assert (issue["code"], issue["expression"]) == ("invalid", ["Bundle.entry"])
+
+
+def test_a_read_entry_takes_the_format_parameters(client: TestClient) -> None:
+    created = client.post("/fhir/Observation", json=observation()).json()
+    url = f"Observation/{created['id']}"
+    sent = bundle(
+        "batch",
+        {"request": {"method": "GET", "url": f"{url}?_format=json"}},
+        {"request": {"method": "GET", "url": f"{url}/_history/1?_format=application/fhir%2Bjson"}},
+        {"request": {"method": "GET", "url": f"{url}?_pretty=true"}},
+        {"request": {"method": "GET", "url": f"{url}?status=final"}},
+    )
+    response = post(client, sent)
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    assert [e["response"]["status"] for e in entries] == ["200 OK", "200 OK", "200 OK", "400"]
+    assert all(e["resource"] == created for e in entries[:3])
