@@ -214,14 +214,26 @@ def check_id(resource_id: str) -> None:
         raise FhirError(400, "invalid", f"{resource_id!r} is not a FHIR id ([A-Za-z0-9-.]{{1,64}})")
 
 
+ANY_VERSION = -1
+"""What `If-Match: *` names (RFC 9110 13.1.1): whichever version is current, if one is."""
+_VERSION_TAG = re.compile(r'(?:W/)?(?:"([0-9]+)"|([0-9]+))')
+
+
 def parse_if_match(value: str | None) -> int | None:
-    """The version an If-Match header names: `W/"3"`, `"3"` or `3`."""
+    """The version an If-Match header names: `W/"3"`, `"3"` or `3`; `*` is `ANY_VERSION`.
+
+    A well-formed tag of a version that cannot exist (too many digits) is a version no resource
+    is at, so its write fails its precondition (412) as any other stale tag's does.
+    """
     if value is None:
         return None
-    version = value.strip().removeprefix("W/").strip('"')
-    if not version.isdigit() or len(version) > 9:
+    text = value.strip()
+    if text == "*":
+        return ANY_VERSION
+    match = _VERSION_TAG.fullmatch(text)  # ASCII digits: `str.isdigit` takes any script's
+    if match is None:
         raise FhirError(400, "invalid", f'If-Match {value!r} is not a version ETag like W/"3"')
-    return int(version)
+    return int(match[1] or match[2])
 
 
 def parse_criteria(resource_type: str, query: str) -> Params:
@@ -570,7 +582,7 @@ class FacadeWriter:
                 raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
             if current.deleted:
                 raise ResourceGone(resource_type, resource_id, current.version)
-            if if_match is not None and if_match != current.version:
+            if if_match is not None and not _matches(if_match, current):
                 raise _stale(resource_type, resource_id, if_match, current.version)
             patched = apply(orjson.loads(current.body))
             if not isinstance(patched, dict) or patched.get("resourceType") != resource_type:
@@ -1044,13 +1056,27 @@ class _Stale(PreconditionFailed):
 
 def _stale(resource_type: str, resource_id: str, expected: int, current: int | None) -> _Stale:
     now = "does not exist" if current is None else f"is at version {current}"
+    if expected == ANY_VERSION:
+        now = "does not exist" if current is None else f"was deleted at version {current}"
+        return _Stale(
+            f"{resource_type}/{resource_id}: If-Match * asked for a current version, {now}"
+        )
     return _Stale(f"{resource_type}/{resource_id}: If-Match asked for version {expected}, it {now}")
+
+
+def _matches(if_match: int, current: StoredResource | None) -> bool:
+    """Whether If-Match holds: it names the current version, or is `*` and one is current."""
+    if current is None:
+        return False
+    if if_match == ANY_VERSION:
+        return not current.deleted
+    return current.version == if_match
 
 
 def _check_version(
     before: StoredResource | None, resource_type: str, resource_id: str, if_match: int | None
 ) -> None:
-    if if_match is not None and (before is None or before.version != if_match):
+    if if_match is not None and not _matches(if_match, before):
         raise _stale(
             resource_type, resource_id, if_match, None if before is None else before.version
         )

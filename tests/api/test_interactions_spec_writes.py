@@ -102,3 +102,63 @@ def test_the_capability_statement_is_read_only(client: TestClient, method: str) 
         ],
     }
     assert client.get("/fhir/metadata").status_code == 200
+
+
+def _precondition(response: Any, diagnostics: str) -> None:
+    assert response.status_code == 412, response.text
+    assert response.json() == {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "conflict", "diagnostics": diagnostics}],
+    }
+
+
+def test_if_match_star_holds_while_a_version_is_current(client: TestClient) -> None:
+    created = client.post("/fhir/Observation", json=observation()).json()
+    url = f"/fhir/Observation/{created['id']}"
+    star = {"If-Match": "*"}
+    updated = client.put(url, json=created | {"status": "amended"}, headers=star)
+    assert (updated.status_code, updated.headers["etag"]) == (200, 'W/"2"')
+    ops = b'[{"op": "replace", "path": "/status", "value": "final"}]'
+    patched = client.patch(url, content=ops, headers=PATCH | star)
+    assert (patched.status_code, patched.headers["etag"]) == (200, 'W/"3"')
+    assert client.delete(url, headers=star).status_code == 204
+    _precondition(
+        client.put(url, json=created, headers=star),
+        f"Observation/{created['id']}: If-Match * asked for a current version, "
+        "was deleted at version 4",
+    )
+    unknown = f"never-{uuid.uuid4().hex[:12]}"
+    _precondition(
+        client.put(f"/fhir/Observation/{unknown}", json=observation(id=unknown), headers=star),
+        f"Observation/{unknown}: If-Match * asked for a current version, does not exist",
+    )
+    assert client.get(f"/fhir/Observation/{unknown}").status_code == 404
+
+
+def test_if_match_of_a_version_that_cannot_exist_fails_the_precondition(
+    client: TestClient,
+) -> None:
+    created = client.post("/fhir/Observation", json=observation()).json()
+    url = f"/fhir/Observation/{created['id']}"
+    _precondition(
+        client.put(url, json=created, headers={"If-Match": 'W/"12345678901234567890"'}),
+        f"Observation/{created['id']}: If-Match asked for version 12345678901234567890, "
+        "it is at version 1",
+    )
+
+
+# A superscript digit (sent as its Latin-1 byte, as HTTP headers carry it): str.isdigit() says
+# yes, int() refuses it.
+@pytest.mark.parametrize("tag", ['W/"\u00b2"', 'W/"\u00b9"', 'W/"1', "W/", 'W/"1", W/"2"', ""])
+def test_a_malformed_if_match_is_400(client: TestClient, tag: str) -> None:
+    created = client.post("/fhir/Observation", json=observation()).json()
+    url = f"/fhir/Observation/{created['id']}"
+    headers = {"If-Match": tag.encode("latin-1")}
+    for response in (
+        client.put(url, json=created | {"status": "amended"}, headers=headers),
+        client.patch(url, content=b"[]", headers=PATCH | headers),
+        client.delete(url, headers=headers),
+    ):
+        assert response.status_code == 400, (tag, response.text)
+        assert response.json()["issue"][0]["code"] == "invalid"
+    assert client.get(url).json()["meta"]["versionId"] == "1"
