@@ -163,8 +163,6 @@ CLAIM_LEASE = timedelta(seconds=60)
 PAGE_SIZE = 1000
 EVERYTHING_COUNT = 50
 MAX_COUNT = 1000
-# No token is asked for on /fhir yet; the manifest must say whether file downloads need one.
-REQUIRES_ACCESS_TOKEN = False
 
 
 def _now() -> datetime:
@@ -591,13 +589,16 @@ def completed_job(
     return job
 
 
-def manifest(job: ExportJob, *, base: str) -> dict[str, Any]:
-    """The complete-status body the Bulk Data IG defines; types with no resources get no file."""
+def manifest(job: ExportJob, *, base: str, requires_access_token: bool) -> dict[str, Any]:
+    """The complete-status body the Bulk Data IG defines; types with no resources get no file.
+
+    `requires_access_token`: whether the files are downloaded with the kick-off's bearer token,
+    as they are whenever the facade asks for one (a file is its job's client's alone)."""
     counts = job.counts or {}
     return {
         "transactionTime": job.transaction_time.isoformat(),
         "request": job.request,
-        "requiresAccessToken": REQUIRES_ACCESS_TOKEN,
+        "requiresAccessToken": requires_access_token,
         "output": [
             {"type": t, "url": f"{base}/$export-output/{job.id}/{t}.ndjson", "count": counts[t]}
             for t in job.types
@@ -820,9 +821,12 @@ def build_export_router() -> APIRouter:
             lambda: job_status(database=services.database, job_id=job_id, client_id=client_id)
         )
         if job.status == COMPLETE:
-            return Response(
-                orjson.dumps(manifest(job, base=_base(request))), media_type="application/json"
+            body = manifest(
+                job,
+                base=_base(request),
+                requires_access_token=not services.settings.auth_disabled,
             )
+            return Response(orjson.dumps(body), media_type="application/json")
         background = (
             BackgroundTask(run_job, database=services.database, job_id=job.id) if claimed else None
         )

@@ -4,11 +4,14 @@ and `handling=strict`, and `_count` larger than a page."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+
+from tests.api.conftest import SecureApi
 
 
 def observation() -> dict[str, Any]:
@@ -141,3 +144,38 @@ def test_everything_refuses_a_count_that_is_no_positive_integer(
 ) -> None:
     issue = outcome_issue(client.get(f"/fhir/Patient/$everything?_count={count}"), 400)
     assert issue["expression"] == ["_count"]
+
+
+def test_the_manifest_says_files_need_the_token_when_the_facade_asks_for_one(
+    secure: SecureApi,
+) -> None:
+    """export.md: `requiresAccessToken` is true when the files are downloaded with the kick-off's
+    authorization, as they are whenever the facade asks for a token."""
+    headers = secure.headers("system/Observation.crs")
+    created = secure.http.post("/fhir/Observation", json=observation(), headers=headers)
+    assert created.status_code == 201, created.text
+    kicked = secure.http.get(
+        "/fhir/$export?_type=Observation", headers=headers | {"Prefer": "respond-async"}
+    )
+    assert kicked.status_code == 202, kicked.text
+    status_url = kicked.headers["content-location"].removeprefix("http://testserver")
+    deadline = time.monotonic() + 30
+    while (status := secure.http.get(status_url, headers=headers)).status_code == 202:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert status.status_code == 200, status.text
+    body = status.json()
+    assert body["requiresAccessToken"] is True
+    file_url = body["output"][0]["url"].removeprefix("http://testserver")
+    assert secure.http.get(file_url).status_code == 401  # without the token
+    assert secure.http.get(file_url, headers=headers).status_code == 200
+
+
+def test_the_manifest_says_files_need_no_token_when_the_facade_asks_for_none(
+    client: TestClient,
+) -> None:
+    client.post("/fhir/Observation", json=observation())
+    kicked = client.get("/fhir/$export?_type=Observation", headers={"Prefer": "respond-async"})
+    body = manifest(client, kicked)
+    assert body["requiresAccessToken"] is False
+    assert client.get(body["output"][0]["url"]).status_code == 200
