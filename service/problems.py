@@ -21,9 +21,10 @@ import uuid
 from typing import Any
 
 import orjson
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -160,6 +161,19 @@ def install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": StoreUnavailable.RETRY_AFTER},
         )
 
+    async def unstorable(request: Request, error: Exception) -> Response:
+        # A value the database cannot hold or compare (a NUL in a header's criteria, a number
+        # or date beyond its range): the statement failed and its transaction was rolled back.
+        log.warning(
+            "value refused by the database request_id=%s error=%s",
+            request_id_of(request),
+            type(getattr(error, "orig", error)).__name__,
+        )
+        text = "a value in the request cannot be stored or searched here (out of range or a NUL)"
+        if _is_fhir(request):
+            return outcome_response(400, "invalid", text)
+        return problem_response(request, status=422, title="Invalid request", detail=text)
+
     async def unexpected(request: Request, error: Exception) -> Response:
         log.exception("unhandled error request_id=%s", request_id_of(request))
         if _is_fhir(request):
@@ -180,6 +194,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(OperationalError, unavailable)
+    app.add_exception_handler(DataError, unstorable)
+    app.add_exception_handler(psycopg.DataError, unstorable)
     app.add_exception_handler(Exception, unexpected)
 
 

@@ -493,6 +493,19 @@ class AccessMiddleware:
             )
             return
 
+        if "\x00" in path or b"%00" in scope.get("query_string", b""):
+            # No FHIR value, id or record key may hold one (and PostgreSQL text cannot): said
+            # here, the same on either store, rather than by whichever query meets it first.
+            await self._error(
+                scope,
+                receive,
+                send,
+                400,
+                "the URL holds a NUL character (%00)",
+                fhir,
+                code="invalid",
+            )
+            return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             await self._error(scope, receive, send, 413, "the request body is too large", fhir)
