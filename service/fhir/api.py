@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -239,14 +240,27 @@ def _cursor(row: VersionRow) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_PAGE_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
 def _decode_cursor(token: str | None) -> tuple[datetime, str, int] | None:
     if token is None:
         return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         when, resource_id, version = orjson.loads(raw)
-        return datetime.fromisoformat(when), str(resource_id), int(version)
-    except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
+        moment = datetime.fromisoformat(when)
+        # What `_cursor` writes: an aware time, an id, a version; a forged token is no query.
+        if (
+            moment.tzinfo is None
+            or not isinstance(resource_id, str)
+            or not _PAGE_ID.fullmatch(resource_id)
+            or type(version) is not int
+            or not 0 < version < 2**31
+        ):
+            raise ValueError(token)
+        return moment.astimezone(UTC), resource_id, version  # year 1 at +01:00 overflows
+    except (binascii.Error, ValueError, TypeError, OverflowError, orjson.JSONDecodeError):
         raise FhirError(400, "invalid", "_page is not a page token this server issued") from None
 
 

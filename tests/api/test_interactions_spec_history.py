@@ -4,6 +4,8 @@ history Bundle's order and entries."""
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -162,3 +164,38 @@ def test_a_deletion_is_a_history_entry_without_a_resource(client: TestClient) ->
     modified = [datetime.fromisoformat(e["response"]["lastModified"]) for e in entries]
     assert modified == sorted(modified, reverse=True)
     assert modified[1:] == times[::-1]
+
+
+def _token(*parts: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(parts)).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        _token("2026-01-01T00:00:00", "a", 1),  # no offset: the store takes none
+        _token("0001-01-01T00:00:00+01:00", "a", 1),  # before year 1 in UTC
+        _token("2026-01-01T00:00:00+00:00", "a", 2**40),  # past the version column
+        _token("2026-01-01T00:00:00+00:00", "a", "1"),
+        _token("2026-01-01T00:00:00+00:00", ["a"], 1),
+        _token("2026-01-01T00:00:00+00:00", "a" * 65, 1),
+        _token("2026-01-01T00:00:00+00:00", "a", 1, 2),
+    ],
+)
+def test_a_forged_history_page_token_is_400(client: TestClient, token: str) -> None:
+    url, _times = _versions(client, 1)
+    for path in (f"{url}/_history", "/fhir/Observation/_history"):
+        body = assert_outcome(client.get(f"{path}?_page={token}"), 400, "invalid")
+        assert body["issue"][0]["diagnostics"] == "_page is not a page token this server issued"
+
+
+def test_history_pages_follow_next_links_newest_first(client: TestClient) -> None:
+    url, _times = _versions(client, 5)
+    seen: list[str] = []
+    page: str | None = f"{url}/_history?_count=2"
+    while page is not None:
+        bundle = client.get(page).json()
+        seen += [entry["response"]["etag"] for entry in bundle["entry"]]
+        links = {link["relation"]: link["url"] for link in bundle["link"]}
+        page = links.get("next", "").removeprefix("http://testserver") or None
+    assert seen == [f'W/"{n}"' for n in range(5, 0, -1)]
