@@ -94,6 +94,10 @@ RESULT_PARAMETERS: Final = frozenset(
         "_page",
     }
 )
+INCLUDE_MODIFIERS: Final = ("iterate", "recurse")
+"""`_include:iterate=...` (R4) and `_include:recurse=...` (its name before R4)."""
+WILDCARD: Final = "*"
+"""`_include=Type:*`: every reference parameter of the type (`*` alone: of the searched type)."""
 IGNORED_QUIETLY: Final = frozenset({"_format", "_pretty"})
 """Handled elsewhere (content negotiation) or harmless: never reported as unsupported."""
 SUMMARY_MODES: Final = ("true", "false", "data", "count")
@@ -211,7 +215,7 @@ def parse_search(
     ranked = sorted(
         (rank, n)
         for n, (name, value) in enumerate(params)
-        if name not in RESULT_PARAMETERS and name not in IGNORED_QUIETLY
+        if not is_result_parameter(name) and name not in IGNORED_QUIETLY
         for rank in [_selectivity(resource_type, name, value)]
         if rank is not None
     )
@@ -227,7 +231,7 @@ def parse_search(
         try:
             if name in IGNORED_QUIETLY:
                 continue
-            if name in RESULT_PARAMETERS:
+            if is_result_parameter(name):
                 if filters_only:
                     raise SearchError(name, "is not allowed in conditional criteria")
                 _result_parameter(query, name, value)
@@ -334,6 +338,14 @@ def _selectivity(resource_type: str, name: str, value: str) -> int | None:
     return None if found is None else _SELECTIVITY.get(found.type)
 
 
+def is_result_parameter(name: str) -> bool:
+    """Whether `name` controls the results rather than filters them (`_include:iterate` too)."""
+    if name in RESULT_PARAMETERS:
+        return True
+    base, _, modifier = name.partition(":")
+    return bool(modifier) and base in ("_include", "_revinclude")
+
+
 def _result_parameter(query: SearchQuery, name: str, value: str) -> None:
     if name == "_count":
         if not value.isdigit():
@@ -341,7 +353,7 @@ def _result_parameter(query: SearchQuery, name: str, value: str) -> None:
         query.count = min(int(value), MAX_COUNT)
     elif name == "_sort":
         query.sort = [_sort_key(query.resource_type, item) for item in value.split(",") if item]
-    elif name in ("_include", "_revinclude"):
+    elif name.partition(":")[0] in ("_include", "_revinclude"):
         query.includes.append(_include(query.resource_type, name, value))
     elif name == "_summary":
         if value not in SUMMARY_MODES:
@@ -378,18 +390,40 @@ def _sort_key(resource_type: str, item: str) -> SortKey:
 
 
 def _include(resource_type: str, name: str, value: str) -> Include:
-    iterate = False
+    """`_include` / `_revinclude` (`:iterate`, or `:recurse`, on the name or, as this server
+    also reads it, at the end of the value): `Type:parameter[:targetType]`, where `parameter`
+    may be `*` (every reference parameter of `Type`), or `*` alone (of the searched type; with
+    `:iterate`, or reversed, of any type)."""
+    kind, _, modifier = name.partition(":")
+    if modifier and modifier not in INCLUDE_MODIFIERS:
+        raise SearchError(name, f"modifier :{modifier} is not supported on {kind}")
+    iterate = bool(modifier)
     if value.endswith(":iterate") or value.endswith(":recurse"):
         iterate = True
         value = value.rsplit(":", 1)[0]
+    reverse = kind == "_revinclude"
+    if value == WILDCARD:
+        any_type = reverse or iterate
+        return Include(WILDCARD if any_type else resource_type, WILDCARD, None, iterate, reverse)
     parts = value.split(":")
-    if len(parts) not in (2, 3):
+    if len(parts) not in (2, 3) or not all(parts):
         raise SearchError(name, f"{value!r} is not Type:parameter[:targetType]")
     source_type, param = parts[0], parts[1]
     target = parts[2] if len(parts) == 3 else None
-    reverse = name == "_revinclude"
     if not reverse and source_type != resource_type and not iterate:
         raise SearchError(name, f"{source_type} is not the searched type {resource_type}")
+    if param == WILDCARD:
+        targets = {
+            t
+            for p in definitions().by_type.get(source_type, {}).values()
+            if p.type == "reference"
+            for t in p.targets
+        }
+        if not targets:
+            raise SearchError(name, f"{source_type} has no reference parameters")
+        if target is not None and target not in targets:
+            raise SearchError(name, f"no reference parameter of {source_type} refers to {target}")
+        return Include(source_type, WILDCARD, target, iterate, reverse)
     parameter = _parameter(source_type, param)
     if parameter.type != "reference":
         raise SearchError(name, f"{source_type}.{param} is not a reference parameter")
@@ -1061,35 +1095,53 @@ def _included(
 def _include_keys(
     connection: Connection, include: Include, rows: Sequence[Row]
 ) -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
     if include.reverse:
-        targets = [(row.resource_type, row.id) for row in rows]
-        if not targets:
-            return set()
-        found: set[tuple[str, str]] = set()
+        targets = [
+            (row.resource_type, row.id)
+            for row in rows
+            if include.target_type is None or row.resource_type == include.target_type
+        ]
         # One statement per target type: its ids are looked up in the lookup index, where SQLite
         # would read every row of the parameter for a list of (type, id) pairs.
         for target_type, target_ids in grouped(targets).items():
             statement = select(
                 search_reference.c.resource_type, search_reference.c.resource_id
             ).where(
-                search_reference.c.resource_type == include.source_type,
-                rows_answering(search_reference, include.source_type, include.param),
+                *_include_rows(include, include.source_type),
                 search_reference.c.target_type == target_type,
                 search_reference.c.target_id.in_(target_ids),
             )
             found.update((row[0], row[1]) for row in connection.execute(statement))
         return found
-    sources = [row.id for row in rows if row.resource_type == include.source_type]
-    if not sources:
-        return set()
-    statement = select(search_reference.c.target_type, search_reference.c.target_id).where(
-        search_reference.c.resource_type == include.source_type,
-        rows_answering(search_reference, include.source_type, include.param),
-        search_reference.c.resource_id.in_(sources),
-        search_reference.c.target_id.is_not(None),
-        search_reference.c.target_type == include.target_type if include.target_type else true(),
-    )
-    return {(row[0], row[1]) for row in connection.execute(statement) if row[0]}
+    sources = [
+        (row.resource_type, row.id)
+        for row in rows
+        if include.source_type in (WILDCARD, row.resource_type)
+    ]
+    for source_type, source_ids in grouped(sources).items():
+        statement = select(search_reference.c.target_type, search_reference.c.target_id).where(
+            *_include_rows(include, source_type),
+            search_reference.c.resource_id.in_(source_ids),
+            search_reference.c.target_id.is_not(None),
+            search_reference.c.target_type == include.target_type
+            if include.target_type
+            else true(),
+        )
+        found.update((row[0], row[1]) for row in connection.execute(statement) if row[0])
+    return found
+
+
+def _include_rows(include: Include, source_type: str) -> list[ColumnElement[bool]]:
+    """The reference rows an include follows from resources of `source_type` (`*`: any):
+    its parameter's, or for `*` every reference parameter's (the reference index holds only
+    reference parameters' rows)."""
+    conditions: list[ColumnElement[bool]] = []
+    if source_type != WILDCARD:
+        conditions.append(search_reference.c.resource_type == source_type)
+        if include.param != WILDCARD:
+            conditions.append(rows_answering(search_reference, source_type, include.param))
+    return conditions
 
 
 def _load(connection: Connection, keys: Sequence[tuple[str, str]]) -> list[Row]:
@@ -1109,4 +1161,4 @@ def _load(connection: Connection, keys: Sequence[tuple[str, str]]) -> list[Row]:
 
 
 def query_string(params: Sequence[tuple[str, str]]) -> str:
-    return urlencode(list(params), safe=":|,/$")
+    return urlencode(list(params), safe=":|,/$*")
