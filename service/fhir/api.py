@@ -319,9 +319,11 @@ async def _history(
     at = None if at_text is None else _period(at_text, "_at")
     after = _decode_cursor(page)
 
-    def read() -> list[VersionRow]:
+    def read() -> tuple[list[VersionRow], bool]:
+        """The page of versions, and whether the resource is known (an instance's history)."""
         with services.database.unit_of_work(write=False) as uow:
-            return ResourceRepository(uow.connection).type_history(
+            repository = ResourceRepository(uow.connection)
+            rows = repository.type_history(
                 resource_type,
                 resource_id=resource_id,
                 since=since,
@@ -329,10 +331,13 @@ async def _history(
                 before=after,
                 limit=count + 1,
             )
+            if resource_id is None or rows:
+                return rows, True
+            # Nothing on this page: a resource whose versions the filters left out, or none.
+            return rows, repository.read(resource_type, resource_id) is not None
 
-    rows = await run_in_threadpool(read)
-    filtered = since is not None or at is not None
-    if resource_id is not None and not rows and after is None and not filtered:
+    rows, known = await run_in_threadpool(read)
+    if not known:
         raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
     next_url = None
     if len(rows) > count:

@@ -199,3 +199,15 @@ def test_history_pages_follow_next_links_newest_first(client: TestClient) -> Non
         links = {link["relation"]: link["url"] for link in bundle["link"]}
         page = links.get("next", "").removeprefix("http://testserver") or None
     assert seen == [f'W/"{n}"' for n in range(5, 0, -1)]
+
+
+def test_the_history_of_an_unknown_resource_is_404_whatever_the_filters(
+    client: TestClient,
+) -> None:
+    unknown = f"/fhir/Observation/never-{uuid.uuid4().hex[:12]}/_history"
+    for query in ("", "?_since=2026-01-01T00:00:00Z", "?_at=2026", "?_count=1"):
+        assert_outcome(client.get(unknown + query), 404, "not-found")
+    # A known resource whose versions the filters leave out: an empty history, not a 404.
+    url, times = _versions(client, 1)
+    later = _param(times[0] + timedelta(days=1))
+    assert _history_versions(client.get(f"{url}/_history?_since={later}")) == []
