@@ -101,6 +101,10 @@ _CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]{1,63})\?(.+)", re.DOTALL)
 _REFERENCE_VALUE = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')
 _CONDITIONAL_VALUE = re.compile(rb'"reference":"[A-Z][A-Za-z]{1,63}\?')
 _PLACEHOLDER_VALUE = re.compile(rb'"reference":"urn:uuid:')
+_NARRATIVE_LINK = re.compile(
+    r"""((?:href|src)\s*=\s*)(["'])(urn:(?:uuid|oid):[^"'\s]+)\2""", re.IGNORECASE
+)
+"""An `href` or `src` attribute in a narrative naming a urn (a fullUrl of the Bundle, maybe)."""
 
 
 class EntryFailed(FhirError):
@@ -685,6 +689,7 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
         except FhirError as error:
             raise EntryFailed.of(entry, error) from None
     rewriters: dict[str | None, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+    links = _link_rewriter(targets)
     for entry in entries:
         if entry.resource is None:
             continue
@@ -694,6 +699,8 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
         if base not in rewriters:
             rewriters[base] = _rewriter(targets | _relative_targets(targets, base))
         entry.resource = rewriters[base](entry.resource)  # a copy: the rewrite builds anew
+        if links is not None:
+            entry.resource = links(entry.resource)
         _check_placeholders_resolved(entry)
     outcomes: list[Written | Deleted | None] = []
 
@@ -814,6 +821,51 @@ def run_transaction(writer: FacadeWriter, entries: list[Entry], *, strict: bool 
 
 _RESTFUL = re.compile(r"(.+)/([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})")
 """A RESTful fullUrl: `[base]/Type/id`."""
+
+
+def _link_rewriter(
+    targets: dict[str, str],
+) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """What points the links to a `urn:uuid:` or `urn:oid:` fullUrl that are no Reference at
+    its resource: a `url` element (Attachment.url) that is the fullUrl, and the narrative's
+    `href` and `src` attributes (http.html#trules: "Servers SHALL replace all matching links in
+    the bundle, whether they are found in the resource ids, resource references, elements of
+    type uri, url, oid, uuid, and <a href="" & <img src="" in the narrative"). None when no
+    entry has such a fullUrl."""
+    placeholders = {
+        full_url: target
+        for full_url, target in targets.items()
+        if full_url.startswith(("urn:uuid:", "urn:oid:"))
+    }
+    if not placeholders:
+        return None
+
+    def attributes(match: re.Match[str]) -> str:
+        target = placeholders.get(match.group(3))
+        if target is None:
+            return match.group(0)
+        return f"{match.group(1)}{match.group(2)}{target}{match.group(2)}"
+
+    def point(value: Any, key: str | None) -> Any:
+        if isinstance(value, dict):
+            return {k: point(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [point(item, key) for item in value]
+        if isinstance(value, str):
+            if key == "url" and value in placeholders:
+                return placeholders[value]
+            if key == "div":
+                return _NARRATIVE_LINK.sub(attributes, value)
+        return value
+
+    def rewrite(resource: dict[str, Any]) -> dict[str, Any]:
+        data = orjson.dumps(resource)
+        if b'"url":"urn:' not in data and not (b'"div":' in data and b"urn:" in data):
+            return resource  # the common case: no such link, nothing to walk
+        pointed: dict[str, Any] = point(resource, None)
+        return pointed
+
+    return rewrite
 
 
 def _restful_base(full_url: str | None) -> str | None:

@@ -577,3 +577,63 @@ def test_a_read_entry_takes_the_format_parameters(client: TestClient) -> None:
     entries = response.json()["entry"]
     assert [e["response"]["status"] for e in entries] == ["200 OK", "200 OK", "200 OK", "400"]
     assert all(e["resource"] == created for e in entries[:3])
+
+
+def test_links_to_full_urls_in_the_narrative_and_url_elements_are_rewritten(
+    client: TestClient,
+) -> None:
+    """http.html#trules: servers SHALL replace all matching links in the bundle, in resource
+    references, elements of type uri and url, and `<a href>` and `<img src>` in the narrative."""
+    visit, document, other = urn(), f"urn:oid:1.2.840.{uuid.uuid4().int % 10**9}", urn()
+    div = (
+        '<div xmlns="http://www.w3.org/1999/xhtml"><p>Seen at <a href="'
+        + visit
+        + "\">the visit</a>, <img src='"
+        + document
+        + "'/>; not this: "
+        + visit
+        + ', nor <a href="'
+        + other
+        + '">an unknown one</a></p></div>'
+    )
+    sent = bundle(
+        "transaction",
+        {
+            "fullUrl": visit,
+            "resource": encounter(),
+            "request": {"method": "POST", "url": "Encounter"},
+        },
+        {
+            "fullUrl": document,
+            "resource": observation(),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+        {
+            "resource": {
+                "resourceType": "QuestionnaireResponse",
+                "status": "completed",
+                "text": {"status": "generated", "div": div},
+                "encounter": {"reference": visit},
+                "item": [
+                    {
+                        "linkId": "1",
+                        "answer": [{"valueAttachment": {"url": document, "title": "scan"}}],
+                    }
+                ],
+            },
+            "request": {"method": "POST", "url": "QuestionnaireResponse"},
+        },
+    )
+    response = post(client, sent)
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    encounter_ref = f"Encounter/{entries[0]['resource']['id']}"
+    observation_ref = f"Observation/{entries[1]['resource']['id']}"
+    made = stored(client, "QuestionnaireResponse", entries[2]["resource"]["id"])
+    assert made["encounter"] == {"reference": encounter_ref}
+    assert made["item"][0]["answer"][0]["valueAttachment"]["url"] == observation_ref
+    narrative = made["text"]["div"]
+    assert f'<a href="{encounter_ref}">' in narrative
+    assert f"<img src='{observation_ref}'/>" in narrative
+    assert f"not this: {visit}," in narrative  # text, not a link
+    assert f'<a href="{other}">' in narrative  # names no entry: left as it is
