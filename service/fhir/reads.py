@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-from datetime import UTC
+from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 
 import psycopg
@@ -89,6 +89,8 @@ def not_modified(request: Request, stored: StoredResource) -> bool:
             return False  # an unreadable date is ignored, as RFC 9110 says
         if since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
+        if since > datetime.now(UTC):
+            return False  # a date later than now is invalid, so ignored (RFC 2616 14.25)
         # HTTP dates have whole seconds: compare at that precision.
         return stored.last_updated.replace(microsecond=0) <= since
     return False
