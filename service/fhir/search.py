@@ -94,6 +94,8 @@ RESULT_PARAMETERS: Final = frozenset(
         "_page",
     }
 )
+SINGLE_VALUED: Final = frozenset({"_count", "_summary", "_elements", "_total"})
+"""Result parameters of which a search applies one value: given again, the later one."""
 INCLUDE_MODIFIERS: Final = ("iterate", "recurse")
 """`_include:iterate=...` (R4) and `_include:recurse=...` (its name before R4)."""
 WILDCARD: Final = "*"
@@ -247,7 +249,11 @@ def parse_search(
                 built.append(found)
                 if n == driving:
                     driver = found
-            if name != "_page":
+            if name in SINGLE_VALUED:  # the last one given is the one applied
+                query.applied = [item for item in query.applied if item[0] != name]
+            if name == "_count":  # as applied: a count over the maximum is the maximum
+                query.applied.append((name, str(query.count)))
+            elif name != "_page":
                 query.applied.append((name, value))
         except SearchError as error:
             if strict or name == "_page":
@@ -348,11 +354,12 @@ def is_result_parameter(name: str) -> bool:
 
 def _result_parameter(query: SearchQuery, name: str, value: str) -> None:
     if name == "_count":
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):  # str.isdigit: superscripts too
             raise SearchError(name, f"{value!r} is not a non-negative integer")
         query.count = min(int(value), MAX_COUNT)
     elif name == "_sort":
-        query.sort = [_sort_key(query.resource_type, item) for item in value.split(",") if item]
+        # Given again, its keys come after those given before (`_sort=a&_sort=b` is `a,b`).
+        query.sort += [_sort_key(query.resource_type, item) for item in value.split(",") if item]
     elif name.partition(":")[0] in ("_include", "_revinclude"):
         query.includes.append(_include(query.resource_type, name, value))
     elif name == "_summary":
