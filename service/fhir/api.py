@@ -15,7 +15,7 @@ import binascii
 import logging
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -203,16 +203,24 @@ def _check_type(resource_type: str) -> None:
         raise ResourceNotFound(f"resource type {resource_type} is not supported here")
 
 
-def _history_bundle(request: Request, rows: Sequence[VersionRow], next_url: str | None) -> bytes:
-    """A history Bundle around the stored bytes, newest version first."""
+def _history_bundle(
+    request: Request,
+    rows: Sequence[VersionRow],
+    next_url: str | None,
+    recreated: Collection[tuple[str, int]] = (),
+) -> bytes:
+    """A history Bundle around the stored bytes, newest version first.
+
+    Each entry's request and response say what made the version: a create (the first version,
+    or an update after a deletion: `recreated`'s (id, version) pairs), an update or a delete.
+    """
     base = _base(request)
     parts = []
     for row in rows:
         url = f"{row.resource_type}/{row.id}"
         method = "DELETE" if row.deleted else ("POST" if row.version == 1 else "PUT")
-        status = (
-            "204 No Content" if row.deleted else ("201 Created" if row.version == 1 else "200 OK")
-        )
+        created = row.version == 1 or (row.id, row.version) in recreated
+        status = "204 No Content" if row.deleted else ("201 Created" if created else "200 OK")
         head = orjson.dumps({"fullUrl": f"{base}/{url}"})[:-1]
         tail = orjson.dumps(
             {
@@ -319,8 +327,9 @@ async def _history(
     at = None if at_text is None else _period(at_text, "_at")
     after = _decode_cursor(page)
 
-    def read() -> tuple[list[VersionRow], bool]:
-        """The page of versions, and whether the resource is known (an instance's history)."""
+    def read() -> tuple[list[VersionRow], set[tuple[str, int]], bool]:
+        """The page of versions, those of them that followed a deletion, and whether the
+        resource is known (an instance's history)."""
         with services.database.unit_of_work(write=False) as uow:
             repository = ResourceRepository(uow.connection)
             rows = repository.type_history(
@@ -331,19 +340,22 @@ async def _history(
                 before=after,
                 limit=count + 1,
             )
+            updates = [(row.id, row.version - 1) for row in rows if row.version > 1]
+            deletions = repository.deletions(resource_type, updates) if updates else set()
+            recreated = {(row_id, version + 1) for row_id, version in deletions}
             if resource_id is None or rows:
-                return rows, True
+                return rows, recreated, True
             # Nothing on this page: a resource whose versions the filters left out, or none.
-            return rows, repository.read(resource_type, resource_id) is not None
+            return rows, recreated, repository.read(resource_type, resource_id) is not None
 
-    rows, known = await run_in_threadpool(read)
+    rows, recreated, known = await run_in_threadpool(read)
     if not known:
         raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
     next_url = None
     if len(rows) > count:
         rows = rows[:count]
         next_url = str(request.url.include_query_params(_page=_cursor(rows[-1])))
-    return Response(_history_bundle(request, rows, next_url), media_type=FHIR_JSON)
+    return Response(_history_bundle(request, rows, next_url, recreated), media_type=FHIR_JSON)
 
 
 async def _fhir_json(request: Request) -> Any:

@@ -351,6 +351,21 @@ class ResourceRepository:
         ).limit(limit)
         return [VersionRow(*row) for row in self._connection.execute(query)]
 
+    def deletions(
+        self, resource_type: str, versions: Iterable[tuple[str, int]]
+    ) -> set[tuple[str, int]]:
+        """Which of the (id, version) pairs of a type are deletions."""
+        wanted = sorted(set(versions))
+        found: set[tuple[str, int]] = set()
+        v = resource_versions.c
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            query = select(v.id, v.version).where(
+                v.resource_type == resource_type, v.deleted, pairs_in(v.id, v.version, chunk)
+            )
+            found.update((row.id, row.version) for row in self._connection.execute(query))
+        return found
+
     # --- which resources a record maps to ---
 
     def links(self, record_kind: str, record_ids: Iterable[str]) -> dict[str, set[Key]]:

@@ -211,3 +211,34 @@ def test_the_history_of_an_unknown_resource_is_404_whatever_the_filters(
     url, times = _versions(client, 1)
     later = _param(times[0] + timedelta(days=1))
     assert _history_versions(client.get(f"{url}/_history?_since={later}")) == []
+
+
+def test_an_update_after_a_deletion_is_a_create_in_the_history(client: TestClient) -> None:
+    url, _times = _versions(client, 2)
+    body = client.get(url).json()
+    assert client.delete(url).status_code == 204
+    recreated = client.put(url, json=body)
+    assert (recreated.status_code, recreated.headers["etag"]) == (201, 'W/"4"')
+    updated = client.put(url, json=recreated.json() | {"status": "amended"})
+    assert (updated.status_code, updated.headers["etag"]) == (200, 'W/"5"')
+    expected = [
+        ("PUT", "200 OK"),
+        ("PUT", "201 Created"),  # as the update answered: it brought the resource back
+        ("DELETE", "204 No Content"),
+        ("PUT", "200 OK"),
+        ("POST", "201 Created"),
+    ]
+    entries = client.get(f"{url}/_history").json()["entry"]
+    assert [(e["request"]["method"], e["response"]["status"]) for e in entries] == expected
+    # The same on pages of one, where the deletion is not on the recreation's page.
+    seen: list[tuple[str, str]] = []
+    page: str | None = f"{url}/_history?_count=1"
+    while page is not None:
+        bundle = client.get(page).json()
+        seen += [(e["request"]["method"], e["response"]["status"]) for e in bundle["entry"]]
+        links = {link["relation"]: link["url"] for link in bundle["link"]}
+        page = links.get("next", "").removeprefix("http://testserver") or None
+    assert seen == expected
+    type_entries = client.get("/fhir/Observation/_history?_count=1000").json()["entry"]
+    mine = [e for e in type_entries if e["fullUrl"] == f"http://testserver{url}"]
+    assert [(e["request"]["method"], e["response"]["status"]) for e in mine] == expected
