@@ -39,7 +39,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from functools import cache, lru_cache, partial, wraps
 from itertools import repeat
 from typing import Any, Final, TypeVar
@@ -1281,15 +1281,21 @@ def _reference(value: Any) -> tuple[str | None, str | None, str | None] | None:
     return None
 
 
+_SEARCH_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+"""A number as a search value writes it: a FHIR decimal, or in exponent form (`1e2`)."""
+
+
 def quantity_number(text: str) -> tuple[Decimal, Decimal, Decimal]:
     """A search number as (value, low, high): the range its significant figures imply."""
+    if (
+        _SEARCH_NUMBER.fullmatch(text) is None
+    ):  # Decimal reads `1_000`, ` 5`, `NaN`, other digits too
+        raise ValueError(f"{text!r} is not a number")
     try:
         number = Decimal(text)
-    except InvalidOperation:
-        raise ValueError(f"{text!r} is not a number") from None
-    if not number.is_finite():
-        raise ValueError(f"{text!r} is not a number")
-    exponent = number.as_tuple().exponent
-    assert isinstance(exponent, int)
-    half = Decimal(5).scaleb(exponent - 1)
-    return number, number - half, number + half
+        exponent = number.as_tuple().exponent
+        assert isinstance(exponent, int)
+        half = Decimal(5).scaleb(exponent - 1)
+        return number, number - half, number + half
+    except ArithmeticError:  # an exponent beyond what a decimal holds (`1e-9999999`)
+        raise ValueError(f"{text!r} is out of range") from None

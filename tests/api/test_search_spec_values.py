@@ -1,0 +1,83 @@
+"""Search values per their type's R4 syntax: numbers, escapes, dates; a bad one is a 400."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.store.db import Database
+from tests.api.test_fhir_search import ids
+from tests.api.test_search_spec_include import Searcher
+
+UCUM = "http://unitsofmeasure.org"
+
+
+@pytest.fixture
+def searcher(client: TestClient, database: Database) -> Searcher:
+    return Searcher(client, database)
+
+
+def observation(**fields: Any) -> dict[str, Any]:
+    return {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, **fields}
+
+
+def quantity(value: float, code: str = "mg") -> dict[str, Any]:
+    return {"valueQuantity": {"value": value, "system": UCUM, "code": code}}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1e-9999999",
+        "1e99999999999",
+        "gt1e-9999999",
+        "1_000",
+        "١٢",
+        "NaN",
+        "Infinity",
+        "0x10",
+        "5 ",
+        "--5",
+        "1e",
+    ],
+)
+@pytest.mark.parametrize("name", ["value-quantity", "combo-code-value-quantity"])
+def test_a_number_outside_the_decimal_syntax_is_a_400_naming_the_parameter(
+    searcher: Searcher, name: str, value: str
+) -> None:
+    searcher.put(observation(**quantity(5)))
+    search_value = value if name == "value-quantity" else f"x${value}"
+    status, outcome = searcher.answer(
+        "Observation", f"{name}={quote(search_value)}", Prefer="handling=strict"
+    )
+    assert status == 400, outcome
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["expression"] == [name]
+    lenient = searcher.search("Observation", f"{name}={quote(search_value)}")
+    assert len(ids(lenient)) == 1  # left out, and reported
+    assert lenient["entry"][-1]["search"]["mode"] == "outcome"
+
+
+def test_numbers_in_every_decimal_form_are_read(searcher: Searcher) -> None:
+    (five,) = searcher.put(observation(**quantity(5)))
+    (hundred,) = searcher.put(observation(**quantity(100)))
+    for value, expected in (
+        ("5", [five]),
+        ("5.", [five]),
+        ("5.0", [five]),
+        ("0005", [five]),
+        (".5e1", [five]),
+        ("1e2", [hundred]),
+        ("1E+2", [hundred]),
+        ("-1", []),
+        ("gt9.99e999999", []),
+        ("lt9.99e999999", sorted([five, hundred])),
+        ("gt1e-999998", sorted([five, hundred])),
+    ):
+        bundle = searcher.search(
+            "Observation", f"value-quantity={quote(value)}", Prefer="handling=strict"
+        )
+        assert sorted(ids(bundle)) == expected, value
