@@ -181,7 +181,7 @@ async def negotiate(request: Request) -> None:
     `fhirVersion` other than 4.0, is not acceptable.
     """
     wanted = request.query_params.get("_format")
-    if wanted is not None:
+    if wanted:  # an empty `_format` asks for nothing: Accept decides
         if speaks_json(wanted):
             return
     else:

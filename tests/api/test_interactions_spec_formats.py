@@ -145,3 +145,9 @@ def test_utf8_and_r4_media_type_parameters_are_taken(client: TestClient, url: st
             "/fhir/Observation", json=observation(), headers={"Content-Type": content_type}
         )
         assert response.status_code == 201, (content_type, response.text)
+
+
+def test_an_empty_format_leaves_it_to_accept(client: TestClient, url: str) -> None:
+    assert client.get(f"{url}?_format=").status_code == 200
+    refused = client.get(f"{url}?_format=", headers={"Accept": "application/fhir+xml"})
+    assert refused.status_code == 406
