@@ -558,9 +558,11 @@ def _criterion(
     if parameter.type == "composite":  # its values' escapes (`\$`) matter after the split
         matches = [_composite_match(table, parameter, item, name) for item in _split(value, ",")]
     else:
+        # A token's `\|` is a literal bar, so its values keep their escapes until it is split.
+        escaped = parameter.type == "token" and modifier != "text"
         matches = [
             _value_match(table, parameter, modifier or None, target_type, item, name, base)
-            for item in _values(value, name)
+            for item in _values(value, name, escaped=escaped)
         ]
     exact = parameter.type in ("reference", "token", "composite", "uri") or modifier == "exact"
     exact = exact and modifier not in ("text", "below")
@@ -591,12 +593,14 @@ def _owned(table: FromClause, resource_type: str, parameter: SearchParameter) ->
     return owned
 
 
-def _values(value: str, name: str) -> list[str]:
-    """Comma-separated values (OR); `\\,` is a literal comma."""
-    items = [_unescape(item) for item in _split(value, ",")]
-    if any(item == "" for item in items):
+def _values(value: str, name: str, *, escaped: bool = False) -> list[str]:
+    """Comma-separated values (OR); `\\,` is a literal comma. `escaped`: each value as given,
+    its escapes kept (for a syntax with separators of its own, `system|code`)."""
+    items = _split(value, ",")
+    plain = [_unescape(item) for item in items]
+    if any(item == "" for item in plain):
         raise SearchError(name, "has an empty value")
-    return items
+    return items if escaped else plain
 
 
 def _split(value: str, separator: str) -> list[str]:
@@ -669,9 +673,12 @@ def _escape_like(text: str) -> str:
 def _token_match(
     system_column: ColumnElement[Any], code_column: ColumnElement[Any], value: str
 ) -> ColumnElement[bool]:
-    if "|" not in value:
-        return code_column == value
-    system, code = value.split("|", 1)
+    """`code`, `system|code`, `|code` or `system|`, from a value with its escapes: `\\|` is a
+    bar in the system or code, not the one between them."""
+    parts = _split(value, "|")
+    if len(parts) == 1:
+        return code_column == _unescape(value)
+    system, code = _unescape(parts[0]), _unescape("|".join(parts[1:]))
     if system == "":
         return and_(system_column.is_(None), code_column == code)
     if code == "":
@@ -686,15 +693,17 @@ def _composite_match(
     part in its own type's syntax."""
     if value == "":
         raise SearchError(name, "has an empty value")
-    parts = [_unescape(part) for part in _split(value, "$")]
+    parts = _split(value, "$")  # escapes kept: a token part's `\|` is split on after
     if len(parts) != len(parameter.components):
         raise SearchError(
             name, f"{value!r} is not {len(parameter.components)} values separated by $"
         )
-    if any(part == "" for part in parts):
+    if any(_unescape(part) == "" for part in parts):
         raise SearchError(name, f"{value!r} has an empty part")
     first, second = parts
     kind = parameter.components[1].type
+    if kind != "token":
+        second = _unescape(second)
     if kind == "token":
         other = _token_match(t.c.value_system, t.c.value_code, second)
     elif kind == "quantity":

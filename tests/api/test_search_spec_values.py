@@ -81,3 +81,52 @@ def test_numbers_in_every_decimal_form_are_read(searcher: Searcher) -> None:
             "Observation", f"value-quantity={quote(value)}", Prefer="handling=strict"
         )
         assert sorted(ids(bundle)) == expected, value
+
+
+def test_an_escaped_bar_in_a_token_is_part_of_the_code_not_the_system_separator(
+    searcher: Searcher,
+) -> None:
+    (barred,) = searcher.put(
+        {"resourceType": "Patient", "identifier": [{"system": "urn:ids", "value": "A|7"}]}
+    )
+    (plain,) = searcher.put(
+        {"resourceType": "Patient", "identifier": [{"system": "A", "value": "7"}]}
+    )
+    (comma,) = searcher.put(
+        {"resourceType": "Patient", "identifier": [{"value": "B,8"}, {"value": "C$9"}]}
+    )
+    for value, expected in (
+        ("A\\|7", [barred]),
+        ("urn:ids|A\\|7", [barred]),
+        ("A|7", [plain]),
+        ("|A\\|7", []),  # no system: the one there has urn:ids
+        ("B\\,8", [comma]),
+        ("C\\$9", [comma]),
+        ("A\\|7,B\\,8", sorted([barred, comma])),
+    ):
+        bundle = searcher.search("Patient", f"identifier={quote(value)}", Prefer="handling=strict")
+        assert sorted(ids(bundle)) == expected, value
+    not_plain = searcher.search("Patient", "identifier:not=" + quote("A|7"))
+    assert sorted(ids(not_plain)) == sorted([barred, comma])
+    not_barred = searcher.search("Patient", "identifier:not=" + quote("A\\|7"))
+    assert sorted(ids(not_barred)) == sorted([plain, comma])
+
+
+def test_an_escaped_bar_in_a_composite_token_part_is_part_of_the_code(
+    searcher: Searcher,
+) -> None:
+    (barred,) = searcher.put(
+        observation(
+            code={"coding": [{"system": "urn:codes", "code": "x|1"}]},
+            valueCodeableConcept={"coding": [{"system": "urn:answers", "code": "y|2"}]},
+        )
+    )
+    for value, expected in (
+        ("urn:codes|x\\|1$urn:answers|y\\|2", [barred]),
+        ("x\\|1$y\\|2", [barred]),
+        ("x|1$y|2", []),
+    ):
+        bundle = searcher.search(
+            "Observation", f"code-value-concept={quote(value)}", Prefer="handling=strict"
+        )
+        assert ids(bundle) == expected, value
