@@ -301,7 +301,9 @@ def _period(value: str, name: str) -> tuple[datetime, datetime]:
         ) from None
 
 
-Count = Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)]
+Count = Annotated[int, Query(alias="_count", ge=1)]
+"""A history page's size; more than `MAX_COUNT` is `MAX_COUNT`: the server is not bound to
+return the number asked for, only not to return more (R4 search.html#count)."""
 Since = Annotated[str | None, Query(alias="_since")]
 At = Annotated[str | None, Query(alias="_at")]
 Page = Annotated[str | None, Query(alias="_page")]
@@ -323,6 +325,7 @@ async def _history(
     _check_type(resource_type)
     if resource_type not in STORED_TYPES:
         raise FhirError(405, "not-supported", f"{resource_type} has no history here")
+    count = min(count, MAX_COUNT)
     since = None if since_text is None else _instant(since_text, "_since")
     at = None if at_text is None else _period(at_text, "_at")
     after = _decode_cursor(page)

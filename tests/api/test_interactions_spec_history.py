@@ -242,3 +242,15 @@ def test_an_update_after_a_deletion_is_a_create_in_the_history(client: TestClien
     type_entries = client.get("/fhir/Observation/_history?_count=1000").json()["entry"]
     mine = [e for e in type_entries if e["fullUrl"] == f"http://testserver{url}"]
     assert [(e["request"]["method"], e["response"]["status"]) for e in mine] == expected
+
+
+def test_a_count_above_the_page_limit_gets_the_limit(client: TestClient) -> None:
+    url, _times = _versions(client, 2)
+    for count in ("1001", "5000", "99999999999999999999"):
+        response = client.get(f"{url}/_history?_count={count}")
+        assert _history_versions(response) == ['W/"2"', 'W/"1"'], count
+        type_history = client.get(f"/fhir/Observation/_history?_count={count}")
+        assert type_history.status_code == 200, type_history.text
+        assert len(type_history.json()["entry"]) <= 1000
+    for count in ("0", "-1", "ten"):
+        assert_outcome(client.get(f"{url}/_history?_count={count}"), 400, "invalid")
