@@ -912,20 +912,23 @@ def _add_tokens(rows: IndexRows, code: str, nodes: Iterable[Node]) -> None:
                     added = True
                     system = coding.get("system")
                     token = coding.get("code")
-                    display = coding.get("display") if not folded else None
+                    display = coding.get("display")
+                    shown = (
+                        (_NORMALIZED.get(display) or normalize(display))
+                        if isinstance(display, str)
+                        else None
+                    )
                     out.append(
                         (
                             code,
                             system[:MAX_TEXT] if isinstance(system, str) else None,
                             token[:MAX_TEXT] if isinstance(token, str) else None,
-                            folded
-                            or (
-                                (_NORMALIZED.get(display) or normalize(display))
-                                if isinstance(display, str)
-                                else None
-                            ),
+                            folded or shown,
                         )
                     )
+                    if folded and shown and shown != folded:
+                        # `:text` searches the display too: a row of its own, with no code.
+                        out.append((code, None, None, shown))
             if not added and folded:
                 out.append((code, None, None, folded))
         elif (
@@ -1214,13 +1217,10 @@ def _tokens(value: Any, key: str) -> list[tuple[Any, Any, str | None]]:
         for coding in value.get("coding", []):
             if isinstance(coding, dict):
                 display = coding.get("display")
-                tokens.append(
-                    (
-                        coding.get("system"),
-                        coding.get("code"),
-                        folded or (normalize(display) if isinstance(display, str) else None),
-                    )
-                )
+                shown = normalize(display) if isinstance(display, str) else None
+                tokens.append((coding.get("system"), coding.get("code"), folded or shown))
+                if folded and shown and shown != folded:  # `:text` searches the display too
+                    tokens.append((None, None, shown))
         return [(None, None, folded)] if not tokens and folded else tokens
     if key.endswith("telecom") or key == "telecom":
         # ContactPoint: the token is the value (`email=...`), its system the kind.
@@ -1287,9 +1287,8 @@ _SEARCH_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re
 
 def quantity_number(text: str) -> tuple[Decimal, Decimal, Decimal]:
     """A search number as (value, low, high): the range its significant figures imply."""
-    if (
-        _SEARCH_NUMBER.fullmatch(text) is None
-    ):  # Decimal reads `1_000`, ` 5`, `NaN`, other digits too
+    # Decimal reads `1_000`, ` 5`, `NaN` and other scripts' digits too.
+    if _SEARCH_NUMBER.fullmatch(text) is None:
         raise ValueError(f"{text!r} is not a number")
     try:
         number = Decimal(text)
