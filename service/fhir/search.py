@@ -776,8 +776,9 @@ def _quantity_match(
         "lt": column < exact,
         "ge": column >= exact,
         "le": column <= exact,
-        "sa": column > exact,
-        "eb": column < exact,
+        # starts after / ends before: outside the search value's range, above / below it
+        "sa": column >= hi,
+        "eb": column < lo,
     }
     if prefix == "ap":
         spread = abs(exact) / 10

@@ -130,3 +130,24 @@ def test_an_escaped_bar_in_a_composite_token_part_is_part_of_the_code(
             "Observation", f"code-value-concept={quote(value)}", Prefer="handling=strict"
         )
         assert ids(bundle) == expected, value
+
+
+def test_starts_after_and_ends_before_lie_outside_the_search_value_s_range(
+    searcher: Searcher,
+) -> None:
+    values = (99.4, 99.5, 99.6, 100, 100.2, 100.5, 100.6)
+    written = searcher.put(*(observation(**quantity(v)) for v in values))
+    stored = dict(zip(values, written, strict=True))
+
+    def found(query: str) -> list[float]:
+        bundle = searcher.search("Observation", query, Prefer="handling=strict")
+        return sorted(v for v, i in stored.items() if i in ids(bundle))
+
+    # 100 is [99.5, 100.5): sa and eb leave out what that range holds, gt and lt do not.
+    assert found("value-quantity=sa100") == [100.5, 100.6]
+    assert found("value-quantity=eb100") == [99.4]
+    assert found("value-quantity=gt100") == [100.2, 100.5, 100.6]
+    assert found("value-quantity=lt100") == [99.4, 99.5, 99.6]
+    assert found("value-quantity=eq100") == [99.5, 99.6, 100, 100.2]
+    assert found(f"value-quantity=sa100|{UCUM}|mg") == [100.5, 100.6]
+    assert found("value-quantity=eb100||g") == []
