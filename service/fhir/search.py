@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -721,11 +722,17 @@ def _split_prefix(value: str) -> tuple[str, str]:
     return "eq", value
 
 
+_PLUS_AS_SPACE: Final = re.compile(r"^(\d{4}-\d{2}-\d{2}T[\d:.]+) (\d{2}:\d{2})$", re.ASCII)
+
+
 def _date_match(
     value: str, low: ColumnElement[datetime], high: ColumnElement[datetime], name: str
 ) -> ColumnElement[bool]:
     """R4 date search: the search value's range against the resource value's range."""
     prefix, text = _split_prefix(value)
+    if " " in text:
+        # `+02:00` sent unencoded in a query string arrives as ` 02:00` (`+` is a space there).
+        text = _PLUS_AS_SPACE.sub(r"\1+\2", text)
     try:
         start, end = date_range(text)
     except (ValueError, OverflowError):

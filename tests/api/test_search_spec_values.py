@@ -151,3 +151,21 @@ def test_starts_after_and_ends_before_lie_outside_the_search_value_s_range(
     assert found("value-quantity=eq100") == [99.5, 99.6, 100, 100.2]
     assert found(f"value-quantity=sa100|{UCUM}|mg") == [100.5, 100.6]
     assert found("value-quantity=eb100||g") == []
+
+
+def test_a_time_zone_sent_with_an_unencoded_plus_is_read_as_the_offset_it_was(
+    searcher: Searcher,
+) -> None:
+    (taken,) = searcher.put(observation(effectiveDateTime="2026-10-05T09:02:00-04:00"))
+    # In a query string `+` is a space: `+02:00` sent unencoded arrives as ` 02:00`.
+    for query in (
+        "date=2026-10-05T15:02:00+02:00",
+        "date=2026-10-05T15:02:00%2B02:00",
+        "date=ge2026-10-05T15:01:00.5+02:00",
+        "_lastUpdated=2026-11-30T14:00:00+02:00",
+    ):
+        bundle = searcher.search("Observation", query, Prefer="handling=strict")
+        assert ids(bundle) == [taken], query
+    assert ids(searcher.search("Observation", "date=2026-10-05T15:02:00-02:00")) == []
+    status, _ = searcher.answer("Observation", "date=2026-10-05+02:00", Prefer="handling=strict")
+    assert status == 400
