@@ -45,18 +45,22 @@ def capability_statement(base: str, conformance: ConformanceResources) -> dict[s
         profiles = conformance.profiles_by_type.get(resource_type)
         if profiles:
             entry["supportedProfile"] = sorted(profiles)
-        interactions = (
-            (*READ_INTERACTIONS, *writes.write_interactions(resource_type)) if stored else ("read",)
-        )
+        written = writes.write_interactions(resource_type) if stored else ()
+        interactions = (*READ_INTERACTIONS, *written) if stored else ("read",)
         entry["interaction"] = [{"code": code} for code in interactions]
         entry["versioning"] = "versioned-update" if stored else "no-version"
         entry["readHistory"] = stored
         if stored:
-            entry["updateCreate"] = writes.UPDATE_CREATE
-            entry["conditionalCreate"] = writes.CONDITIONAL_CREATE
+            # The conditional and create-on-update flags only where the write they qualify is
+            # there (a read-only type, the audit trail, says none of them).
+            if "update" in written:
+                entry["updateCreate"] = writes.UPDATE_CREATE
+            if "create" in written:
+                entry["conditionalCreate"] = writes.CONDITIONAL_CREATE
             entry["conditionalRead"] = "full-support"
-            entry["conditionalUpdate"] = writes.CONDITIONAL_UPDATE
-            if resource_type not in writes.UNDELETABLE_TYPES:
+            if "update" in written:
+                entry["conditionalUpdate"] = writes.CONDITIONAL_UPDATE
+            if "delete" in written:
                 entry["conditionalDelete"] = writes.CONDITIONAL_DELETE
             entry.update(search_capabilities(resource_type))
             operations = [VALIDATE]

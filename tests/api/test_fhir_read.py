@@ -77,6 +77,29 @@ def test_metadata_is_a_valid_capability_statement(client: TestClient) -> None:
     assert [i["code"] for i in by_type["StructureDefinition"]["interaction"]] == ["read"]
 
 
+def test_the_write_flags_are_stated_only_for_the_writes_a_type_takes(
+    client: TestClient,
+) -> None:
+    statement = client.get("/fhir/metadata").json()
+    flags = ("updateCreate", "conditionalCreate", "conditionalUpdate", "conditionalDelete")
+    needs = dict(zip(flags, ("update", "create", "update", "delete"), strict=True))
+    for entry in statement["rest"][0]["resource"]:
+        codes = {i["code"] for i in entry["interaction"]}
+        for flag, interaction in needs.items():
+            assert (flag in entry) == (interaction in codes), (entry["type"], flag)
+    by_type = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    audit = by_type["AuditEvent"]
+    assert not set(flags) & set(audit), audit
+    refused = client.post(
+        "/fhir/AuditEvent",
+        content=b'{"resourceType":"AuditEvent"}',
+        headers={"Content-Type": FHIR},
+    )
+    assert refused.status_code == 405
+    assert "conditionalDelete" not in by_type["Patient"]
+    assert by_type["Observation"]["conditionalDelete"] == "single"
+
+
 def test_read_serves_the_stored_resource_with_its_version(client: TestClient) -> None:
     loaded = load(client)
     response = client.get(f"/fhir/Patient/{loaded['patient_id']}")
