@@ -40,6 +40,7 @@ from sqlalchemy import (
     FromClause,
     Integer,
     Select,
+    String,
     and_,
     false,
     func,
@@ -160,6 +161,8 @@ class SearchQuery:
     """A parsed search: what to filter, sort, include and return."""
 
     resource_type: str
+    base: str = ""
+    """The server's base URL: an absolute reference under it is to a resource here."""
     conditions: list[ColumnElement[bool]] = field(default_factory=list)
     applied: list[tuple[str, str]] = field(default_factory=list)
     """The parameters applied, as given: the self link shows exactly these."""
@@ -210,7 +213,7 @@ def parse_search(
     and listed in `ignored`. With `filters_only` (conditional interactions) result parameters
     are not allowed.
     """
-    query = SearchQuery(resource_type=resource_type)
+    query = SearchQuery(resource_type=resource_type, base=base)
     # Every condition probes its index per candidate (EXISTS) but one: the likeliest most
     # selective parameter is the set the candidates come from (IN), so neither database scans
     # every resource of the type or collects every id a broad parameter (a date, a common code)
@@ -812,7 +815,7 @@ def _reference_match(
     name: str,
     base: str,
 ) -> ColumnElement[bool]:
-    column_type, column_id = t.c.target_type, t.c.target_id
+    column_id = t.c.target_id
     if value.startswith(base + "/"):
         value = value.removeprefix(base + "/")
     if "://" in value or value.startswith("urn:"):
@@ -820,16 +823,34 @@ def _reference_match(
         return t.c.url == canonical
     if "/" in value:
         kind, resource_id, url = parse_reference(value)
-        if kind is None or url is not None:
+        if kind is None or resource_id is None or url is not None:
             raise SearchError(name, f"{value!r} is not Type/id, an id or a URL")
         if target_type is not None and kind != target_type:
             raise SearchError(name, f"{value!r} is not a {target_type}")
-        return and_(column_type == kind, column_id == resource_id)
+        return _on_this_server(t, base, kind, resource_id)
     if target_type is not None:
-        return and_(column_type == target_type, column_id == value)
+        return _on_this_server(t, base, target_type, value)
     if len(parameter.targets) == 1:
-        return and_(column_type == parameter.targets[0], column_id == value)
-    return column_id == value
+        return _on_this_server(t, base, parameter.targets[0], value)
+    return and_(column_id == value, local_targets(t, base))
+
+
+def _on_this_server(t: FromClause, base: str, kind: str, resource_id: str) -> ColumnElement[bool]:
+    """References to `kind/resource_id` of this server: relative, or absolute under `base`
+    (another server's `.../Patient/1` is not this server's `Patient/1`)."""
+    return and_(
+        t.c.target_type == kind,
+        t.c.target_id == resource_id,
+        or_(t.c.url.is_(None), t.c.url == f"{base}/{kind}/{resource_id}"),
+    )
+
+
+def local_targets(t: FromClause, base: str) -> ColumnElement[bool]:
+    """The reference rows of `t` whose target is a resource of this server: a relative
+    reference (no URL), or an absolute one under `base`. A row's target type and id are read
+    from any URL of the `Type/id` shape, another server's too, and name no resource here."""
+    here = literal(base + "/", String) + t.c.target_type + literal("/", String) + t.c.target_id
+    return or_(t.c.url.is_(None), t.c.url == here)
 
 
 def _chained(
@@ -870,6 +891,7 @@ def _chained(
         refs.c.resource_type == resource_type,
         rows_answering(refs, resource_type, parameter.code),
         or_(*branches),
+        local_targets(refs, base),
     )
     return subject.in_(referring)
 
@@ -900,6 +922,7 @@ def _has(
         rows_answering(refs, source_type, reference),
         refs.c.target_type == resource_type,
         refs.c.resource_id.in_(sources),
+        local_targets(refs, base),
     )
     return subject.in_(targets)
 
@@ -1035,7 +1058,7 @@ def run_search(connection: Connection, query: SearchQuery) -> SearchPage:
         return SearchPage([], [], total, None)
     page = page_of(query, connection.execute(page_statement(query)).all(), total=total)
     if query.includes:
-        page.included = _included(connection, query.includes, page.matches)
+        page.included = _included(connection, query.includes, page.matches, base=query.base)
     return page
 
 
@@ -1093,7 +1116,7 @@ def page_of(
 
 
 def _included(
-    connection: Connection, includes: Sequence[Include], matches: Sequence[Row]
+    connection: Connection, includes: Sequence[Include], matches: Sequence[Row], *, base: str
 ) -> list[Row]:
     seen = {(row.resource_type, row.id) for row in matches}
     included: list[Row] = []
@@ -1103,7 +1126,7 @@ def _included(
         for include in includes:
             if round_number > 0 and not include.iterate:
                 continue
-            wanted |= _include_keys(connection, include, frontier)
+            wanted |= _include_keys(connection, include, frontier, base=base)
         fresh = sorted(wanted - seen)[: MAX_INCLUDED - len(included)]
         if not fresh:
             break
@@ -1117,7 +1140,7 @@ def _included(
 
 
 def _include_keys(
-    connection: Connection, include: Include, rows: Sequence[Row]
+    connection: Connection, include: Include, rows: Sequence[Row], *, base: str
 ) -> set[tuple[str, str]]:
     found: set[tuple[str, str]] = set()
     if include.reverse:
@@ -1135,6 +1158,7 @@ def _include_keys(
                 *_include_rows(include, include.source_type),
                 search_reference.c.target_type == target_type,
                 search_reference.c.target_id.in_(target_ids),
+                local_targets(search_reference, base),
             )
             found.update((row[0], row[1]) for row in connection.execute(statement))
         return found
@@ -1148,6 +1172,7 @@ def _include_keys(
             *_include_rows(include, source_type),
             search_reference.c.resource_id.in_(source_ids),
             search_reference.c.target_id.is_not(None),
+            local_targets(search_reference, base),
             search_reference.c.target_type == include.target_type
             if include.target_type
             else true(),
