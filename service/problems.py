@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import psycopg
@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import InvalidRecord, Loc, Problem, ServiceError, dotted
@@ -103,6 +104,19 @@ def fhir_error_response(error: FhirError) -> Response:
     )
 
 
+_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(app: Any, scope: Scope) -> list[str]:
+    """The methods some route of `app` takes for the request's path, in the usual order."""
+    found = []
+    for method in _METHODS:
+        probe = {**scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in app.router.routes):
+            found.append(method)
+    return found
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def fhir_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, FhirError)
@@ -127,6 +141,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
+        if error.status_code == 405:
+            # The router names the methods of the first route that took the path; every route
+            # that takes it has its say (GET and POST on a type, PUT, PATCH and DELETE too).
+            allowed = allowed_methods(request.app, request.scope)
+            if allowed:
+                error.headers = {**(error.headers or {}), "Allow": ", ".join(allowed)}
         if _is_fhir(request):
             status = error.status_code
             text = "no such FHIR endpoint" if status == 404 else str(error.detail)

@@ -104,6 +104,24 @@ def test_the_capability_statement_is_read_only(client: TestClient, method: str) 
     assert client.get("/fhir/metadata").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/fhir/Observation/x", "GET, PUT, PATCH, DELETE"),
+        ("PATCH", "/fhir/Observation", "GET, POST, PUT, DELETE"),
+        ("DELETE", "/fhir/Observation/x/_history/1", "GET"),
+        ("PUT", "/fhir", "POST"),
+    ],
+)
+def test_a_405_allows_every_method_the_path_takes(
+    client: TestClient, method: str, path: str, allowed: str
+) -> None:
+    response = client.request(method, path, content=b"{}", headers={"Content-Type": FHIR})
+    assert response.status_code == 405, response.text
+    assert response.headers["allow"] == allowed
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
 def _precondition(response: Any, diagnostics: str) -> None:
     assert response.status_code == 412, response.text
     assert response.json() == {
