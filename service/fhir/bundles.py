@@ -60,6 +60,7 @@ from service.fhir.errors import (
     ResourceGone,
     ResourceNotFound,
 )
+from service.fhir.reads import version_number
 from service.fhir.search import parse_search, run_search
 from service.fhir.writes import (
     RECORD_KINDS,
@@ -171,6 +172,9 @@ class Entry:
     searches: list[tuple[str, str]] = field(default_factory=list)
     """(FHIRPath, reference) of each conditional reference in the resource as sent: found once
     for the scope check and the resolution both."""
+    failure: FhirError | None = None
+    """What makes the entry fail before it runs (a malformed `request.ifMatch`): a batch answers
+    the entry with it and runs the others, a transaction fails as a whole."""
 
 
 def parse_bundle(data: Any) -> tuple[str, list[Entry]]:
@@ -196,6 +200,15 @@ def parse_bundle(data: Any) -> tuple[str, list[Entry]]:
     entries = []
     for index, raw in enumerate(raw_entries):
         entries.append(_parse_entry(index, raw))
+    for entry in entries:
+        if kind == "transaction" and entry.failure is not None:
+            failure = entry.failure
+            raise FhirError(
+                failure.status,
+                failure.code,
+                f"entry {entry.index} ({entry.method} {entry.url}): {failure.diagnostics}",
+                failure.expression,
+            )
     _check_full_urls_unique(entries)
     return str(kind), entries
 
@@ -258,6 +271,14 @@ def _parse_entry(index: int, raw: Any) -> Entry:
             400, "invalid", f"entry {index}: fullUrl must be a string", f"{where}.fullUrl"
         )
     since = request.get("ifModifiedSince")
+    # A malformed ETag fails this entry alone (http.html#batch: each entry of a batch succeeds
+    # or fails on its own); a transaction fails as a whole (`parse_bundle`).
+    if_match: int | None = None
+    failure: FhirError | None = None
+    try:
+        if_match = parse_if_match(request.get("ifMatch")) if request.get("ifMatch") else None
+    except FhirError as error:
+        failure = FhirError(400, error.code, error.diagnostics, f"{where}.request.ifMatch")
     return Entry(
         searches=_conditional_references(resource),
         index=index,
@@ -269,10 +290,11 @@ def _parse_entry(index: int, raw: Any) -> Entry:
         query=split.query or None,
         resource=resource,
         full_url=full_url,
-        if_match=parse_if_match(request.get("ifMatch")) if request.get("ifMatch") else None,
+        if_match=if_match,
         if_none_exist=request.get("ifNoneExist"),
         if_none_match=request.get("ifNoneMatch") or None,
         if_modified_since=None if not since else _parse_since(index, since),
+        failure=failure,
     )
 
 
@@ -459,11 +481,8 @@ def _not_modified(entry: Entry, version: int, last_updated: datetime) -> bool:
 
 def _vread(writer: FacadeWriter, entry: Entry, version: str) -> None:
     resource_type, resource_id = entry.path[0], entry.path[1]
-    found = (
-        writer.resources.version(resource_type, resource_id, int(version))
-        if version.isdigit() and len(version) <= 9
-        else None
-    )
+    number = version_number(version)  # ASCII digits: `str.isdigit` takes `²`, `int` does not
+    found = None if number is None else writer.resources.version(resource_type, resource_id, number)
     if found is None:
         raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version}")
     if found.deleted or found.body is None:
@@ -1083,6 +1102,8 @@ def run_batch(
     }
     for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
         try:
+            if entry.failure is not None:
+                raise entry.failure
             _check_independent(entry, local)
             outcome = run_write(
                 services=services,
