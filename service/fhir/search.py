@@ -653,7 +653,10 @@ def _value_match(
     if kind == "uri":
         if modifier == "below":
             return _prefix(t.c.code, value)
-        return t.c.code == value.split("|")[0]
+        if "|" in value:  # a canonical with its version: that version
+            return t.c.code == value
+        # A canonical without one: any version of it, or none (`meta.profile` may name one).
+        return or_(t.c.code == value, _prefix(t.c.code, value + "|"))
     if kind == "token":
         if modifier == "text":
             return _prefix(t.c.text, normalize(value))

@@ -169,3 +169,24 @@ def test_a_time_zone_sent_with_an_unencoded_plus_is_read_as_the_offset_it_was(
     assert ids(searcher.search("Observation", "date=2026-10-05T15:02:00-02:00")) == []
     status, _ = searcher.answer("Observation", "date=2026-10-05+02:00", Prefer="handling=strict")
     assert status == 400
+
+
+def test_a_profile_searched_without_a_version_finds_every_version_of_it(
+    searcher: Searcher,
+) -> None:
+    profile = "http://example.org/fhir/StructureDefinition/infusion-patient"
+    versioned, unversioned, other_version, longer = searcher.put(
+        {"resourceType": "Patient", "meta": {"profile": [f"{profile}|1.0"]}},
+        {"resourceType": "Patient", "meta": {"profile": [profile]}},
+        {"resourceType": "Patient", "meta": {"profile": [f"{profile}|2.0"]}},
+        {"resourceType": "Patient", "meta": {"profile": [f"{profile}-child"]}},
+    )
+    for value, expected in (
+        (profile, sorted([versioned, unversioned, other_version])),
+        (f"{profile}|1.0", [versioned]),
+        (f"{profile}|3.0", []),
+    ):
+        bundle = searcher.search("Patient", f"_profile={value}", Prefer="handling=strict")
+        assert sorted(ids(bundle)) == expected, value
+    below = searcher.search("Patient", f"_profile:below={profile}", Prefer="handling=strict")
+    assert sorted(ids(below)) == sorted([versioned, unversioned, other_version, longer])
