@@ -15,7 +15,7 @@ import binascii
 import logging
 import re
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -372,33 +372,68 @@ async def _fhir_json(request: Request) -> Any:
         raise FhirError(400, "invalid", f"the body is not valid JSON: {error}") from None
 
 
-def _validate_input(body: Any) -> tuple[dict[str, Any], str | None]:
-    """The resource and profile of a $validate call: a resource, or Parameters holding one."""
+VALIDATE_MODES = ("create", "update", "delete")
+"""$validate's `mode` (ResourceValidationMode, R4)."""
+
+
+def _validate_input(
+    body: Any, query: Mapping[str, str]
+) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """The resource, profile and mode of a $validate call: a resource (with `profile` and
+    `mode` in the URL), or Parameters holding them (the URL's are taken for those it lacks)."""
     if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
         raise FhirError(400, "invalid", "the body is not a FHIR resource")
-    if body["resourceType"] != "Parameters":
-        return body, None
     resource: dict[str, Any] | None = None
-    profile: str | None = None
-    for parameter in body.get("parameter", []):
-        if not isinstance(parameter, dict):
-            continue
-        if parameter.get("name") == "resource" and isinstance(parameter.get("resource"), dict):
-            resource = parameter["resource"]
-        elif parameter.get("name") == "profile":
-            value = parameter.get("valueUri") or parameter.get("valueCanonical")
-            profile = value if isinstance(value, str) else None
-        elif parameter.get("name") == "mode" and parameter.get("valueCode") not in (
-            None,
-            "create",
-            "update",
-        ):
-            raise FhirError(
-                400, "not-supported", f"mode {parameter.get('valueCode')} is not supported"
-            )
-    if resource is None:
+    profile = query.get("profile")
+    mode = query.get("mode")
+    if body["resourceType"] != "Parameters":
+        resource = body
+    else:
+        parameters = body.get("parameter", [])
+        for index, parameter in enumerate(parameters if isinstance(parameters, list) else ()):
+            where = f"Parameters.parameter[{index}]"
+            if not isinstance(parameter, dict):
+                raise FhirError(400, "invalid", "a parameter is not an object", expression=where)
+            name = parameter.get("name")
+            if name == "resource":
+                if resource is not None:
+                    raise FhirError(
+                        400, "invalid", "Parameters has more than one 'resource'", expression=where
+                    )
+                if not isinstance(parameter.get("resource"), dict):
+                    raise FhirError(
+                        400, "invalid", "'resource' holds no resource", expression=where
+                    )
+                resource = parameter["resource"]
+            elif name == "profile":
+                value = parameter.get("valueUri", parameter.get("valueCanonical"))
+                if not isinstance(value, str):
+                    raise FhirError(
+                        400, "invalid", "'profile' is not a uri or canonical", expression=where
+                    )
+                profile = value
+            elif name == "mode":
+                value = parameter.get("valueCode")
+                if not isinstance(value, str):
+                    raise FhirError(400, "invalid", "'mode' is not a code", expression=where)
+                mode = value
+    if mode is not None and mode not in VALIDATE_MODES:
+        raise FhirError(
+            400,
+            "invalid",
+            f"mode {mode!r} is none of {', '.join(VALIDATE_MODES)}",
+            expression="mode",
+        )
+    if resource is None and mode != "delete":
         raise FhirError(400, "required", "Parameters has no 'resource' parameter")
-    return resource, profile
+    return resource, profile, mode
+
+
+def _outcome(severity: str, code: str, text: str) -> dict[str, Any]:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": code, "diagnostics": text}],
+    }
 
 
 def _strict(request: Request) -> bool:
@@ -551,14 +586,33 @@ def _conformance_search(
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Negotiated])
 
-    @router.post(
-        "/{resource_type}/$validate",
-        summary="Validate a resource (structure, profiles, invariants)",
-        response_class=Response,
-    )
-    async def validate(request: Request, resource_type: str, services: ServicesDep) -> Response:
+    async def _validate(
+        request: Request, services: Services, resource_type: str, resource_id: str | None
+    ) -> Response:
+        # writes imports this module: its lists of what a type takes are looked up here.
+        from service.fhir.writes import READ_ONLY_TYPES, UNDELETABLE_TYPES
+
         _check_type(resource_type)
-        resource, profile = _validate_input(await _fhir_json(request))
+        query = request.query_params
+        resource: dict[str, Any] | None = None
+        profile: str | None = None
+        given: str | None = "delete"
+        if query.get("mode") != "delete" or (await request.body()).strip():
+            resource, profile, given = _validate_input(await _fhir_json(request), query)
+        mode = given or ("create" if resource_id is None else "update")
+        if mode == "delete":
+            if resource_id is None:
+                raise FhirError(
+                    400, "invalid", "mode delete validates a resource by its id", expression="mode"
+                )
+            if resource_type in UNDELETABLE_TYPES or resource_type in READ_ONLY_TYPES:
+                outcome = _outcome(
+                    "error", "not-supported", f"{resource_type} resources are not deleted here"
+                )
+            else:
+                outcome = _outcome("information", "informational", "No issues")
+            return Response(orjson.dumps(outcome), media_type=FHIR_JSON)
+        assert resource is not None
         if resource.get("resourceType") != resource_type:
             raise FhirError(
                 400,
@@ -566,9 +620,54 @@ def build_router() -> APIRouter:
                 f"$validate on {resource_type} was given a {resource.get('resourceType')}",
                 expression="resourceType",
             )
+        if resource_id is not None and resource.get("id") != resource_id:
+            raise FhirError(
+                400,
+                "invalid",
+                f"the resource's id is not {resource_id!r}, the id in the URL",
+                expression="id",
+            )
         outcome = await run_in_threadpool(services.validator.outcome, resource, profile)
+        if resource_type in READ_ONLY_TYPES:
+            refused = {
+                "severity": "error",
+                "code": "not-supported",
+                "diagnostics": f"{resource_type} resources are read-only here",
+            }
+            outcome["issue"] = [
+                issue for issue in outcome["issue"] if issue["severity"] != "information"
+            ] + [refused]
+        elif mode == "update" and not resource.get("id"):
+            outcome["issue"] = [
+                issue for issue in outcome["issue"] if issue["severity"] != "information"
+            ] + [
+                {
+                    "severity": "error",
+                    "code": "required",
+                    "diagnostics": "an update needs the resource's id",
+                    "expression": [f"{resource_type}.id"],
+                }
+            ]
         # 200 whatever the verdict: the operation worked; the outcome says what it found.
         return Response(orjson.dumps(outcome), media_type=FHIR_JSON)
+
+    @router.post(
+        "/{resource_type}/$validate",
+        summary="Validate a resource (structure, profiles, invariants)",
+        response_class=Response,
+    )
+    async def validate(request: Request, resource_type: str, services: ServicesDep) -> Response:
+        return await _validate(request, services, resource_type, None)
+
+    @router.post(
+        "/{resource_type}/{resource_id}/$validate",
+        summary="Validate a resource for an update or delete of the resource with this id",
+        response_class=Response,
+    )
+    async def validate_instance(
+        request: Request, resource_type: str, resource_id: str, services: ServicesDep
+    ) -> Response:
+        return await _validate(request, services, resource_type, resource_id)
 
     @router.get("/{resource_type}", summary="Search", response_class=Response)
     async def search(request: Request, resource_type: str) -> Response:

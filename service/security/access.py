@@ -271,6 +271,9 @@ def _fhir_requirement(
     elif third == "$everything" and resource_type == "Patient":
         need.subtype = "$everything"
         _everything_needs(need, query)
+    elif third == "$validate" and len(parts) == 3:  # as at the type's level: nothing stored
+        need.subtype, need.audit = "operation", False
+        need.need(resource_type, "cruds")
     else:
         need.need(resource_type, "cruds")
     return need
