@@ -33,7 +33,7 @@ import binascii
 import logging
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -794,23 +794,30 @@ def build_export_router() -> APIRouter:
             background=BackgroundTask(run_job, database=services.database, job_id=job.id),
         )
 
-    @router.api_route(
-        "/$export",
-        methods=["GET", "POST"],
-        summary="Bulk Data export of the whole store",
-        response_class=Response,
-    )
-    async def system_export(request: Request, services: ServicesDep) -> Response:
-        return await _kick_off(request, services, "system")
+    def _kick_off_at(level: str) -> Callable[..., Awaitable[Response]]:
+        async def kick_off_route(request: Request, services: ServicesDep) -> Response:
+            return await _kick_off(request, services, level)
 
-    @router.api_route(
-        "/Patient/$export",
-        methods=["GET", "POST"],
-        summary="Bulk Data export of every Patient compartment (or of the patients named)",
-        response_class=Response,
-    )
-    async def patient_export(request: Request, services: ServicesDep) -> Response:
-        return await _kick_off(request, services, "patient")
+        return kick_off_route
+
+    # One route per method: a route of two methods would give both one OpenAPI operationId.
+    for method in ("GET", "POST"):
+        for path, level, summary in (
+            ("/$export", "system", "Bulk Data export of the whole store"),
+            (
+                "/Patient/$export",
+                "patient",
+                "Bulk Data export of every Patient compartment (or of the patients named)",
+            ),
+        ):
+            router.add_api_route(
+                path,
+                _kick_off_at(level),
+                methods=[method],
+                name=f"{level}_export_{method.lower()}",
+                summary=summary,
+                response_class=Response,
+            )
 
     @router.get(
         "/$export-status/{job_id}", summary="Bulk Data export status", response_class=Response

@@ -245,3 +245,12 @@ def test_openapi_describes_every_record(client: TestClient) -> None:
     assert put_patient["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Patient"
     }
+
+
+def test_every_openapi_operation_has_its_own_id(client: TestClient) -> None:
+    """OpenAPI requires operationIds to be unique (code generators name methods by them)."""
+    schema = client.get("/openapi.json").json()
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    export = schema["paths"]["/fhir/$export"]
+    assert set(export) == {"get", "post"}
