@@ -82,6 +82,12 @@ MAX_INCLUDED: Final = 1000
 """Included resources per page at most (a `_include` fan-out cannot grow a page unboundedly)."""
 MAX_ITERATE: Final = 3
 """Rounds of `:iterate` at most."""
+MAX_VALUES: Final = 60
+"""Comma-separated values of the filter parameters of one search at most (`_id`'s aside): each
+is a term of an OR, and SQLite parses a statement's ORs and ANDs, sub-selects included, as one
+expression tree, which it refuses beyond a depth of 1000."""
+MAX_FILTERS: Final = 50
+"""Filter parameters of one search at most (each is a condition of one AND)."""
 
 PREFIXES: Final = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 RESULT_PARAMETERS: Final = frozenset(
@@ -134,6 +140,11 @@ class SearchError(FhirError):
     def __init__(self, name: str, diagnostics: str) -> None:
         super().__init__(400, "processing", f"{name}: {diagnostics}", expression=name)
         self.name = name
+
+
+def _too_costly(name: str, diagnostics: str) -> FhirError:
+    """A search beyond the server's limits: 400 too-costly, under any handling."""
+    return FhirError(400, "too-costly", f"{name}: {diagnostics}", expression=name)
 
 
 # --- the parsed query ---------------------------------------------------------------------------
@@ -233,6 +244,7 @@ def parse_search(
     taken = None if driving is None else _index_table(resource_type, params[driving][0])
     built: list[ColumnElement[bool] | _Probe] = []
     driver: ColumnElement[bool] | _Probe | None = None
+    terms = 0
     for n, (name, value) in enumerate(params):
         try:
             if name in IGNORED_QUIETLY:
@@ -242,6 +254,16 @@ def parse_search(
                     raise SearchError(name, "is not allowed in conditional criteria")
                 _result_parameter(query, name, value)
             else:
+                # Beyond these a search is refused, whatever the handling: leaving out one of its
+                # filters would answer more than was asked for.
+                if len(built) >= MAX_FILTERS:
+                    raise _too_costly(name, f"is more than the {MAX_FILTERS} filters taken")
+                if name != "_id":
+                    terms += len(_split(value, ","))
+                    if terms > MAX_VALUES:
+                        raise _too_costly(
+                            name, f"makes more than the {MAX_VALUES} values a search takes"
+                        )
                 found = _criterion(
                     resource_type,
                     name,
@@ -305,7 +327,9 @@ def _probes(probes: list[_Probe], subject: ColumnElement[str]) -> list[ColumnEle
     chain: list[_Probe] = []
     beside: list[_Probe] = []
     for probe in ordered:
-        nests = not any(probe.table is link.table for link in chain)
+        # (A chain as deep as the parameters are many would be as deep a statement: the
+        # databases' parsers and SQLAlchemy's compiler stop at some depth.)
+        nests = len(chain) < _MAX_NESTED and not any(probe.table is link.table for link in chain)
         (chain if nests and not (chain and chain[-1].negate) else beside).append(probe)
     # Negated probes hold nothing: after the first, each goes beside the chain. Each probe in
     # the chain is of the id of the one around it (a sub-select correlates with the one
@@ -315,6 +339,10 @@ def _probes(probes: list[_Probe], subject: ColumnElement[str]) -> list[ColumnEle
         around = subject if at == 0 else chain[at - 1].table.c.resource_id
         nested = [chain[at].fenced(around, *nested)]
     return [*nested, *(probe.fenced(subject) for probe in beside)]
+
+
+_MAX_NESTED: Final = 6
+"""Probes nested in one another at most; the others go beside them."""
 
 
 def _index_table(resource_type: str, name: str) -> FromClause | None:
