@@ -86,6 +86,7 @@ from service.fhir.writes import (
 )
 from service.security.access import authorize, authorize_entries, requirement
 from service.security.audit import audit_facade_writes
+from service.store.resources import dump_json, dump_json_noting, load_json
 
 MAX_ENTRIES = 10000
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -520,7 +521,7 @@ def _search(writer: FacadeWriter, entry: Entry, *, strict: bool) -> None:
 
 def _conditional_references(value: Any) -> list[tuple[str, str]]:
     """(FHIRPath, reference) of each conditional reference (`Type?criteria`) in a resource."""
-    if value is None or not _CONDITIONAL_VALUE.search(orjson.dumps(value)):
+    if value is None or not _CONDITIONAL_VALUE.search(dump_json(value)):
         return []  # the common case, found without building every element's path
     return _conditional_references_at(value, "")
 
@@ -641,9 +642,9 @@ def _rewriter(targets: dict[str, str]) -> Callable[[dict[str, Any]], dict[str, A
         return written.get(raw) or match.group(0)
 
     def rewrite(resource: dict[str, Any]) -> dict[str, Any]:
-        data = orjson.dumps(resource)
-        copied: dict[str, Any] = orjson.loads(
-            _REFERENCE_VALUE.sub(point, data) if written else data
+        data, inexact = dump_json_noting(resource)
+        copied: dict[str, Any] = load_json(
+            _REFERENCE_VALUE.sub(point, data) if written else data, inexact=inexact
         )
         return copied
 
@@ -878,7 +879,7 @@ def _link_rewriter(
         return value
 
     def rewrite(resource: dict[str, Any]) -> dict[str, Any]:
-        data = orjson.dumps(resource)
+        data = dump_json(resource)
         if b'"url":"urn:' not in data and not (b'"div":' in data and b"urn:" in data):
             return resource  # the common case: no such link, nothing to walk
         pointed: dict[str, Any] = point(resource, None)
@@ -913,7 +914,7 @@ def _references(resource: dict[str, Any] | None) -> set[str]:
     if resource is None:
         return set()
     found = set()
-    for raw in _REFERENCE_VALUE.findall(orjson.dumps(resource)):
+    for raw in _REFERENCE_VALUE.findall(dump_json(resource)):
         found.add(orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode())
     return found
 
@@ -921,7 +922,7 @@ def _references(resource: dict[str, Any] | None) -> set[str]:
 def _check_placeholders_resolved(entry: Entry) -> None:
     """A `urn:uuid:` reference left after the rewrite names no entry of the transaction: it
     would be stored pointing nowhere, so the transaction fails."""
-    if entry.resource is None or not _PLACEHOLDER_VALUE.search(orjson.dumps(entry.resource)):
+    if entry.resource is None or not _PLACEHOLDER_VALUE.search(dump_json(entry.resource)):
         return
     dangling = sorted(r for r in _references(entry.resource) if r.startswith("urn:uuid:"))
     error = FhirError(

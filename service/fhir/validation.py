@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import fhirkit
-import orjson
 
 from service.fhir.profile_validation import ProfileValidator
+from service.store.resources import dump_json
 
 Issue = dict[str, Any]
 
@@ -47,7 +47,7 @@ def _nests_deeper_than(data: Any, limit: int) -> bool:
 
 def structural_issues(resource: Mapping[str, Any] | bytes) -> list[Issue]:
     """Every R4 structural problem in a resource, as OperationOutcome issues."""
-    data = resource if isinstance(resource, bytes) else orjson.dumps(resource)
+    data = resource if isinstance(resource, bytes) else dump_json(resource)
     return [
         {
             "severity": "error" if issue.severity == "error" else "warning",

@@ -80,7 +80,13 @@ from service.records.repository import RecordRepository, RecordVersion
 from service.records.service import Outcome, load, repository_lookup, write_record
 from service.security.audit import audit_facade_writes
 from service.store.db import grouped
-from service.store.resources import ResourceRepository, StoredResource, WrittenResource
+from service.store.resources import (
+    ResourceRepository,
+    StoredResource,
+    WrittenResource,
+    dump_json,
+    load_json,
+)
 from service.store.tables import search_token
 
 WRITE_INTERACTIONS = ("create", "update", "patch", "delete")
@@ -297,7 +303,8 @@ def parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise FhirError(400, "invalid", "the request has no body")
     try:
-        data = orjson.loads(raw)
+        # Its numbers as written: a decimal's precision is significant (R4 datatypes.html).
+        data = load_json(raw)
     except orjson.JSONDecodeError as error:
         raise FhirError(400, "invalid", f"the body is not valid JSON: {error}") from None
     if _nests_deeper_than(data, MAX_DEPTH):
@@ -584,7 +591,7 @@ class FacadeWriter:
                 raise ResourceGone(resource_type, resource_id, current.version)
             if if_match is not None and not _matches(if_match, current):
                 raise _stale(resource_type, resource_id, if_match, current.version)
-            patched = apply(orjson.loads(current.body))
+            patched = apply(load_json(current.body))
             if not isinstance(patched, dict) or patched.get("resourceType") != resource_type:
                 raise InvalidResource(
                     [_issue("processing", "the patch changes the resource's type", "resourceType")]
@@ -695,7 +702,7 @@ class FacadeWriter:
         return [Written(_stored(w), created=True) for w in written]
 
     def _check_valid(self, resource: dict[str, Any]) -> None:
-        data = orjson.dumps(resource)  # once, for the structural check and the references
+        data = dump_json(resource)  # once, for the structural check and the references
         issues = self.validator.issues(resource, data=data)
         if any(issue["severity"] in ("error", "fatal") for issue in issues):
             raise InvalidResource(issues)
@@ -1021,7 +1028,7 @@ def _same_content(stored: StoredResource, resource: dict[str, Any]) -> bool:
     """Whether a resource a client sent is the stored version's content, whatever the order of
     its members: a resource read back and sent again (its id now second, its meta stripped of
     the version) is no new version. The store compares the JSON as written, in its order."""
-    current = orjson.loads(stored.body)
+    current = load_json(stored.body)  # its numbers as stored: 1.50 is not 1.5
     meta = current.get("meta")
     if isinstance(meta, dict):
         kept = {key: value for key, value in meta.items() if key not in _SERVER_META}
@@ -1030,7 +1037,7 @@ def _same_content(stored: StoredResource, resource: dict[str, Any]) -> bool:
         else:
             current.pop("meta")
     sort = orjson.OPT_SORT_KEYS
-    return bool(orjson.dumps(current, option=sort) == orjson.dumps(resource, option=sort))
+    return dump_json(current, option=sort) == dump_json(resource, option=sort)
 
 
 def _stored(written: WrittenResource) -> StoredResource:
@@ -1669,7 +1676,7 @@ def _expect_arrays(document: dict[str, Any], steps: Sequence[Step]) -> None:
         paths = sorted(
             {
                 issue.path
-                for issue in fhirkit.validate(orjson.dumps(document))
+                for issue in fhirkit.validate(dump_json(document))
                 if issue.message.startswith("expected an array")
                 and (issue.path == where or issue.path.startswith((f"{where}.", f"{where}[")))
             },
@@ -1750,7 +1757,7 @@ def _has_bad_reference(resource: dict[str, Any], data: bytes | None = None) -> b
 
     `data`: the resource as orjson wrote it, when the caller has it.
     """
-    for raw in _REFERENCE_VALUE.findall(orjson.dumps(resource) if data is None else data):
+    for raw in _REFERENCE_VALUE.findall(dump_json(resource) if data is None else data):
         if _GOOD_RELATIVE.fullmatch(raw):
             continue
         reference = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
