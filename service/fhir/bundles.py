@@ -84,9 +84,9 @@ from service.fhir.writes import (
     resource_body,
     run_write,
 )
+from service.json_text import dump_json, dump_json_noting, load_json
 from service.security.access import authorize, authorize_entries, requirement
 from service.security.audit import audit_facade_writes
-from service.store.resources import dump_json, dump_json_noting, load_json
 
 MAX_ENTRIES = 10000
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}

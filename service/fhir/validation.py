@@ -19,7 +19,7 @@ from typing import Any
 import fhirkit
 
 from service.fhir.profile_validation import ProfileValidator
-from service.store.resources import dump_json
+from service.json_text import dump_json
 
 Issue = dict[str, Any]
 

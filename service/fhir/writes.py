@@ -74,19 +74,14 @@ from service.fhir.errors import (
 )
 from service.fhir.search import matching_ids, rows_answering
 from service.fhir.validation import ResourceValidator
+from service.json_text import dump_json, load_json
 from service.records.materialize import Materializer
 from service.records.models import Diagnosis, Patient, RecordModel, TreatmentCourse
 from service.records.repository import RecordRepository, RecordVersion
 from service.records.service import Outcome, load, repository_lookup, write_record
 from service.security.audit import audit_facade_writes
 from service.store.db import grouped
-from service.store.resources import (
-    ResourceRepository,
-    StoredResource,
-    WrittenResource,
-    dump_json,
-    load_json,
-)
+from service.store.resources import ResourceRepository, StoredResource, WrittenResource
 from service.store.tables import search_token
 
 WRITE_INTERACTIONS = ("create", "update", "patch", "delete")

@@ -10,14 +10,14 @@ import random
 import orjson
 import pytest
 
-from service.store.resources import (
+from service.json_text import (
     NumberText,
-    content_hash,
     dump_json,
     dump_json_noting,
     has_inexact_numbers,
     load_json,
 )
+from service.store.resources import content_hash
 
 OBSERVATION = {
     "resourceType": "Observation",
