@@ -49,6 +49,7 @@ from service.fhir.search import (
 )
 from service.fhir.search_index import date_range
 from service.fhir.search_parameters import INDEXED_TYPES, definitions
+from service.json_text import dump_json, load_json
 from service.store.resources import ResourceRepository, VersionRow
 
 STORED_TYPES = INDEXED_TYPES
@@ -367,7 +368,7 @@ async def _fhir_json(request: Request) -> Any:
         raise FhirError(415, "not-supported", f"send application/fhir+json, not {content_type}")
     raw = await request.body()
     try:
-        return orjson.loads(raw)
+        return load_json(raw)
     except orjson.JSONDecodeError as error:
         raise FhirError(400, "invalid", f"the body is not valid JSON: {error}") from None
 
@@ -444,7 +445,7 @@ def _strict(request: Request) -> bool:
 
 def _subset(body: str, query: SearchQuery) -> bytes:
     """`_summary` / `_elements`: the stored resource cut down, and tagged SUBSETTED."""
-    resource: dict[str, Any] = orjson.loads(body)
+    resource: dict[str, Any] = load_json(body)
     keep: set[str] | None = None
     if query.summary == "true":
         keep = set(definitions().summary_elements.get(resource["resourceType"], ()))
@@ -462,7 +463,7 @@ def _subset(body: str, query: SearchQuery) -> bytes:
     meta = dict(out.get("meta", {}))
     meta["tag"] = [*meta.get("tag", []), SUBSETTED]
     out["meta"] = meta
-    return orjson.dumps(out)
+    return dump_json(out)
 
 
 def _selected(key: str, keep: set[str]) -> bool:

@@ -28,6 +28,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from service.json_text import dump_json
 from service.sync.destinations import BearerAuth, Destination, SmartBackendAuth
 
 log = logging.getLogger("service.sync.client")
@@ -291,7 +292,7 @@ class EhrClient:
         send_headers = dict(headers or {})
         content = None
         if body is not None:
-            content = orjson.dumps(body)
+            content = dump_json(body)
             send_headers["Content-Type"] = FHIR_JSON
         try:
             response = self._http.request(

@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from service.json_text import load_json
 from service.security.audit import record_audit
 from service.store.db import pairs_in
 from service.store.resources import patient_of
@@ -425,7 +426,7 @@ def version_bodies(connection: Connection, items: Iterable[tuple[str, str, int]]
         asked = set(chunk)
         for row in rows:
             if row.body is not None and (row.resource_type, row.id, row.version) in asked:
-                out[(row.resource_type, row.id)] = orjson.loads(row.body)
+                out[(row.resource_type, row.id)] = load_json(row.body)
     return out
 
 
@@ -467,7 +468,7 @@ def current_bodies(
             )
         )
         for row in rows:
-            out[(row.resource_type, row.id)] = orjson.loads(row.body)
+            out[(row.resource_type, row.id)] = load_json(row.body)
     return out
 
 

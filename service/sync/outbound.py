@@ -23,6 +23,7 @@ from urllib.parse import quote_plus
 
 import orjson
 
+from service.json_text import dump_json, load_json
 from service.records.models import Assessment, InfusionSession, RecordModel
 from service.sync.client import parse_location
 from service.sync.strategy import TypeSupport
@@ -155,7 +156,7 @@ def translate(
     `remote_of` gives the EHR's id of a target (the Patient match included; a Patient with none
     raises `UnresolvedPatient`), `identifier_of` a target's business identifier.
     """
-    translated: Resource = orjson.loads(
+    translated: Resource = load_json(
         translate_json(
             resource,
             remote_id=remote_id,
@@ -188,7 +189,7 @@ def _reference_text(raw: bytes) -> str:
 
 def referenced_keys(resource: Resource) -> set[Key]:
     """The (type, id) of every relative reference in the resource, outside `contained`."""
-    data = orjson.dumps(resource)
+    data = dump_json(resource)
     if _CONTAINED in data:
         refs = [ref["reference"] for ref in references(resource)]
     else:
@@ -226,7 +227,7 @@ def translate_json(
             out["id"] = id_last
     else:
         out["id"] = remote_id
-    data = orjson.dumps(out)
+    data = dump_json(out)
     resolved: dict[Key, str | None] = {}
 
     def target(key: Key) -> str | None:
@@ -278,7 +279,7 @@ def translate_json(
             return b"".join(pieces)
     # A logical reference changes the shape of its element, or `contained` is to be left
     # alone: rewrite a copy element by element.
-    copy: Resource = orjson.loads(data)
+    copy: Resource = load_json(data)
     for ref in references(copy):
         key = relative_key(ref["reference"])
         if key is None:
@@ -289,7 +290,7 @@ def translate_json(
             continue
         del ref["reference"]
         _logical(ref, key, identifier_of)
-    return orjson.dumps(copy)
+    return dump_json(copy)
 
 
 def _logical(

@@ -224,6 +224,23 @@ def test_a_search_by_value_finds_the_decimal_whatever_its_precision(client: Test
     assert missed.json().get("entry", []) == []
 
 
+def test_validate_and_elements_see_and_serve_the_numbers_as_written(client: TestClient) -> None:
+    text = observation_text([]).replace('"status"', '"valueInteger": 1e2,\n  "status"')
+    checked = client.post("/fhir/Observation/$validate", content=text, headers=FHIR)
+    assert checked.status_code == 200, checked.text
+    diagnostics = [issue.get("diagnostics", "") for issue in checked.json()["issue"]]
+    assert any("1e2 is not a FHIR integer" in d for d in diagnostics), diagnostics
+    system = f"urn:test:{uuid.uuid4().hex}"
+    create(client, observation_text(NUMBERS, identifier=[{"system": system, "value": "a"}]))
+    cut = client.get(
+        "/fhir/Observation",
+        params={"identifier": f"{system}|a", "_elements": "component"},
+        headers=FHIR,
+    )
+    assert cut.status_code == 200, cut.text
+    assert_served_as_sent(cut.content)
+
+
 # --- Bundles --------------------------------------------------------------------------------
 
 
