@@ -437,10 +437,20 @@ def _outcome(severity: str, code: str, text: str) -> dict[str, Any]:
     }
 
 
+def preferences(prefer: str | None) -> dict[str, str]:
+    """The preferences of a `Prefer` header (RFC 7240): token -> value, in lower case; the
+    parameters after a `;` belong to their preference and are left out."""
+    found: dict[str, str] = {}
+    for part in (prefer or "").split(","):
+        token, _, value = part.split(";", 1)[0].partition("=")
+        if token.strip():
+            found.setdefault(token.strip().lower(), value.strip().strip('"').lower())
+    return found
+
+
 def _strict(request: Request) -> bool:
     """`Prefer: handling=strict`: an unknown or unsupported parameter is an error."""
-    prefer = request.headers.get("prefer", "")
-    return any(part.strip() == "handling=strict" for part in prefer.split(","))
+    return preferences(request.headers.get("prefer")).get("handling") == "strict"
 
 
 def _subset(body: str, query: SearchQuery) -> bytes:

@@ -47,7 +47,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import QueryParams
 from starlette.responses import Response, StreamingResponse
 
-from service.fhir.api import STORED_TYPES, Negotiated, ServicesDep
+from service.fhir.api import STORED_TYPES, Negotiated, ServicesDep, preferences
 from service.fhir.errors import (
     FHIR_JSON,
     FhirError,
@@ -229,24 +229,13 @@ def parse_types(value: str | None, *, allowed: Sequence[str], name: str = "_type
     return wanted
 
 
-def _preferences(prefer: str | None) -> dict[str, str]:
-    """The preferences of a `Prefer` header (RFC 7240): token -> value, in lower case; the
-    parameters after a `;` belong to their preference and are left out."""
-    found: dict[str, str] = {}
-    for part in (prefer or "").split(","):
-        token, _, value = part.split(";", 1)[0].partition("=")
-        if token.strip():
-            found.setdefault(token.strip().lower(), value.strip().strip('"').lower())
-    return found
-
-
 def _prefers_async(prefer: str | None) -> bool:
-    return "respond-async" in _preferences(prefer)
+    return "respond-async" in preferences(prefer)
 
 
 def _handling(prefer: str | None) -> str | None:
     """`Prefer: handling=strict|lenient`, or None when the client did not say."""
-    return _preferences(prefer).get("handling")
+    return preferences(prefer).get("handling")
 
 
 def parameters_of_body(raw: bytes, content_type: str, *, operation: str) -> list[tuple[str, str]]:

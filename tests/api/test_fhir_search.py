@@ -102,6 +102,10 @@ def test_unknown_parameters_are_reported_or_refused(client: TestClient) -> None:
     )
     assert_outcome(strict, 400, "processing")
     assert "colour" in strict.json()["issue"][0]["diagnostics"]
+    # Preference names and values are case-insensitive, and come among others (RFC 7240).
+    for prefer in ("Handling=Strict", "return=minimal, handling=strict", 'handling="strict"'):
+        again = client.get("/fhir/Patient?gender=female&colour=blue", headers={"Prefer": prefer})
+        assert again.status_code == 400, prefer
 
 
 def test_invalid_values_are_a_400_outcome_not_a_500(client: TestClient) -> None:
