@@ -190,14 +190,9 @@ def _ceiling_bundles(services: Any, base: str) -> list[dict[str, Any]]:
                     "request": request,
                 }
             )
-        for start in range(0, len(entries), 100):
-            bundles.append(
-                {
-                    "resourceType": "Bundle",
-                    "type": "transaction",
-                    "entry": entries[start : start + 100],
-                }
-            )
+        # One transaction: its urn:uuid references name its own entries (a transaction that
+        # refers to an entry it does not hold is refused).
+        bundles.append({"resourceType": "Bundle", "type": "transaction", "entry": entries})
         del patient
     return bundles
 

@@ -157,7 +157,11 @@ outbox = Table(
 SearchText = String().with_variant(postgresql.VARCHAR(collation="C"), "postgresql")
 
 
-def _index_table(name: str, *columns: Column[Any], lookup: tuple[str, ...]) -> Table:
+def _index_table(
+    name: str, *columns: Column[Any], lookup: tuple[str, ...], covering: tuple[str, ...] = ()
+) -> Table:
+    """An index table; `covering` names columns a search also compares, kept last in both
+    indexes so that a search reads the indexes alone, never the table's rows."""
     table = Table(
         name,
         metadata,
@@ -166,7 +170,15 @@ def _index_table(name: str, *columns: Column[Any], lookup: tuple[str, ...]) -> T
         Column("param", String(64), nullable=False),
         *columns,
     )
-    Index(f"ix_{name}_lookup", table.c.resource_type, table.c.param, *lookup, table.c.resource_id)
+    extra = [table.c[column] for column in covering]
+    Index(
+        f"ix_{name}_lookup",
+        table.c.resource_type,
+        table.c.param,
+        *lookup,
+        table.c.resource_id,
+        *extra,
+    )
     # Leading with the resource: a search's per-candidate probe reads this index alone.
     Index(
         f"ix_{name}_resource",
@@ -174,6 +186,7 @@ def _index_table(name: str, *columns: Column[Any], lookup: tuple[str, ...]) -> T
         table.c.resource_id,
         table.c.param,
         *(table.c[column] for column in lookup),
+        *extra,
     )
     return table
 
@@ -203,6 +216,7 @@ search_reference = _index_table(
     Column("target_id", String(64), nullable=True),
     Column("url", SearchText, nullable=True, comment="Absolute URL or canonical, as written."),
     lookup=("target_id", "target_type"),
+    covering=("url",),  # whether the target is this server's (`search.local_targets`)
 )
 Index("ix_search_reference_target", search_reference.c.target_type, search_reference.c.target_id)
 search_quantity = _index_table(

@@ -35,8 +35,9 @@ def database(tmp_path: Path) -> Iterator[Database]:
     built.dispose()
 
 
-def _scans(database: Database, run: Callable[[Connection], Any]) -> list[str]:
-    """Every full-table SCAN in the plans of what `run` executed (SELECTs and DELETEs)."""
+def _plans(database: Database, run: Callable[[Connection], Any]) -> list[tuple[str, str]]:
+    """Every step of the plans of what `run` executed (SELECTs and DELETEs), with its
+    statement."""
     executed: list[tuple[str, Any]] = []
 
     def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
@@ -54,11 +55,19 @@ def _scans(database: Database, run: Callable[[Connection], Any]) -> list[str]:
     assert path is not None
     with sqlite3.connect(path) as plain:
         return [
-            f"{detail} in {statement}"
+            (detail, statement)
             for statement, parameters in executed
             for *_, detail in plain.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
-            if detail.startswith("SCAN") and "CONSTANT ROW" not in detail
         ]
+
+
+def _scans(database: Database, run: Callable[[Connection], Any]) -> list[str]:
+    """Every full-table SCAN in the plans of what `run` executed."""
+    return [
+        f"{step} in {statement}"
+        for step, statement in _plans(database, run)
+        if step.startswith("SCAN") and "CONSTANT ROW" not in step
+    ]
 
 
 def test_current_versions_locks_and_index_removal_look_each_key_up(database: Database) -> None:
@@ -121,3 +130,20 @@ def test_the_record_a_resource_came_from_is_looked_up_by_the_resource(database: 
         pairs_in(links.c.resource_type, links.c.resource_id, KEYS)
     )
     assert _scans(database, lambda c: c.execute(query).all()) == []
+
+
+def test_a_patients_observations_by_code_and_date_read_the_index_tables_indexes_alone(
+    database: Database,
+) -> None:
+    """The typical clinical search: every index table it reads (the references included, whose
+    URL says whether the target is this server's) is read through a covering index."""
+    query = parse_search(
+        "Observation",
+        [("patient", "p1"), ("code", "http://loinc.org|8867-4"), ("date", "ge2026-01-01")],
+        base="http://testserver/fhir",
+        strict=True,
+    )
+    plans = _plans(database, lambda c: run_search(c, query))
+    steps = [step for step, _ in plans if "search_" in step]
+    assert steps
+    assert [step for step in steps if "COVERING INDEX" not in step] == []
