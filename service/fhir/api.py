@@ -639,26 +639,23 @@ def build_router() -> APIRouter:
                 expression="id",
             )
         outcome = await run_in_threadpool(services.validator.outcome, resource, profile)
+        refusal: dict[str, Any] | None = None
         if resource_type in READ_ONLY_TYPES:
-            refused = {
+            refusal = {
                 "severity": "error",
                 "code": "not-supported",
                 "diagnostics": f"{resource_type} resources are read-only here",
             }
-            outcome["issue"] = [
-                issue for issue in outcome["issue"] if issue["severity"] != "information"
-            ] + [refused]
         elif mode == "update" and not resource.get("id"):
-            outcome["issue"] = [
-                issue for issue in outcome["issue"] if issue["severity"] != "information"
-            ] + [
-                {
-                    "severity": "error",
-                    "code": "required",
-                    "diagnostics": "an update needs the resource's id",
-                    "expression": [f"{resource_type}.id"],
-                }
-            ]
+            refusal = {
+                "severity": "error",
+                "code": "required",
+                "diagnostics": "an update needs the resource's id",
+                "expression": [f"{resource_type}.id"],
+            }
+        if refusal is not None:  # in place of "No issues", beside the others
+            kept = [issue for issue in outcome["issue"] if issue["severity"] != "information"]
+            outcome["issue"] = [*kept, refusal]
         # 200 whatever the verdict: the operation worked; the outcome says what it found.
         return Response(orjson.dumps(outcome), media_type=FHIR_JSON)
 
