@@ -4,24 +4,15 @@ request bodies in another charset or FHIR version."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.api.test_fhir_write import observation
+
 FHIR = "application/fhir+json"
-
-
-def observation() -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "identifier": [{"system": "urn:ehr:obs", "value": uuid.uuid4().hex}],
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-        "valueQuantity": {"value": 72, "unit": "/min"},
-    }
 
 
 def assert_outcome(response: Any, status: int, code: str, diagnostics: str) -> None:

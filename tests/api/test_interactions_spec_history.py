@@ -15,19 +15,9 @@ from urllib.parse import quote
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.api.test_fhir_write import observation
+
 FHIR = "application/fhir+json"
-
-
-def observation(**extra: Any) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "identifier": [{"system": "urn:ehr:obs", "value": uuid.uuid4().hex}],
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-        "subject": {"display": "someone"},
-        "effectiveDateTime": "2026-10-05T09:02:00-04:00",
-        "valueQuantity": {"value": 72, "unit": "/min"},
-    } | extra
 
 
 def assert_outcome(response: Any, status: int, code: str) -> dict[str, Any]:

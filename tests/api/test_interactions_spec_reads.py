@@ -3,22 +3,12 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from typing import Any
 
 from fastapi.testclient import TestClient
 
-
-def observation() -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "identifier": [{"system": "urn:ehr:obs", "value": uuid.uuid4().hex}],
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-        "valueQuantity": {"value": 72, "unit": "/min"},
-    }
+from tests.api.test_fhir_write import observation
 
 
 def test_if_modified_since_a_date_still_to_come_is_ignored(client: TestClient) -> None:

@@ -11,20 +11,16 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.api.test_fhir_write import observation as ehr_observation
+
 FHIR = "application/fhir+json"
 PATCH = {"Content-Type": "application/json-patch+json"}
 OUTCOME = {"Prefer": "return=OperationOutcome"}
 
 
 def observation(**extra: Any) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "identifier": [{"system": "urn:ehr:obs", "value": uuid.uuid4().hex}],
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-        "subject": {"display": "Ms Secret Name"},
-        "valueQuantity": {"value": 72, "unit": "/min"},
-    } | extra
+    """The write tests' Observation, naming a patient no error may repeat."""
+    return ehr_observation(**({"subject": {"display": "Ms Secret Name"}} | extra))
 
 
 def informational(response: Any, status: int, diagnostics: str) -> None:

@@ -6,40 +6,22 @@ each test tags its matches with a random `_tag`, so tests never see one another'
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.store.db import Database
-from service.store.resources import ResourceRepository
 from tests.api.test_fhir_search import get, link
-
-TAG_SYSTEM = "urn:test:tag"
-NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+from tests.integration.test_search import TAG_SYSTEM, Store
 
 
-class Searcher:
+class Searcher(Store):
     """Writes tagged resources into the store and searches among them through the facade."""
 
     def __init__(self, client: TestClient, database: Database) -> None:
+        super().__init__(database)
         self.client = client
-        self.database = database
-        self.tag = uuid.uuid4().hex
-
-    def put(self, *items: dict[str, Any]) -> list[str]:
-        batch = []
-        for item in items:
-            resource = {"id": uuid.uuid4().hex, **item}
-            meta = resource.setdefault("meta", {})
-            meta["tag"] = [*meta.get("tag", []), {"system": TAG_SYSTEM, "code": self.tag}]
-            batch.append(resource)
-        with self.database.unit_of_work() as uow:
-            ResourceRepository(uow.connection).write(batch, now=NOW)
-            uow.commit()
-        return [r["id"] for r in batch]
 
     def url(self, resource_type: str, query: str) -> str:
         tag = f"_tag={TAG_SYSTEM}|{self.tag}"
