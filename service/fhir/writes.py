@@ -380,15 +380,21 @@ def resource_body(data: Any, resource_type: str, resource_id: str | None) -> dic
             f"the body's id {resource['id']!r} is not the URL's {resource_id!r}",
             expression=f"{resource_type}.id",
         )
+    # The store sets the version and time; what a client read earlier says nothing now.
+    _drop_server_meta(resource)
+    return resource
+
+
+def _drop_server_meta(resource: dict[str, Any]) -> None:
+    """Take the members the store sets (versionId, lastUpdated) out of `resource`'s meta, and
+    the meta itself when nothing else is left in it."""
     meta = resource.get("meta")
     if isinstance(meta, dict):
-        # The store sets the version and time; what a client read earlier says nothing now.
         kept = {key: value for key, value in meta.items() if key not in _SERVER_META}
         if kept:
             resource["meta"] = kept
         else:
             resource.pop("meta")
-    return resource
 
 
 # --- the writes -----------------------------------------------------------------------------------
@@ -1024,13 +1030,7 @@ def _same_content(stored: StoredResource, resource: dict[str, Any]) -> bool:
     its members: a resource read back and sent again (its id now second, its meta stripped of
     the version) is no new version. The store compares the JSON as written, in its order."""
     current = load_json(stored.body)  # its numbers as stored: 1.50 is not 1.5
-    meta = current.get("meta")
-    if isinstance(meta, dict):
-        kept = {key: value for key, value in meta.items() if key not in _SERVER_META}
-        if kept:
-            current["meta"] = kept
-        else:
-            current.pop("meta")
+    _drop_server_meta(current)
     sort = orjson.OPT_SORT_KEYS
     return dump_json(current, option=sort) == dump_json(resource, option=sort)
 
